@@ -1,0 +1,173 @@
+"""Hugging Face GPT-2 <-> mtnlg weights.
+
+Differences handled here, and only here:
+- HF's ``Conv1D`` stores weights as (in, out); ``nn.Linear`` stores (out, in): transpose.
+- HF's fused ``c_attn`` output is [all q | all k | all v]; mtnlg groups rows per head
+  ([q_h; k_h; v_h] for each head h) so tensor parallelism can split whole heads: permute.
+- mtnlg may pad the vocabulary; export drops the padding rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mtnlg.checkpoint import load_model, save_model
+from mtnlg.config import Config, ModelConfig
+from mtnlg.data.tokenizer import Tokenizer
+from mtnlg.model.gpt import GPT
+
+_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
+def _hf_qkv_to_per_head(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(3C, ...) rows [q | k | v] -> rows [q_0 k_0 v_0 | q_1 k_1 v_1 | ...]."""
+    rest = w.shape[1:]
+    return w.reshape(3, n_heads, -1, *rest).transpose(0, 1).reshape(w.shape)
+
+
+def _per_head_to_hf_qkv(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    rest = w.shape[1:]
+    return w.reshape(n_heads, 3, -1, *rest).transpose(0, 1).reshape(w.shape)
+
+
+def model_config_from_hf(hf: dict) -> ModelConfig:
+    """Map an HF ``GPT2Config`` dict onto ModelConfig (no vocabulary padding, for exact parity)."""
+    act = hf.get("activation_function", "gelu_new")
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"unsupported activation_function {act!r}; supported: {', '.join(_ACTIVATIONS)}")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if hf.get(flag):
+            raise ValueError(f"HF config sets {flag}, which mtnlg's attention does not implement")
+    if hf.get("scale_attn_weights") is False:
+        raise ValueError("HF config disables scale_attn_weights; mtnlg always scales by 1/sqrt(head_dim)")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        seq_len=hf["n_positions"],
+        n_layers=hf["n_layer"],
+        hidden=hf["n_embd"],
+        n_heads=hf["n_head"],
+        ffn_hidden=hf.get("n_inner") or 0,
+        dropout=0.0,
+        layernorm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        init_std=hf.get("initializer_range", 0.02),
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        padded_vocab_multiple=1,
+        activation=_ACTIVATIONS[act],
+    )
+
+
+def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    if (hf_dir / "model.safetensors").is_file():
+        state = load_file(str(hf_dir / "model.safetensors"))
+    elif (hf_dir / "pytorch_model.bin").is_file():
+        state = torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{hf_dir}: no model.safetensors or pytorch_model.bin")
+    # GPT2LMHeadModel prefixes 'transformer.'; a bare GPT2Model does not.
+    return {k.removeprefix("transformer."): v for k, v in state.items()}
+
+
+def hf_state_to_mtnlg(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename, transpose and permute an HF GPT-2 state dict into mtnlg's layout."""
+    H = cfg.n_heads
+    out = {
+        "wte.weight": hf_state["wte.weight"],
+        "wpe.weight": hf_state["wpe.weight"],
+        "ln_f.weight": hf_state["ln_f.weight"],
+        "ln_f.bias": hf_state["ln_f.bias"],
+    }
+    for i in range(cfg.n_layers):
+        src, dst = f"h.{i}.", f"blocks.{i}."
+        for name in ("ln_1", "ln_2"):
+            for p in ("weight", "bias"):
+                out[f"{dst}{name}.{p}"] = hf_state[f"{src}{name}.{p}"]
+        out[f"{dst}attn.qkv_proj.weight"] = _hf_qkv_to_per_head(hf_state[f"{src}attn.c_attn.weight"].t(), H)
+        out[f"{dst}attn.qkv_proj.bias"] = _hf_qkv_to_per_head(hf_state[f"{src}attn.c_attn.bias"], H)
+        for hf_name, ours in (("attn.c_proj", "attn.out_proj"), ("mlp.c_fc", "mlp.fc_in"), ("mlp.c_proj", "mlp.fc_out")):
+            out[f"{dst}{ours}.weight"] = hf_state[f"{src}{hf_name}.weight"].t()
+            out[f"{dst}{ours}.bias"] = hf_state[f"{src}{hf_name}.bias"]
+    if cfg.tie_embeddings:
+        out["lm_head.weight"] = out["wte.weight"]
+    else:
+        out["lm_head.weight"] = hf_state["lm_head.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def from_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
+    """Import a local HF GPT-2 directory into an mtnlg checkpoint directory (with its tokenizer if any)."""
+    hf_dir = Path(hf_dir)
+    cfg_path = hf_dir / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{hf_dir}: no config.json (expected a Hugging Face GPT-2 directory)")
+    hf_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if hf_cfg.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"{cfg_path}: model_type {hf_cfg.get('model_type')!r} is not gpt2")
+    cfg = Config(model=model_config_from_hf(hf_cfg)).validate()
+    state = hf_state_to_mtnlg(_read_hf_weights(hf_dir), cfg.model)
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    model.load_state_dict(state, assign=True)
+    if cfg.model.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    tokenizer = None
+    if (hf_dir / "tokenizer.json").is_file() or (hf_dir / "vocab.json").is_file():
+        tokenizer = Tokenizer.load(hf_dir)
+    return save_model(out_dir, model.float(), cfg, tokenizer)
+
+
+def to_hf(ckpt: str | Path, out_dir: str | Path) -> Path:
+    """Export an mtnlg checkpoint as an HF directory that ``GPT2LMHeadModel.from_pretrained`` loads."""
+    model, cfg, tokenizer = load_model(ckpt)
+    m = cfg.model
+    state = model.state_dict()
+    V, H = m.vocab_size, m.n_heads
+    hf: dict[str, torch.Tensor] = {
+        "transformer.wte.weight": state["wte.weight"][:V],
+        "transformer.wpe.weight": state["wpe.weight"],
+        "transformer.ln_f.weight": state["ln_f.weight"],
+        "transformer.ln_f.bias": state["ln_f.bias"],
+    }
+    for i in range(m.n_layers):
+        src, dst = f"blocks.{i}.", f"transformer.h.{i}."
+        for name in ("ln_1", "ln_2"):
+            for p in ("weight", "bias"):
+                hf[f"{dst}{name}.{p}"] = state[f"{src}{name}.{p}"]
+        hf[f"{dst}attn.c_attn.weight"] = _per_head_to_hf_qkv(state[f"{src}attn.qkv_proj.weight"], H).t()
+        hf[f"{dst}attn.c_attn.bias"] = _per_head_to_hf_qkv(state[f"{src}attn.qkv_proj.bias"], H)
+        for hf_name, ours in (("attn.c_proj", "attn.out_proj"), ("mlp.c_fc", "mlp.fc_in"), ("mlp.c_proj", "mlp.fc_out")):
+            hf[f"{dst}{hf_name}.weight"] = state[f"{src}{ours}.weight"].t()
+            hf[f"{dst}{hf_name}.bias"] = state[f"{src}{ours}.bias"]
+    if not m.tie_embeddings:
+        hf["lm_head.weight"] = state["lm_head.weight"][:V]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in hf.items()}, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    eos = tokenizer.eod_id if tokenizer is not None else V - 1
+    hf_config = {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": V,
+        "n_positions": m.seq_len,
+        "n_embd": m.hidden,
+        "n_layer": m.n_layers,
+        "n_head": m.n_heads,
+        "n_inner": m.ffn_hidden or None,
+        "activation_function": "gelu_new" if m.activation == "gelu_tanh" else "gelu",
+        "layer_norm_epsilon": m.layernorm_eps,
+        "initializer_range": m.init_std,
+        "resid_pdrop": m.dropout,
+        "embd_pdrop": m.dropout,
+        "attn_pdrop": m.dropout,
+        "tie_word_embeddings": m.tie_embeddings,
+        "bos_token_id": eos,
+        "eos_token_id": eos,
+    }
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
+    if tokenizer is not None:
+        tokenizer.save(out_dir)
+        tokenizer.save_gpt2_files(out_dir)
+    return out_dir

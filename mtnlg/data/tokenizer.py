@@ -1,0 +1,156 @@
+"""Byte-level BPE (GPT-2 style) over Hugging Face ``tokenizers``.
+
+Byte-level means every Unicode string maps to bytes first, so encoding then decoding gives
+back exactly the input, whatever it contains. ``<|endoftext|>`` marks the end of a document.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+EOD_TOKEN = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _byte_level(model: models.BPE) -> HFTokenizer:
+    """Wrap a BPE model with GPT-2's byte-level pre-tokenizer (its regex) and decoder."""
+    tok = HFTokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+class Tokenizer:
+    """Encode text to token ids and back; ``eod_id`` ends each document."""
+
+    def __init__(self, hf: HFTokenizer) -> None:
+        eod = hf.token_to_id(EOD_TOKEN)
+        if eod is None:
+            raise ValueError(f"tokenizer has no {EOD_TOKEN!r} token, which mtnlg uses to end documents")
+        self.hf = hf
+        self.eod_id: int = eod
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    # -- building ------------------------------------------------------------------------------
+
+    @classmethod
+    def train(
+        cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = False
+    ) -> Tokenizer:
+        """Learn merges from an iterator of documents (streamed, not held in memory)."""
+        if vocab_size < 257:
+            raise ValueError(f"vocab_size must be at least 257 (256 bytes + {EOD_TOKEN}), got {vocab_size}")
+        hf = _byte_level(models.BPE())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=[EOD_TOKEN],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress,
+        )
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls(hf)
+
+    @classmethod
+    def from_gpt2_files(cls, vocab_json: str | Path, merges_txt: str | Path) -> Tokenizer:
+        """Load a GPT-2 style ``vocab.json`` + ``merges.txt`` pair from local paths."""
+        for p in (vocab_json, merges_txt):
+            if not Path(p).is_file():
+                raise FileNotFoundError(f"tokenizer file not found: {p}")
+        hf = _byte_level(models.BPE.from_file(str(vocab_json), str(merges_txt)))
+        if hf.token_to_id(EOD_TOKEN) is None:
+            hf.add_special_tokens([EOD_TOKEN])
+        else:
+            hf.add_special_tokens([EOD_TOKEN])  # mark the existing entry special so it is never split
+        return cls(hf)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load from a directory (``tokenizer.json`` or ``vocab.json`` + ``merges.txt``) or a file."""
+        path = Path(path)
+        if path.is_dir():
+            if (path / TOKENIZER_FILE).is_file():
+                path = path / TOKENIZER_FILE
+            elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+                return cls.from_gpt2_files(path / "vocab.json", path / "merges.txt")
+            else:
+                raise FileNotFoundError(f"{path}: no {TOKENIZER_FILE}, nor vocab.json + merges.txt")
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer not found: {path}")
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+            raise ValueError(f"{path}: not a valid tokenizer.json: {exc}") from None
+        return cls(hf)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``tokenizer.json`` into ``directory`` (created if needed)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.hf.save(str(directory / TOKENIZER_FILE))
+        return directory
+
+    def save_gpt2_files(self, directory: str | Path) -> None:
+        """Write ``vocab.json`` + ``merges.txt`` (what HF's GPT2Tokenizer reads)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = json.loads(self.hf.to_str())["model"]
+        (directory / "vocab.json").write_text(json.dumps(state["vocab"], ensure_ascii=False), encoding="utf-8")
+        merges = [m if isinstance(m, str) else " ".join(m) for m in state["merges"]]
+        (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+    # -- use -----------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many documents at once (uses the Rust library's threads)."""
+        return [e.ids for e in self.hf.encode_batch(texts)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def token_str(self, token_id: int) -> str:
+        """The decoded text of one token (may be part of a multi-byte character)."""
+        return self.decode([token_id])
+
+
+def iter_text_files(paths: Iterable[str | Path]) -> Iterator[str]:
+    """Documents from ``.jsonl`` files (``text`` key) and plain text files (whole file)."""
+    for p in paths:
+        p = Path(p)
+        if p.suffix == ".jsonl":
+            with p.open(encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    line = line.strip()
+                    if not line:
+                        continue
+                    try:
+                        text = json.loads(line).get("text")
+                    except (json.JSONDecodeError, AttributeError):
+                        continue  # preprocess reports bad lines; training a tokenizer just skips them
+                    if isinstance(text, str) and text:
+                        yield text
+        else:
+            yield p.read_text(encoding="utf-8", errors="replace")
+
+
+def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
+    """Copy a tokenizer directory's files (used to make checkpoints self-contained)."""
+    Tokenizer.load(src)  # fail early on a bad source
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    files = [src] if src.is_file() else [f for f in src.iterdir() if f.is_file()]
+    for f in files:
+        shutil.copy2(f, dst / f.name)

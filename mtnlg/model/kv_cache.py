@@ -1,0 +1,48 @@
+"""Per-layer key/value buffers for incremental decoding.
+
+The buffers are allocated once, on the first write, at the full ``max_len``: decoding then
+writes one slice per token and never reallocates. Their head count is taken from the keys
+written, so a tensor-parallel rank caches only its own heads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values of every layer for positions ``[0, length)`` of a batch of sequences."""
+
+    def __init__(self, n_layers: int, max_len: int) -> None:
+        self.max_len = max_len
+        self.length = 0  # positions already cached (the next token's position)
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's ``k, v`` (B, H, T, D) at ``length`` and return all cached ones."""
+        B, H, T, D = k.shape
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions requested, capacity {self.max_len}")
+        if self.keys[layer] is None:
+            self.keys[layer] = k.new_empty(B, H, self.max_len, D)
+            self.values[layer] = v.new_empty(B, H, self.max_len, D)
+        keys, values = self.keys[layer], self.values[layer]
+        assert keys is not None and values is not None
+        keys[:, :, self.length : end] = k
+        values[:, :, self.length : end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+    def advance(self, n_tokens: int) -> None:
+        """Mark ``n_tokens`` more positions as cached; the model calls this after its last layer."""
+        self.length += n_tokens
+
+    def reset(self) -> None:
+        """Forget the cached positions but keep the buffers for the next sequence."""
+        self.length = 0
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` (e.g. drop finished sequences)."""
+        self.keys = [None if k is None else k[rows] for k in self.keys]
+        self.values = [None if v is None else v[rows] for v in self.values]

@@ -1,0 +1,85 @@
+"""Scale arithmetic: parameter counts, FLOPs per token and memory, computed from the config alone.
+
+Nothing is allocated, so ``mtnlg info --preset mt-nlg-530b`` runs on a laptop. Tests check
+these formulas against a model built on the meta device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from mtnlg.config import ModelConfig
+
+
+def parameter_count(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters by part. ``total`` counts the tied output layer once."""
+    C, F, L = cfg.hidden, cfg.ffn_size, cfg.n_layers
+    attention = (C * 3 * C + 3 * C) + (C * C + C)
+    mlp = (C * F + F) + (F * C + C)
+    layernorms = 2 * 2 * C
+    per_layer = attention + mlp + layernorms
+    embedding = cfg.padded_vocab_size * C + cfg.seq_len * C
+    output = 0 if cfg.tie_embeddings else cfg.padded_vocab_size * C
+    total = embedding + L * per_layer + 2 * C + output
+    return {
+        "total": total,
+        "embedding": embedding,
+        "per_layer": per_layer,
+        "non_embedding": total - embedding - output,
+    }
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
+    """Matmul FLOPs per token (PaLM's convention: 2 per multiply-add, attention not halved for causality).
+
+    forward = 2 * (matmul parameters) + 4 * L * T * C, where the matmul parameters are every
+    layer's Linear weights plus the output layer (V x C) and 4*L*T*C covers QK^T and AV;
+    training = 3 * forward (backward costs two forwards). Activation recomputation is not counted,
+    so MFU from these numbers is the model FLOPs utilisation, not hardware utilisation.
+    """
+    T = seq_len or cfg.seq_len
+    C, F, L, V = cfg.hidden, cfg.ffn_size, cfg.n_layers, cfg.padded_vocab_size
+    matmul_params = L * (4 * C * C + 2 * C * F) + V * C
+    forward = 2 * matmul_params + 4 * L * T * C
+    return {"forward": float(forward), "train": 3.0 * forward}
+
+
+@dataclass
+class ModelInfo:
+    """What ``mtnlg info`` prints."""
+
+    parameters: int
+    non_embedding_parameters: int
+    padded_vocab_size: int
+    forward_flops_per_token: float
+    train_flops_per_token: float
+    weights_gib_bf16: float
+    train_state_gib_mixed_adam: float
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def model_info(cfg: ModelConfig) -> ModelInfo:
+    """Summary numbers; the training-state memory is Megatron's 18 bytes/parameter for mixed-precision
+    Adam (bf16 weights + fp32 grads, fp32 master weights, two fp32 moments)."""
+    params = parameter_count(cfg)
+    flops = flops_per_token(cfg)
+    gib = float(1 << 30)
+    return ModelInfo(
+        parameters=params["total"],
+        non_embedding_parameters=params["non_embedding"],
+        padded_vocab_size=cfg.padded_vocab_size,
+        forward_flops_per_token=flops["forward"],
+        train_flops_per_token=flops["train"],
+        weights_gib_bf16=2 * params["total"] / gib,
+        train_state_gib_mixed_adam=18 * params["total"] / gib,
+    )
+
+
+def human(n: float) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"

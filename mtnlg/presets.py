@@ -1,0 +1,31 @@
+"""Named model shapes, from a CPU-sized ``tiny`` to MT-NLG 530B.
+
+Shapes follow the published models: GPT-2 (Radford et al. 2019), GPT-3 XL (Brown et al. 2020)
+and Megatron-Turing NLG 530B (Smith et al. 2022: 105 layers, hidden 20480, 128 heads, 2048 tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mtnlg.config import ConfigError, ModelConfig
+
+PRESETS: dict[str, ModelConfig] = {
+    # Trains in minutes on a 2-core CPU with the demo's 8k-token BPE.
+    "tiny": ModelConfig(vocab_size=8192, seq_len=256, n_layers=4, hidden=256, n_heads=4),
+    "gpt2-small": ModelConfig(vocab_size=50257, seq_len=1024, n_layers=12, hidden=768, n_heads=12),
+    "gpt2-medium": ModelConfig(vocab_size=50257, seq_len=1024, n_layers=24, hidden=1024, n_heads=16),
+    "gpt2-large": ModelConfig(vocab_size=50257, seq_len=1024, n_layers=36, hidden=1280, n_heads=20),
+    "gpt2-xl": ModelConfig(vocab_size=50257, seq_len=1024, n_layers=48, hidden=1600, n_heads=25),
+    "gpt3-1.3b": ModelConfig(vocab_size=50257, seq_len=2048, n_layers=24, hidden=2048, n_heads=16),
+    "mt-nlg-530b": ModelConfig(
+        vocab_size=50257, seq_len=2048, n_layers=105, hidden=20480, n_heads=128, init_std=0.004, activation="gelu"
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """A fresh copy of the named preset (callers may mutate it)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])

@@ -1,0 +1,27 @@
+"""Shared test fixtures: small models and tokenizers built locally (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Two cores on CI: keep each test process from oversubscribing them.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def small_model_config():
+    from mtnlg.config import ModelConfig
+
+    return ModelConfig(vocab_size=300, seq_len=64, n_layers=2, hidden=64, n_heads=4, padded_vocab_multiple=64)
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer():
+    """A 400-token byte-level BPE trained on a few lines of text."""
+    from mtnlg.data.tokenizer import Tokenizer
+
+    text = ["The quick brown fox jumps over the lazy dog. " * 8, "Pack my box with five dozen liquor jugs. " * 8]
+    return Tokenizer.train(text, vocab_size=400)
