@@ -20,6 +20,8 @@ from mtnlg.config import Config, ModelConfig
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.model.gpt import GPT
 
+# HF Conv1D name -> mtnlg nn.Linear name, within a block (weights transposed between them).
+_LINEARS = (("attn.c_proj", "attn.out_proj"), ("mlp.c_fc", "mlp.fc_in"), ("mlp.c_proj", "mlp.fc_out"))
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 
@@ -87,7 +89,7 @@ def hf_state_to_mtnlg(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> di
                 out[f"{dst}{name}.{p}"] = hf_state[f"{src}{name}.{p}"]
         out[f"{dst}attn.qkv_proj.weight"] = _hf_qkv_to_per_head(hf_state[f"{src}attn.c_attn.weight"].t(), H)
         out[f"{dst}attn.qkv_proj.bias"] = _hf_qkv_to_per_head(hf_state[f"{src}attn.c_attn.bias"], H)
-        for hf_name, ours in (("attn.c_proj", "attn.out_proj"), ("mlp.c_fc", "mlp.fc_in"), ("mlp.c_proj", "mlp.fc_out")):
+        for hf_name, ours in _LINEARS:
             out[f"{dst}{ours}.weight"] = hf_state[f"{src}{hf_name}.weight"].t()
             out[f"{dst}{ours}.bias"] = hf_state[f"{src}{hf_name}.bias"]
     if cfg.tie_embeddings:
@@ -138,7 +140,7 @@ def to_hf(ckpt: str | Path, out_dir: str | Path) -> Path:
                 hf[f"{dst}{name}.{p}"] = state[f"{src}{name}.{p}"]
         hf[f"{dst}attn.c_attn.weight"] = _per_head_to_hf_qkv(state[f"{src}attn.qkv_proj.weight"], H).t()
         hf[f"{dst}attn.c_attn.bias"] = _per_head_to_hf_qkv(state[f"{src}attn.qkv_proj.bias"], H)
-        for hf_name, ours in (("attn.c_proj", "attn.out_proj"), ("mlp.c_fc", "mlp.fc_in"), ("mlp.c_proj", "mlp.fc_out")):
+        for hf_name, ours in _LINEARS:
             hf[f"{dst}{hf_name}.weight"] = state[f"{src}{ours}.weight"].t()
             hf[f"{dst}{hf_name}.bias"] = state[f"{src}{ours}.bias"]
     if not m.tie_embeddings:
