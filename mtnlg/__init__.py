@@ -1,8 +1,30 @@
-"""mtnlg: pretrain and serve GPT-style language models the Megatron-Turing NLG way."""
+"""mtnlg: pretrain and serve GPT-style language models the Megatron-Turing NLG way.
 
-from mtnlg.config import Config, ConfigError, ModelConfig, build_config
-from mtnlg.model import GPT, KVCache
-from mtnlg.presets import PRESETS, get_preset
+The public names load lazily, so commands that never touch a model (``mtnlg corpus``,
+``mtnlg preprocess``, ``mtnlg dedup``) don't pay torch's import time in every worker.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["GPT", "KVCache", "Config", "ConfigError", "ModelConfig", "build_config", "PRESETS", "get_preset"]
+
+_EXPORTS = {
+    "GPT": "mtnlg.model.gpt",
+    "KVCache": "mtnlg.model.kv_cache",
+    "Config": "mtnlg.config",
+    "ConfigError": "mtnlg.config",
+    "ModelConfig": "mtnlg.config",
+    "build_config": "mtnlg.config",
+    "PRESETS": "mtnlg.presets",
+    "get_preset": "mtnlg.presets",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mtnlg' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

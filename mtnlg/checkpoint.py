@@ -1,4 +1,4 @@
-"""Checkpoint directories: self-contained, written atomically.
+"""Checkpoint directories: self-contained, written atomically, verified on load.
 
 A checkpoint directory holds everything generation, serving, evaluation and conversion need::
 
@@ -6,22 +6,44 @@ A checkpoint directory holds everything generation, serving, evaluation and conv
     model.safetensors    consolidated model weights (tied output layer stored once)
     tokenizer/           the tokenizer the model was trained with
 
+A training checkpoint adds what an exact resume needs::
+
+    train_state/         model + optimizer state, torch.distributed.checkpoint (DCP) format, so a
+                         later run with another parallel layout can reshard it on load
+    trainer.json         step, consumed samples/tokens, skipped steps, data-loader position, loss scaler
+    rng/rank_00000.pt    every random generator of each rank (Python, NumPy, torch CPU and CUDA)
+    checksums.json       SHA-256 of every other file, written last
+
 A run directory (``mtnlg train --out``) holds one such directory per step (``step_00000100``)
 and a ``latest`` file naming the newest complete one. Every directory is written under a
-temporary name and renamed only when complete, so a crash never leaves a half-written one.
+temporary name, fsynced and renamed only when complete, then ``latest`` is replaced atomically,
+so a crash at any moment leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
+import re
 import shutil
-import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 from mtnlg.config import Config
 from mtnlg.data.tokenizer import Tokenizer
@@ -31,10 +53,22 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 LATEST_FILE = "latest"
+TRAIN_STATE_DIR = "train_state"
+TRAINER_FILE = "trainer.json"
+RNG_DIR = "rng"
+CHECKSUM_FILE = "checksums.json"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+# Model fields that change the parameters' shapes or meaning: a checkpoint cannot be loaded across them.
+# (dropout and activation checkpointing change neither and may differ on resume.)
+_RESUMABLE_MODEL_FIELDS = {"dropout", "activation_checkpointing"}
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not fit the requested model."""
+    """A checkpoint is missing, incomplete, corrupted or does not fit the requested model."""
+
+
+# -- atomic directories ------------------------------------------------------------------------------
 
 
 def _fsync_tree(path: Path) -> None:
@@ -44,49 +78,96 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def _fsync_dir(path: Path) -> None:
+    """Persist a rename: the directory entry itself must reach the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def staging_dir(target: Path) -> Path:
+    """The temporary sibling a directory is written into; fixed, so every rank of a job finds it."""
+    return target.with_name(f".{target.name}.tmp")
+
+
+def _commit(staging: Path, target: Path) -> None:
+    """Sync ``staging`` and rename it to ``target``, replacing an existing ``target`` only then."""
+    _fsync_tree(staging)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+    _fsync_dir(target.parent)
+
+
+def _fresh_staging(target: Path) -> Path:
+    staging = staging_dir(target)
+    shutil.rmtree(staging, ignore_errors=True)  # left over by a writer that was killed
+    staging.mkdir(parents=True)
+    return staging
+
+
 def write_atomically(target: Path, fill: Callable[[Path], None]) -> Path:
     """Create directory ``target`` by letting ``fill`` write into a temporary sibling, then rename.
 
     An existing ``target`` is replaced only after the new one is complete and synced.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging = _fresh_staging(target)
     try:
-        fill(tmp)
-        _fsync_tree(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        fill(staging)
+        _commit(staging, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
 
 
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# -- inference checkpoints -----------------------------------------------------------------------------
+
+
 def model_state_for_saving(model: GPT) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors, the tied output weight dropped (safetensors refuses shared storage)."""
-    state = model.state_dict()
+    """Full, contiguous CPU tensors, the tied output weight dropped (safetensors refuses shared storage).
+
+    ``get_model_state_dict(full_state_dict=True)`` gathers sharded (DTensor/FSDP) parameters too,
+    so a parallel run writes the same consolidated file as a single process.
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def write_model_files(directory: Path, model: GPT, cfg: Config, tokenizer: Tokenizer | None) -> None:
-    """Write config, weights and tokenizer into an existing directory (no atomicity: see save_model)."""
+def write_model_files(
+    directory: Path, weights: dict[str, torch.Tensor], cfg: Config, tokenizer: Tokenizer | None
+) -> None:
+    """Write config, weights (from ``model_state_for_saving``) and tokenizer into an existing directory."""
     (directory / CONFIG_FILE).write_text(cfg.to_json(), encoding="utf-8")
-    save_file(model_state_for_saving(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file(weights, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save(directory / TOKENIZER_DIR)
 
 
 def save_model(directory: str | Path, model: GPT, cfg: Config, tokenizer: Tokenizer | None = None) -> Path:
     """Save a self-contained inference checkpoint atomically."""
-    return write_atomically(Path(directory), lambda tmp: write_model_files(tmp, model, cfg, tokenizer))
+    weights = model_state_for_saving(model)
+    return write_atomically(Path(directory), lambda tmp: write_model_files(tmp, weights, cfg, tokenizer))
 
 
 def resolve(path: str | Path) -> Path:
@@ -142,3 +223,210 @@ def load_model(
     tok_dir = directory / TOKENIZER_DIR
     tokenizer = Tokenizer.load(tok_dir) if tok_dir.is_dir() else None
     return model.eval(), cfg, tokenizer
+
+
+# -- checksums -------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(
+        str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE
+    )
+
+
+def write_checksums(directory: Path) -> None:
+    sums = {name: _sha256(directory / name) for name in _files(directory)}
+    (directory / CHECKSUM_FILE).write_text(json.dumps(sums, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def verify_checksums(directory: Path) -> None:
+    """Raise CheckpointError naming the first missing, truncated or altered file."""
+    path = directory / CHECKSUM_FILE
+    try:
+        sums = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the checkpoint was not completely written") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON: {exc}") from None
+    for name, expected in sums.items():
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        if _sha256(file) != expected:
+            raise CheckpointError(f"{file} is corrupted or truncated: its SHA-256 differs from {CHECKSUM_FILE}")
+
+
+# -- training checkpoints --------------------------------------------------------------------------------
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _dcp(fn: Callable[..., Any], state: dict[str, Any], path: Path) -> None:
+    """DCP save/load; in one process without its warning that it assumes one process."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
+        fn(state, checkpoint_id=path, no_dist=not _distributed())
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator a training step can draw from, in a form ``torch.load(weights_only=True)`` reads."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, key.tolist(), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    cfg: Config,
+    tokenizer: Tokenizer | None,
+    trainer_state: dict[str, Any],
+    keep_last: int = 0,
+) -> Path:
+    """Write ``run_dir/step_XXXXXXXX`` atomically, point ``latest`` at it, keep the newest ``keep_last``.
+
+    Collective under torch.distributed: every rank calls it; DCP writes each rank's shards and each
+    rank its RNG file, rank 0 the rest. ``trainer_state`` must be JSON-serialisable.
+    """
+    run_dir = Path(run_dir)
+    target = run_dir / step_dir_name(step)
+    staging = staging_dir(target)
+    main = _rank() == 0
+    if main:
+        _fresh_staging(target)
+    _barrier()
+    try:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        _dcp(dcp.save, {"model": model_state, "optim": optim_state}, staging / TRAIN_STATE_DIR)
+        (staging / RNG_DIR).mkdir(exist_ok=True)
+        torch.save(rng_state(), staging / RNG_DIR / f"rank_{_rank():05d}.pt")
+        weights = model_state_for_saving(model)  # collective when the model is sharded
+        if main:
+            write_model_files(staging, weights, cfg, tokenizer)
+            (staging / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
+        _barrier()
+        if main:
+            write_checksums(staging)
+            _commit(staging, target)
+            _write_text_atomically(run_dir / LATEST_FILE, target.name)
+            prune(run_dir, keep_last)
+    except BaseException:
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _barrier()
+    return target
+
+
+def _step_dirs(run_dir: Path) -> list[Path]:
+    """Step directories, newest first."""
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` step directories (0 keeps all), and stale temporaries."""
+    for stale in run_dir.glob(".step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep_last <= 0:
+        return
+    latest = (run_dir / LATEST_FILE).read_text(encoding="utf-8").strip()
+    for old in _step_dirs(run_dir)[keep_last:]:
+        if old.name != latest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def find_training_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from: ``latest``, or, if it fails its checksums, the newest older one
+    that passes (with a warning). None when ``run_dir`` has no checkpoint at all."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    candidates = _step_dirs(run_dir)
+    latest_file = run_dir / LATEST_FILE
+    if latest_file.is_file():
+        named = run_dir / latest_file.read_text(encoding="utf-8").strip()
+        candidates = [named] + [c for c in candidates if c != named]
+    if not candidates:
+        return None
+    problems = []
+    for candidate in candidates:
+        try:
+            verify_checksums(candidate)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        if problems:
+            warnings.warn(f"using the previous good checkpoint {candidate}: {'; '.join(problems)}", stacklevel=2)
+        return candidate
+    raise CheckpointError(f"no usable checkpoint in {run_dir}: {'; '.join(problems)}")
+
+
+def check_compatible(saved: Config, current: Config, where: Path) -> None:
+    """Refuse to load a checkpoint into a different model shape; warn when the data differ."""
+    def differences(section: str, skip: set[str]) -> list[str]:
+        old, new = saved.to_dict()[section], current.to_dict()[section]
+        return [f"{section}.{k}: checkpoint {old[k]!r}, config {new[k]!r}"
+                for k in sorted(new) if k not in skip and old.get(k) != new[k]]
+
+    model_diffs = differences("model", _RESUMABLE_MODEL_FIELDS)
+    if model_diffs:
+        raise CheckpointError(f"{where} does not fit this config: " + "; ".join(model_diffs))
+    data_diffs = differences("data", set())
+    if data_diffs:
+        warnings.warn(f"{where}: the data settings changed, so the saved data position refers to other "
+                      "samples: " + "; ".join(data_diffs), stacklevel=2)
+
+
+def load_training_checkpoint(
+    step_dir: Path, model: GPT, optimizer: torch.optim.Optimizer, cfg: Config
+) -> dict[str, Any]:
+    """Restore model, optimizer and this rank's RNGs from ``step_dir``; return the saved trainer state."""
+    check_compatible(load_config(step_dir), cfg, step_dir)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    _dcp(dcp.load, state, step_dir / TRAIN_STATE_DIR)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_file = step_dir / RNG_DIR / f"rank_{_rank():05d}.pt"
+    if not rng_file.is_file():  # the run had fewer ranks: continue rank 0's streams, so that tensor-
+        rng_file = step_dir / RNG_DIR / "rank_00000.pt"  # parallel peers keep drawing the same masks
+    set_rng_state(torch.load(rng_file, weights_only=True))
+    return json.loads((step_dir / TRAINER_FILE).read_text(encoding="utf-8"))

@@ -123,6 +123,207 @@ def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+# -- data: corpus, preprocess, dedup ---------------------------------------------------------------
+
+
+def _corpus_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output JSONL file ({'text': ..., 'source': ...} per line)")
+    p.add_argument("--from-dir", metavar="DIR", help="build from the .txt/.md files of DIR instead")
+
+
+@command("corpus", _corpus_args)
+def cmd_corpus(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Write the embedded default corpus (Python's own documentation, PSF license) as JSONL."""
+    from mtnlg.data.corpus import build_corpus
+
+    _no_overrides(overrides)
+    print(build_corpus(args.out, from_dir=args.from_dir).summary())
+    return 0
+
+
+def _preprocess_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", nargs="+", required=True,
+                   help=".jsonl files (one JSON object a line), text files (one document each), folders")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory (tokenizer.json)")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx (Megatron MMIDIDX)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    p.add_argument("--json-key", default="text", help="JSON key holding the text (default 'text')")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+@command("preprocess", _preprocess_args)
+def cmd_preprocess(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Tokenize JSONL or text into a .bin/.idx indexed dataset (end-of-document token appended)."""
+    from mtnlg.data.preprocess import preprocess
+
+    _no_overrides(overrides)
+    report = preprocess(args.input, args.tokenizer, args.output_prefix, workers=args.workers,
+                        json_key=args.json_key, strict=args.strict, progress=not args.quiet)
+    print(report.summary())
+    return 0
+
+
+def _dedup_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, help="input .jsonl")
+    p.add_argument("--output", required=True, help="output .jsonl with the kept lines, unchanged")
+    p.add_argument("--threshold", type=float, default=0.8, help="Jaccard similarity of near-duplicates (0.8)")
+    p.add_argument("--num-perm", type=int, default=128, help="MinHash signature length (128)")
+    p.add_argument("--ngram", type=int, default=5, help="words per shingle (5)")
+    p.add_argument("--min-chars", type=int, default=0, help="drop documents shorter than this (0: off)")
+    p.add_argument("--max-symbol-ratio", type=float, default=1.0,
+                   help="drop documents with a larger share of non-alphanumeric characters (1: off)")
+    p.add_argument("--no-exact", action="store_true", help="keep exact duplicates")
+    p.add_argument("--no-near", action="store_true", help="keep near duplicates")
+    p.add_argument("--json-key", default="text", help="JSON key holding the text (default 'text')")
+    p.add_argument("--report", metavar="FILE", help="also write the report as JSON")
+
+
+@command("dedup", _dedup_args)
+def cmd_dedup(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Remove exact and near-duplicate (MinHash LSH) documents and low-quality ones from JSONL."""
+    from mtnlg.data.dedup import DedupConfig, dedup_jsonl, write_report
+
+    _no_overrides(overrides)
+    cfg = DedupConfig(threshold=args.threshold, num_perm=args.num_perm, ngram=args.ngram, min_chars=args.min_chars,
+                      max_symbol_ratio=args.max_symbol_ratio, exact=not args.no_exact, near=not args.no_near)
+    report = dedup_jsonl(args.input, args.output, cfg, json_key=args.json_key)
+    print(report.summary())
+    if args.report:
+        write_report(report, args.report)
+    return 0
+
+
+# -- train -----------------------------------------------------------------------------------------
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--data-path", nargs="+", help="indexed dataset prefix(es), optionally weighted: 0.3 a 0.7 b")
+    p.add_argument("--tokenizer", help="tokenizer directory; the model's vocabulary size follows it")
+    p.add_argument("--out", help="run directory for checkpoints, log.jsonl and loss.png (train.out)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from the newest good checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="print log lines instead of a progress bar")
+
+
+@command("train", _train_args)
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Pretrain a GPT: AdamW, warmup + cosine LR, mixed precision, exact-resume checkpoints.
+
+    Ctrl-C stops after the current step and saves a checkpoint; --resume continues from it.
+    """
+    from mtnlg.checkpoint import CheckpointError
+    from mtnlg.train.run import run_training
+
+    cfg = build_config(args.preset, args.config, overrides)
+    for flag, field in ((args.data_path, "data_path"), (args.tokenizer, "tokenizer")):
+        if flag:
+            setattr(cfg.data, field, flag)
+    if args.out:
+        cfg.train.out = args.out
+    try:
+        summary = run_training(cfg.validate(), resume=args.resume, progress=not args.no_progress)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    if summary.first_valid_loss is not None:
+        print(f"validation loss: first {summary.first_valid_loss:.4f} -> final {summary.final_valid_loss:.4f}")
+    print(f"trained {summary.steps} steps ({summary.skipped_steps} skipped) -> {summary.out}"
+          + (f"; loss curve {summary.plot}" if summary.plot else ""))
+    return 0
+
+
+# -- generate, serve, quantize ---------------------------------------------------------------------
+
+
+def _checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its latest step)")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: int8 Linear layers, ~3x faster CPU decoding (int8 checkpoints load as int8)")
+
+
+def _load_engine(args: argparse.Namespace, **kwargs: object) -> object:
+    from mtnlg.checkpoint import CheckpointError
+    from mtnlg.generate.engine import Engine
+
+    try:
+        return Engine.from_checkpoint(args.checkpoint, quantize=args.quantize, **kwargs)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    _checkpoint_args(p)
+    p.add_argument("--prompt", help="text to continue; without it, prompts are read from stdin, one per line")
+    p.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: generate.max_new_tokens)")
+    p.add_argument("--temperature", type=float, help="softmax temperature; 0 means greedy")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens; 0 disables")
+    p.add_argument("--top-p", type=float, help="sample from the smallest set with mass >= p; 1 disables")
+    p.add_argument("--repetition-penalty", type=float, help="CTRL repetition penalty; 1 disables")
+    p.add_argument("--seed", type=int, help="sampler seed (same seed, same text)")
+    p.add_argument("--stop", action="append", help="stop string (repeatable); it is not printed")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens if it is too long")
+
+
+@command("generate", _generate_args)
+def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Generate text from a checkpoint: one --prompt, or prompts read from stdin (interactive).
+
+    Defaults come from the checkpoint's [generate] section; --generate.field=value overrides it.
+    """
+    from mtnlg.generate.console import read_prompts, run_prompts, sampling_params
+
+    engine = _load_engine(args)
+    flags = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")}
+    params = sampling_params(engine.config, overrides, repetition_penalty=args.repetition_penalty, **flags)
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(sys.stdin)
+    run_prompts(engine, prompts, params, stream=args.stream, truncate=args.truncate)
+    return 0
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    _checkpoint_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MTNLG_API_KEY; none if unset)")
+    p.add_argument("--model-name", help="model id reported by /v1/models (default: the checkpoint's name)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together at most")
+
+
+@command("serve", _serve_args)
+def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Serve a checkpoint over HTTP: OpenAI-compatible /v1/completions, Megatron's PUT /api, /health."""
+    import os
+
+    from mtnlg.generate.server import API_KEY_ENV, create_app, serve
+
+    _no_overrides(overrides)
+    engine = _load_engine(args, max_batch_size=args.max_batch_size)
+    name = args.model_name or os.path.basename(os.path.abspath(args.checkpoint))
+    serve(create_app(engine, api_key=args.api_key or os.environ.get(API_KEY_ENV), model_name=name),
+          args.host, args.port)
+    return 0
+
+
+def _quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="fp32 checkpoint directory, or a run directory")
+    p.add_argument("--out", required=True, help="directory for the int8 checkpoint")
+
+
+@command("quantize", _quantize_args)
+def cmd_quantize(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Quantize a checkpoint's Linear layers (and output layer) to int8; generate/serve load it as is."""
+    from mtnlg.checkpoint import CheckpointError
+    from mtnlg.quantize import quantize_checkpoint
+
+    _no_overrides(overrides)
+    try:
+        print(f"wrote {quantize_checkpoint(args.checkpoint, args.out)}")
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    return 0
+
+
 # -- plumbing --------------------------------------------------------------------------------------
 
 

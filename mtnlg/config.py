@@ -152,6 +152,15 @@ class TrainConfig:
     keep_last: int = _f(3, "Checkpoints to keep.")
     compile: bool = _f(False, "Wrap the model in torch.compile.")
     peak_flops: float = _f(0.0, "Peak FLOP/s of one device for MFU; 0 measures a matmul at start.")
+    decay_steps: int = _f(0, "Step at which the cosine decay reaches its minimum; 0 means train.steps.")
+    warmup_tokens: int = _f(0, "Linear warmup length in tokens (used when decay_tokens > 0).")
+    decay_tokens: int = _f(
+        0, "If > 0, schedule the LR by consumed tokens (MT-NLG: warmup 1B, decay 340B) instead of steps."
+    )
+    weight_decay_position_embedding: bool = _f(True, "Apply weight decay to the position embeddings.")
+    device: str = _f("auto", "cpu, cuda, cuda:N, or auto (cuda when available).")
+    out: str = _f("runs/run", "Run directory: step checkpoints, log.jsonl, loss.png.")
+    tensorboard: bool = _f(False, "Also log to TensorBoard (needs the tensorboard package).")
 
     def validate(self) -> None:
         if self.micro_batch_size < 1 or self.global_batch_size < 1 or self.steps < 0:
@@ -160,6 +169,10 @@ class TrainConfig:
             raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.rampup_batch_size and len(self.rampup_batch_size) != 3:
             raise ConfigError("train.rampup_batch_size needs three numbers: start, increment, ramp_samples")
+        if min(self.warmup_steps, self.decay_steps, self.warmup_tokens, self.decay_tokens) < 0:
+            raise ConfigError("train.warmup_steps, decay_steps, warmup_tokens and decay_tokens must be >= 0")
+        if self.eval_interval < 0 or self.log_interval < 1 or self.save_interval < 0:
+            raise ConfigError("train.eval_interval and save_interval must be >= 0, log_interval >= 1")
 
 
 @dataclass

@@ -1,0 +1,152 @@
+"""``ParallelDims``: how the world of processes is split, and the one ``DeviceMesh`` that names it.
+
+The world is a 3-D grid ``pp x dp x tp`` (pipeline stages x data-parallel replicas x
+tensor-parallel ranks). Ranks are laid out tp-minor, pp-major::
+
+    rank = (pp_rank * dp + dp_rank) * tp + tp_rank
+
+so tensor-parallel peers, which talk inside every layer, are consecutive ranks: the GPUs of
+one node when ``tp <= gpus_per_node``, as in MT-NLG's 8-way tensor slicing inside DGX nodes.
+Pipeline stages, which only pass activations at stage boundaries, vary slowest (across
+nodes); this is DeepSpeed's ``PipeModelDataParallelTopology`` (axes pipe, data, model).
+
+A ``ParallelDims`` is the only distributed state in mtnlg: it is built once per process and
+passed explicitly; nothing reads process groups from globals.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from mtnlg.config import ConfigError, ParallelConfig
+
+MESH_DIMS = ("pp", "dp", "tp")
+
+
+@dataclass
+class ParallelDims:
+    """Sizes of each parallel dimension, validated against the world size, and their mesh."""
+
+    dp: int
+    pp: int
+    tp: int
+    world_size: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    mesh: DeviceMesh | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "pp", "tp", "world_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dp * self.pp * self.tp != self.world_size:
+            raise ConfigError(
+                f"parallel.dp={self.dp} x parallel.pp={self.pp} x parallel.tp={self.tp} = "
+                f"{self.dp * self.pp * self.tp} processes, but the world has {self.world_size}: "
+                "launch that many (torchrun --nproc_per_node=N) or change the parallel sizes"
+            )
+
+    @classmethod
+    def from_config(
+        cls, cfg: ParallelConfig, world_size: int, device: torch.device | str = "cpu"
+    ) -> ParallelDims:
+        """Resolve ``dp = -1`` (whatever tp and pp leave) and check the product is the world size."""
+        cfg.validate()
+        dp = cfg.dp
+        if dp == -1:
+            if world_size % (cfg.tp * cfg.pp):
+                raise ConfigError(
+                    f"the world size {world_size} is not divisible by parallel.tp={cfg.tp} x "
+                    f"parallel.pp={cfg.pp}: launch a multiple of {cfg.tp * cfg.pp} processes"
+                )
+            dp = world_size // (cfg.tp * cfg.pp)
+        return cls(dp=dp, pp=cfg.pp, tp=cfg.tp, world_size=world_size, device=torch.device(device))
+
+    def build_mesh(self) -> DeviceMesh:
+        """Create the named ``(pp, dp, tp)`` mesh over the initialized default process group."""
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "ParallelDims.build_mesh needs torch.distributed initialized (see init_distributed)"
+            )
+        self.mesh = init_device_mesh(self.device.type, (self.pp, self.dp, self.tp), mesh_dim_names=MESH_DIMS)
+        return self.mesh
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def tp_mesh(self) -> DeviceMesh:
+        """The 1-D mesh of this rank's tensor-parallel peers."""
+        if self.mesh is None:
+            raise RuntimeError("no device mesh: this ParallelDims was built without init_distributed")
+        return self.mesh["tp"]
+
+    @property
+    def tp_rank(self) -> int:
+        return self.tp_mesh.get_local_rank() if self.mesh is not None else 0
+
+    @property
+    def dp_rank(self) -> int:
+        """Which data-parallel replica this rank belongs to: its tp peers read the same samples."""
+        return self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup | None:
+        """The group to average over data-parallel replicas (None in a single process)."""
+        return self.mesh["dp"].get_group() if self.mesh is not None else None
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that logs and writes files every rank agrees on."""
+        return self.rank == 0
+
+
+def _rank_device(device: torch.device | str | None) -> torch.device:
+    """This process's device: by default the GPU when one is visible; a GPU per rank (LOCAL_RANK)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def init_distributed(
+    cfg: ParallelConfig, device: torch.device | str | None = None, timeout_s: float = 600.0
+) -> ParallelDims:
+    """The ``ParallelDims`` of this process, initializing torch.distributed when there are several.
+
+    Under ``torchrun`` the world comes from its environment (``WORLD_SIZE``, ``RANK``,
+    ``MASTER_ADDR``, ...); a process group initialized beforehand (e.g. by a test harness) is
+    reused. The backend follows the device: NCCL for CUDA, gloo for CPU. A single process gets
+    dims without a mesh and never touches torch.distributed.
+    """
+    device = _rank_device(device)
+    initialized = dist.is_available() and dist.is_initialized()
+    world_size = dist.get_world_size() if initialized else int(os.environ.get("WORLD_SIZE", "1"))
+    dims = ParallelDims.from_config(cfg, world_size, device)
+    if world_size == 1:
+        return dims
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not initialized:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    dims.build_mesh()
+    return dims
+
+
+def destroy_distributed() -> None:
+    """Tear down the process group (torchrun expects each rank to exit cleanly)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,240 @@
+"""Inference weight formats for the Linear layers (attention, MLP and the output layer).
+
+Decoding one token reads every weight once, so on a CPU it is bound by memory bandwidth.
+Two formats, both chosen by measurement (torch 2.13, x86 CPU, 1 thread, gpt2-small shapes,
+milliseconds per call at batch 1 / batch 8):
+
+    layer (in x out)     nn.Linear      (in, out) fp32   fbgemm int8    onednn int8    _weight_int8pack_mm
+    768 x 3072           0.33 / 1.01    0.32 / 0.49      0.11 / 0.13    0.22 / 0.26    ~1.1 / ~22
+    3072 x 768           0.33 / 1.08    0.31 / 0.37      0.12 / 0.10    0.23 / 0.32    ~0.9 / ~10
+    768 x 50304 (head)   9.5 / 41       ~12 / 26         1.5 / 2.2      1.8 / 2.5      ~58 / ~186
+
+fp32 (``FP32Linear``): the same weights stored transposed, (in, out) contiguous, and applied
+as ``addmm(b, x, W_t)`` (Hugging Face's Conv1D layout). At batch 1 it is as fast as nn.Linear;
+at batch 2-32 MKL's GEMM runs 2-3x faster with the weight as the (K, N) right operand than
+with nn.Linear's transposed view.
+
+int8 (``Int8Linear``): fbgemm's dynamic int8 linear (``quantized::linear_dynamic``): weights
+int8 with one scale per output row (symmetric), each call quantizes its activations per
+tensor to 7-bit unsigned (``reduce_range``, which keeps fbgemm's 16-bit pairwise sums from
+saturating) and accumulates in int32; about 1.5-2% relative error per layer and 4x fewer bytes.
+onednn's kernel is more accurate (full 8-bit activations, ~1%) but the activation quantization
+it needs from Python costs more than it saves at these sizes; weight-only
+``_weight_int8pack_mm`` dequantizes inside and is far slower. torchao's CPU paths were not
+measured (not installed).
+
+Caveat: fbgemm's packed weights are built from a per-channel quantized tensor, and PyTorch has
+deprecated quantized tensors (pytorch/pytorch#184982); they still work in 2.13. Both formats
+are CPU formats: on a GPU, run the plain model (bf16).
+
+A quantized checkpoint is an ordinary checkpoint directory whose weights file is
+``model-int8.safetensors``: each quantized layer stores ``weight_int8`` (int8, out x in),
+``weight_scale`` (fp32, out) and ``bias``; embeddings and LayerNorms stay fp32.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mtnlg.checkpoint import (
+    CONFIG_FILE,
+    TOKENIZER_DIR,
+    CheckpointError,
+    load_config,
+    load_model,
+    model_state_for_saving,
+    resolve,
+    write_atomically,
+)
+from mtnlg.config import Config
+from mtnlg.data.tokenizer import Tokenizer
+from mtnlg.model.gpt import GPT
+
+INT8_WEIGHTS_FILE = "model-int8.safetensors"
+QUANTIZATIONS = ("int8",)
+
+
+def _check_backend(device: torch.device | str) -> None:
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"int8 inference runs on CPU (fbgemm kernels); got device {device!r}: use bf16 on GPUs")
+    if torch.backends.quantized.engine == "none":
+        raise ValueError(
+            "this PyTorch build has no quantized CPU engine "
+            f"(supported: {torch.backends.quantized.supported_engines}); int8 inference is unavailable"
+        )
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-row int8: W ~= W_q * scale[:, None], W_q in [-127, 127]."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (out,)
+    return torch.round(w / scale.unsqueeze(1)).clamp(-127, 127).to(torch.int8), scale
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W stored as int8 rows and fp32 row scales; activations quantized per call.
+
+    ``weight_int8``, ``weight_scale`` and ``bias`` are buffers (saved in the state dict); the
+    kernel's packed form is rebuilt from them on first use and after every state-dict load.
+    """
+
+    def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        if weight_int8.dtype != torch.int8 or weight_int8.ndim != 2:
+            shape = tuple(weight_int8.shape)
+            raise ValueError(f"weight_int8 must be a 2-D int8 tensor, got {weight_int8.dtype} {shape}")
+        self.out_features, self.in_features = weight_int8.shape
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("weight_scale", weight_scale.float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self._packed: torch.Tensor | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        q, scale = quantize_weight(linear.weight)
+        return cls(q, scale, linear.bias)
+
+    def _pack(self) -> torch.Tensor:
+        zero_points = torch.zeros(self.out_features, dtype=torch.long)
+        with warnings.catch_warnings():  # quantized tensors are deprecated; the kernels are not yet replaced
+            warnings.filterwarnings("ignore", message=".*quantize_per_tensor, torch.quantize_per_channel.*")
+            qweight = torch._make_per_channel_quantized_tensor(
+                self.weight_int8.cpu(), self.weight_scale.double().cpu(), zero_points, 0
+            )
+            return torch.ops.quantized.linear_prepack(qweight, self.bias)
+
+    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
+        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[arg-type]
+        self._packed = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is None:
+            self._packed = self._pack()
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float(), self._packed, True)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class FP32Linear(nn.Module):
+    """y = x W^T + b from a (in, out) contiguous copy of W: faster GEMMs at small batch (see above).
+
+    The tied output layer gets its own copy (the embedding keeps the original for lookups).
+    """
+
+    def __init__(self, weight_t: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight_t.shape
+        self.register_buffer("weight_t", weight_t)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> FP32Linear:
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(linear.weight.detach().t().contiguous(), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        y = x2 @ self.weight_t if self.bias is None else torch.addmm(self.bias, x2, self.weight_t)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def _replace_linears(model: GPT, layer: type[FP32Linear | Int8Linear]) -> GPT:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear):
+            model.set_submodule(name, layer.from_linear(module))
+    return model.eval()
+
+
+def prepare_for_inference(model: GPT, quantize: str | None = None) -> GPT:
+    """Convert a plain CPU model's Linear layers, in place, to the fastest inference format:
+    ``FP32Linear`` by default, ``Int8Linear`` with ``quantize='int8'``. A model on another
+    device is returned as is (int8 there is an error)."""
+    if quantize not in (None, "none", *QUANTIZATIONS):
+        raise ValueError(f"unknown quantization {quantize!r}; choose one of: none, {', '.join(QUANTIZATIONS)}")
+    if quantize == "int8":
+        return quantize_model(model)
+    if next(model.parameters()).device.type != "cpu":
+        return model
+    return _replace_linears(model, FP32Linear)
+
+
+def quantize_model(model: GPT) -> GPT:
+    """Replace every nn.Linear (including the tied output layer, which gets its own int8 copy;
+    the embedding stays fp32) by an Int8Linear, in place; returns the model in eval mode."""
+    _check_backend(next(model.parameters()).device)
+    return _replace_linears(model, Int8Linear)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, Int8Linear) for m in model.modules())
+
+
+def save_quantized(directory: str | Path, model: GPT, cfg: Config, tokenizer: Tokenizer | None = None) -> Path:
+    """Write an int8 checkpoint directory atomically (config, int8 weights, tokenizer)."""
+    if not is_quantized(model):
+        raise ValueError("save_quantized needs a model returned by quantize_model")
+    weights = model_state_for_saving(model)
+
+    def fill(tmp: Path) -> None:
+        (tmp / CONFIG_FILE).write_text(cfg.to_json(), encoding="utf-8")
+        save_file(weights, str(tmp / INT8_WEIGHTS_FILE), metadata={"format": "pt", "quantization": "int8"})
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER_DIR)
+
+    return write_atomically(Path(directory), fill)
+
+
+def load_quantized(path: str | Path) -> tuple[GPT, Config, Tokenizer | None]:
+    """Model, config and tokenizer of an int8 checkpoint written by ``save_quantized``."""
+    directory = resolve(path)
+    weights = directory / INT8_WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{directory}: no {INT8_WEIGHTS_FILE}; quantize it with `mtnlg quantize`")
+    _check_backend("cpu")
+    cfg = load_config(directory)
+    state = load_file(str(weights))
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear):
+            try:
+                q, scale = state[f"{name}.weight_int8"], state[f"{name}.weight_scale"]
+                layer = Int8Linear(q, scale, state.get(f"{name}.bias"))
+            except KeyError as exc:
+                raise CheckpointError(f"{weights}: missing {exc.args[0]} (does it fit config.json?)") from None
+            model.set_submodule(name, layer)
+    try:
+        model.load_state_dict(state, assign=True, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{weights} does not fit {directory / CONFIG_FILE}: {exc}") from None
+    tok_dir = directory / TOKENIZER_DIR
+    return model.eval(), cfg, Tokenizer.load(tok_dir) if tok_dir.is_dir() else None
+
+
+def load_for_inference(
+    path: str | Path, quantize: str | None = None, device: str = "cpu"
+) -> tuple[GPT, Config, Tokenizer | None]:
+    """A checkpoint ready to generate (``prepare_for_inference``): int8 if it was saved quantized
+    or ``quantize='int8'``, else fp32 in the fast layout."""
+    if quantize not in (None, "none", *QUANTIZATIONS):
+        raise ValueError(f"unknown quantization {quantize!r}; choose one of: none, {', '.join(QUANTIZATIONS)}")
+    directory = resolve(path)
+    if quantize == "int8" or (directory / INT8_WEIGHTS_FILE).is_file():
+        _check_backend(device)
+    if (directory / INT8_WEIGHTS_FILE).is_file():
+        return load_quantized(directory)
+    model, cfg, tokenizer = load_model(directory, device=device)
+    return prepare_for_inference(model, quantize), cfg, tokenizer
+
+
+def quantize_checkpoint(src: str | Path, out: str | Path) -> Path:
+    """Load a fp32 checkpoint, quantize it to int8 and save it to ``out``."""
+    model, cfg, tokenizer = load_model(src)
+    return save_quantized(out, quantize_model(model), cfg, tokenizer)

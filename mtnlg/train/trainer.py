@@ -1,0 +1,360 @@
+"""The training loop: one loop for every layout; parallelism is applied to the model beforehand.
+
+One optimizer step:
+
+1. The global batch ``B`` (ramped up from a small start, MT-NLG style) is split into
+   ``B / (micro_batch_size x dp)`` micro-batches per data-parallel rank. Each runs forward and
+   backward under autocast with its loss divided by the micro-batch count, so the accumulated
+   gradient is that of the mean loss over the whole batch.
+2. The global gradient norm is measured (fp16: after unscaling). A NaN/Inf loss or norm skips the
+   step: it is counted and logged, and the weights and optimizer state stay untouched.
+3. Gradients are clipped to ``grad_clip``, the LR is set from the schedule and AdamW steps.
+
+Parameters stay fp32 (the master weights); autocast runs the matmuls in bf16 or fp16, and fp16
+adds dynamic loss scaling (``torch.amp.GradScaler``). Everything a step depends on (weights,
+optimizer, RNGs, data position, counters, loss scale) is checkpointed, so a resumed run continues
+bitwise-identically on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from mtnlg.checkpoint import find_training_checkpoint, load_training_checkpoint, save_training_checkpoint
+from mtnlg.config import Config
+from mtnlg.data.gpt_dataset import Dataset, SampleLoader
+from mtnlg.data.tokenizer import Tokenizer
+from mtnlg.model.gpt import GPT
+from mtnlg.parallel import ParallelDims, loss_context
+from mtnlg.plan import flops_per_token
+from mtnlg.train.metrics import MetricsLog, measure_matmul_flops
+from mtnlg.train.optim import build_optimizer, global_batch_size, learning_rate, validate_batch_sizes
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainState:
+    """Progress counters; with the checkpointed tensors they fully determine the next step."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    skipped_steps: int = 0
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step did (loss averaged over the global batch)."""
+
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    batch_size: int
+    tokens: int
+    seconds: float
+    skipped: bool
+
+
+def build_model(cfg: Config, device: torch.device) -> GPT:
+    """The one place a model for training is made: seeded init (train.seed) on ``device``.
+
+    A parallel layout is applied to the model returned here (``mtnlg.parallel.parallelize``).
+    ``train.compile`` compiles each block in place (one graph, reused by every layer), so
+    parameter names, and with them checkpoints, stay those of the plain model.
+    """
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model).to(device)
+    if cfg.train.compile:
+        for block in model.blocks:
+            block.compile()
+    return model
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class _StopRequest(contextlib.AbstractContextManager):
+    """The first Ctrl-C asks the loop to stop after the current step (and save); a second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: Any = None
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+class Trainer:
+    """Trains ``model`` on ``train_data`` (any object with ``len`` and int64 samples of seq_len + 1).
+
+    ``dims`` (the run's ``ParallelDims``; default: one process) places this process among the
+    data-parallel replicas: each replica draws its share of every global batch, and its tensor-
+    parallel peers read the same samples. Reductions across processes go through ``_all_reduce``.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        model: GPT,
+        train_data: Dataset,
+        valid_data: Dataset | None = None,
+        *,
+        tokenizer: Tokenizer | None = None,
+        dims: ParallelDims | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.cfg, self.tc = cfg, cfg.train
+        self.dims = dims or ParallelDims(dp=1, pp=1, tp=1, world_size=1)
+        dp_rank, dp_size = self.dims.dp_rank, self.dims.dp
+        validate_batch_sizes(self.tc, dp_size)
+        self.model, self.tokenizer, self.progress = model, tokenizer, progress
+        self.device = next(model.parameters()).device
+        self.optimizer = build_optimizer(model, self.tc)
+        self.micro = self.tc.micro_batch_size * dp_size  # samples per micro-batch, all dp ranks together
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.loader = SampleLoader(train_data, self.micro, dp_rank, dp_size)
+        self.valid_data = valid_data
+        self.state = TrainState()
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.tc.precision == "fp16" else None
+        self.out = Path(self.tc.out)
+        self.is_main = not _distributed() or dist.get_rank() == 0
+        self.flops_per_token = flops_per_token(cfg.model, cfg.model.seq_len)["train"]
+        self.last_saved_step = -1
+
+    # -- one step ----------------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = AUTOCAST_DTYPES[self.tc.precision]
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def train_step(self) -> StepStats:
+        """Accumulate gradients over the global batch, then step (or skip a non-finite step)."""
+        start = time.perf_counter()
+        batch_size = global_batch_size(self.tc, self.state.consumed_samples)
+        lr = learning_rate(self.tc, self.state.step, self.state.consumed_tokens)
+        with loss_context(self.dims):  # under tp, cross-entropy runs on vocabulary shards
+            loss = self._forward_backward(batch_size // self.micro)
+        grad_norm = self._grad_norm()
+        skipped = self._any_rank(not bool(torch.stack([loss, grad_norm]).isfinite().all()))
+        if skipped:
+            self.state.skipped_steps += 1
+            if self.scaler is not None:
+                self.scaler.update()  # backs the loss scale off
+        else:
+            self._optimizer_step(lr, grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = batch_size * self.cfg.model.seq_len
+        self.state.step += 1
+        self.state.consumed_samples += batch_size
+        self.state.consumed_tokens += tokens
+        mean_loss = self._all_reduce(loss, dist.ReduceOp.SUM, self.dims.dp_group) / self.dp_size
+        return StepStats(self.state.step, float(mean_loss), float(grad_norm), lr, batch_size, tokens,
+                         time.perf_counter() - start, skipped)
+
+    def _forward_backward(self, micro_batches: int) -> torch.Tensor:
+        """Mean loss over ``micro_batches`` micro-batches of this rank; gradients accumulate in .grad."""
+        total = torch.zeros((), device=self.device)
+        for _ in range(micro_batches):
+            batch = self.loader.next_batch(self.micro).to(self.device, non_blocking=True)  # (b, T + 1)
+            with self._autocast():
+                loss = self.model(batch[:, :-1], batch[:, 1:])
+            scaled = loss / micro_batches
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            total += loss.detach().float()
+        return total / micro_batches
+
+    def _grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of all gradients (sharded DTensor gradients are reduced to the full norm)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def _optimizer_step(self, lr: float, grad_norm: torch.Tensor) -> None:
+        if 0 < self.tc.grad_clip < grad_norm:  # scaling by 1 would cost a pass over every gradient
+            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.tc.grad_clip, grad_norm)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def _all_reduce(self, value: torch.Tensor, op: Any, group: Any = None) -> torch.Tensor:
+        """Combine a value over every process (a no-op in one process); the hook parallel layouts extend."""
+        if _distributed():
+            value = value.clone()
+            dist.all_reduce(value, op=op, group=group)  # group None: every process
+        return value
+
+    def _any_rank(self, flag: bool) -> bool:
+        return bool(self._all_reduce(torch.tensor(float(flag), device=self.device), dist.ReduceOp.MAX))
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean validation loss over the first ``eval_iters`` micro-batches (the same ones every time)."""
+        if self.valid_data is None or len(self.valid_data) == 0:
+            return None
+        iters = min(self.tc.eval_iters, max(1, len(self.valid_data) // self.micro))
+        loader = SampleLoader(self.valid_data, self.micro, self.dp_rank, self.dp_size)
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for _ in range(iters):
+            batch = loader.next_batch().to(self.device)
+            with self._autocast(), loss_context(self.dims):
+                total += self.model(batch[:, :-1], batch[:, 1:]).float()
+        self.model.train()
+        return float(self._all_reduce(total / iters, dist.ReduceOp.SUM, self.dims.dp_group) / self.dp_size)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        """Checkpoint everything the next step depends on into ``out/step_XXXXXXXX``."""
+        trainer_state = {
+            "state": asdict(self.state),
+            "loader": self.loader.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+        path = save_training_checkpoint(self.out, self.state.step, self.model, self.optimizer, self.cfg,
+                                        self.tokenizer, trainer_state, self.tc.keep_last)
+        self.last_saved_step = self.state.step
+        return path
+
+    def resume(self) -> Path | None:
+        """Continue from the newest good checkpoint in ``out`` (None if there is none)."""
+        step_dir = find_training_checkpoint(self.out)
+        if step_dir is None:
+            return None
+        saved = load_training_checkpoint(step_dir, self.model, self.optimizer, self.cfg)
+        self.state = TrainState(**saved["state"])
+        self.loader.load_state_dict(saved["loader"])
+        if self.scaler is not None and saved["scaler"] is not None:
+            self.scaler.load_state_dict(saved["scaler"])
+        self.last_saved_step = self.state.step
+        return step_dir
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def fit(self) -> TrainState:
+        """Train until ``train.steps``, validating, logging and checkpointing on their intervals.
+
+        Ctrl-C finishes the current step, saves a checkpoint and raises KeyboardInterrupt.
+        """
+        log = MetricsLog(self.out, self.tc.tensorboard, resume_step=self.state.step) if self.is_main else None
+        reporter = _Reporter(self, log)
+        try:
+            with _StopRequest() as stop:
+                if self.state.step == 0 and self.tc.eval_interval:
+                    reporter.validation(self.evaluate())
+                stopped = False
+                while self.state.step < self.tc.steps and not stopped:
+                    reporter.step(self.train_step())
+                    stopped = self._any_rank(stop.requested)
+                    self._on_interval(reporter, last=self.state.step == self.tc.steps or stopped)
+        finally:
+            reporter.close()
+        if stopped:
+            message = f"training stopped at step {self.state.step}; checkpoint saved in {self.out}"
+            if self.is_main:
+                tqdm.write(message)
+            raise KeyboardInterrupt(message)
+        return self.state
+
+    def _on_interval(self, reporter: _Reporter, last: bool) -> None:
+        step, tc = self.state.step, self.tc
+        if step % tc.log_interval == 0 or last:
+            reporter.flush()
+        if tc.eval_interval and (step % tc.eval_interval == 0 or last):
+            reporter.validation(self.evaluate())
+        if ((tc.save_interval and step % tc.save_interval == 0) or last) and step != self.last_saved_step:
+            self.save()
+
+
+class _Reporter:
+    """Progress bar, log records and printed lines for one ``fit``; only the main rank writes."""
+
+    def __init__(self, trainer: Trainer, log: MetricsLog | None) -> None:
+        self.trainer, self.log = trainer, log
+        self.window: list[StepStats] = []
+        tc = trainer.tc
+        self.bar = tqdm(total=tc.steps, initial=trainer.state.step, unit="step", dynamic_ncols=True,
+                        disable=not (trainer.progress and trainer.is_main))
+        dtype = AUTOCAST_DTYPES[tc.precision] or torch.float32
+        self.peak = tc.peak_flops or measure_matmul_flops(trainer.device, dtype)
+        source = "train.peak_flops" if tc.peak_flops else f"measured {tc.precision} matmul; noisy on a busy machine"
+        self._print(f"MFU is relative to {self.peak / 1e9:,.0f} GFLOP/s per device ({source})")
+        self.devices = dist.get_world_size() if _distributed() else 1
+
+    def _print(self, text: str) -> None:
+        if self.trainer.is_main:
+            tqdm.write(text)
+
+    def step(self, stats: StepStats) -> None:
+        self.window.append(stats)
+        self.bar.update(1)
+        if stats.skipped:
+            self._print(f"step {stats.step}: loss {stats.loss} / grad norm {stats.grad_norm} is not finite: "
+                        f"step skipped ({self.trainer.state.skipped_steps} so far)")
+
+    def flush(self) -> None:
+        """One log record summarising the steps since the last one."""
+        if not self.window:
+            return
+        good = [s for s in self.window if not s.skipped]
+        last, seconds = self.window[-1], sum(s.seconds for s in self.window)
+        tokens_per_s = sum(s.tokens for s in self.window) / seconds
+        mfu = tokens_per_s * self.trainer.flops_per_token / (self.peak * self.devices)
+        record = {
+            "kind": "train", "step": last.step, "loss": sum(s.loss for s in good) / len(good) if good else None,
+            "lr": last.lr, "grad_norm": last.grad_norm, "batch_size": last.batch_size,
+            "tokens_per_s": tokens_per_s, "mfu": mfu, "skipped": sum(s.skipped for s in self.window),
+            "consumed_tokens": self.trainer.state.consumed_tokens, "peak_flops": self.peak, "time": time.time(),
+        }
+        self.window = []
+        if self.log is not None:
+            self.log.write(record)
+        loss = f"{record['loss']:.4f}" if record["loss"] is not None else "skipped"
+        self.bar.set_postfix_str(f"loss {loss} lr {last.lr:.2e} {tokens_per_s:,.0f} tok/s mfu {mfu:.0%}")
+        if self.bar.disable:
+            self._print(f"step {last.step}/{self.trainer.tc.steps}: loss {loss} lr {last.lr:.3e} "
+                        f"grad norm {last.grad_norm:.3f} {tokens_per_s:,.0f} tok/s MFU {mfu:.1%}")
+
+    def validation(self, loss: float | None) -> None:
+        if loss is None:
+            return
+        step = self.trainer.state.step
+        ppl = math.exp(min(loss, 50.0))
+        if self.log is not None:
+            self.log.write({"kind": "valid", "step": step, "loss": loss, "ppl": ppl, "time": time.time()})
+        self._print(f"step {step}: validation loss {loss:.4f} (perplexity {ppl:,.1f})")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.log is not None:
+            self.log.close()

@@ -1,0 +1,205 @@
+"""The generation engine against recompute-from-scratch decoding with the plain model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mtnlg.config import ModelConfig
+from mtnlg.generate.engine import Completion, Engine, Request, SamplingParams
+from mtnlg.model.gpt import GPT
+
+PROMPTS = ["The quick brown", "Pack my box with five dozen", "a", "jumps over the lazy dog. The"]
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eod=True)
+
+
+@pytest.fixture(scope="module")
+def engine(small_tokenizer) -> Engine:
+    # A large init std gives a random model varied, non-repeating output (a small one copies its input).
+    cfg = ModelConfig(
+        vocab_size=small_tokenizer.vocab_size, seq_len=64, n_layers=2, hidden=64, n_heads=4,
+        padded_vocab_multiple=64, init_std=0.3,
+    )
+    torch.manual_seed(0)
+    return Engine(GPT(cfg), small_tokenizer, max_batch_size=4)
+
+
+def recompute_greedy(model: GPT, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding by running the whole sequence through the model at every step (no cache)."""
+    ids, logps = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]))[0, -1, : model.cfg.vocab_size]
+            logps.append(logits.log_softmax(-1))
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt) :], logps
+
+
+def test_kv_cache_greedy_equals_recompute_from_scratch(engine: Engine) -> None:
+    for prompt in PROMPTS:
+        ids = engine.encode(prompt)
+        [out] = engine.generate([prompt], GREEDY)
+        expected, _ = recompute_greedy(engine.model, ids, GREEDY.max_new_tokens)
+        assert out.tokens == expected
+        assert len(set(expected)) > 3  # the test model does not just repeat itself
+        assert out.text == engine.tokenizer.decode(expected)
+
+
+def test_batched_generation_equals_one_by_one(engine: Engine) -> None:
+    sampled = SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.95, seed=11, ignore_eod=True)
+    for params in (GREEDY, sampled):
+        batched = engine.generate(PROMPTS, params)
+        alone = [engine.generate([p], params)[0] for p in PROMPTS]
+        assert [c.tokens for c in batched] == [c.tokens for c in alone]
+
+
+def test_mixed_settings_in_one_batch(engine: Engine) -> None:
+    params = [
+        SamplingParams(max_new_tokens=3, temperature=0.0),
+        SamplingParams(max_new_tokens=9, temperature=1.0, top_k=5, seed=1),
+        SamplingParams(max_new_tokens=6, temperature=0.7, top_p=0.8, seed=2, repetition_penalty=1.3),
+        SamplingParams(max_new_tokens=0),
+    ]
+    batched = engine.generate(PROMPTS, params)
+    alone = [engine.generate([p], sp)[0] for p, sp in zip(PROMPTS, params, strict=True)]
+    assert [c.tokens for c in batched] == [c.tokens for c in alone]
+    assert [len(c.tokens) for c in batched] == [3, 9, 6, 0]
+
+
+def test_padded_vocabulary_is_never_sampled(small_tokenizer) -> None:
+    cfg = ModelConfig(vocab_size=small_tokenizer.vocab_size, seq_len=32, n_layers=1, hidden=32, n_heads=2,
+                      padded_vocab_multiple=256)
+    model = GPT(cfg)
+    with torch.no_grad():  # make every padding row the most likely "token" by far
+        model.wte.weight[cfg.vocab_size :] = 0
+        model.ln_f.bias.fill_(1.0)
+        model.ln_f.weight.zero_()
+        model.wte.weight[cfg.vocab_size :] = 10.0
+    assert int(model(torch.tensor([[1, 2]]))[0, -1].argmax()) >= cfg.vocab_size
+    engine = Engine(model, small_tokenizer)
+    for params in (GREEDY, SamplingParams(max_new_tokens=20, temperature=5.0, seed=0, ignore_eod=True)):
+        [out] = engine.generate(["The"], params)
+        assert out.tokens and max(out.tokens) < cfg.vocab_size
+
+
+def test_stop_strings_end_the_text_before_them(engine: Engine) -> None:
+    [free] = engine.generate([PROMPTS[0]], GREEDY)
+    stop = free.text[5:8]  # some text in the middle of the unconstrained output
+    cut = free.text.index(stop)
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, stop=["\x00never", stop], ignore_eod=True)
+    [out] = engine.generate([PROMPTS[0]], params)
+    assert out.text == free.text[:cut]
+    assert out.finish_reason == "stop"
+    streamed = "".join(e.text for e in engine.stream(PROMPTS[0], params))
+    assert streamed == out.text
+
+
+def test_end_of_document_stops_unless_ignored(engine: Engine) -> None:
+    [free] = engine.generate([PROMPTS[1]], GREEDY)
+    tokenizer = copy.copy(engine.tokenizer)
+    tokenizer.eod_id = free.tokens[4]  # pretend the 5th generated token ends the document
+    first = free.tokens.index(tokenizer.eod_id)
+    eod_engine = Engine(engine.model, tokenizer)
+    [out] = eod_engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=12, temperature=0.0))
+    assert out.tokens == free.tokens[:first] and out.finish_reason == "stop"
+    [full] = eod_engine.generate([PROMPTS[1]], GREEDY)
+    assert full.tokens == free.tokens and full.finish_reason == "length"
+
+
+def test_logprobs_are_the_models(engine: Engine) -> None:
+    ids = engine.encode(PROMPTS[2])
+    params = SamplingParams(max_new_tokens=5, temperature=0.0, logprobs=3, ignore_eod=True)
+    [out] = engine.generate([PROMPTS[2]], params)
+    tokens, logps = recompute_greedy(engine.model, ids, 5)
+    assert out.tokens == tokens
+    for lp, top, ref, tok in zip(out.logprobs, out.top_logprobs, logps, tokens, strict=True):
+        assert lp == pytest.approx(float(ref[tok]), abs=1e-4)
+        values, indices = ref.topk(3)
+        assert list(top) == indices.tolist()
+        assert list(top.values()) == pytest.approx(values.tolist(), abs=1e-4)
+
+
+def test_streaming_produces_the_same_completion(engine: Engine) -> None:
+    params = SamplingParams(max_new_tokens=8, temperature=0.8, seed=5, ignore_eod=True)
+    [whole] = engine.generate([PROMPTS[3]], params)
+    events = list(engine.stream(PROMPTS[3], params))
+    assert [e.token for e in events] == whole.tokens
+    assert events[-1].finish_reason == "length" and all(e.finish_reason is None for e in events[:-1])
+    assert "".join(e.text for e in events) == whole.text
+
+
+def test_seed_reproduces_samples(engine: Engine) -> None:
+    def run(seed: int) -> list[int]:
+        params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=seed, ignore_eod=True)
+        return engine.generate([PROMPTS[0]], params)[0].tokens
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+def test_prompt_longer_than_context_is_an_error_or_truncated(engine: Engine) -> None:
+    long_prompt = list(range(1, 61))
+    params = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eod=True)
+    with pytest.raises(ValueError, match="context length 64"):
+        engine.generate([long_prompt], params)
+    [cut] = engine.generate([long_prompt], params, truncate=True)
+    assert cut.prompt_tokens == long_prompt[-54:]
+    assert cut.tokens == engine.generate([long_prompt[-54:]], params)[0].tokens
+
+
+def test_requests_that_do_not_fit_one_batch_are_split(engine: Engine) -> None:
+    params = [SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eod=True) for n in (40, 2)]
+    prompts = [[5, 6, 7], list(range(1, 50))]  # 49 + 40 > 64: they cannot share a batch
+    requests = [engine.request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    assert not engine.fits(requests) and len(engine.plan_batches(requests)) == 2
+    outs = engine.generate(prompts, params)
+    assert [len(c.tokens) for c in outs] == [40, 2]
+
+
+def test_cancelled_sequence_leaves_the_batch(engine: Engine) -> None:
+    steps = {"n": 0}
+
+    def cancelled() -> bool:
+        steps["n"] += 1
+        return steps["n"] >= 3
+
+    requests = [Request(engine.encode(p), GREEDY) for p in PROMPTS[:2]]
+    requests[0].cancelled = cancelled
+    results = [Completion(r.prompt) for r in requests]
+    for event in engine.run(requests):
+        results[event.index].add(event)
+    assert results[0].finish_reason == "cancelled" and len(results[0].tokens) == 3
+    assert results[1].tokens == engine.generate([PROMPTS[1]], GREEDY)[0].tokens
+
+
+def test_bad_settings_are_errors(engine: Engine) -> None:
+    for bad in (dict(top_p=0.0), dict(temperature=-1.0), dict(max_new_tokens=-1), dict(stop=[""])):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            engine.generate(["x"], SamplingParams(**bad))
+    with pytest.raises(ValueError, match="token ids"):
+        engine.generate([[1, 10**6]])
+
+
+def test_sequences_joining_a_running_batch_decode_as_they_would_alone(engine: Engine) -> None:
+    sampled = SamplingParams(max_new_tokens=6, temperature=0.9, seed=4, ignore_eod=True, repetition_penalty=1.2)
+    first = engine.request(PROMPTS[3], SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eod=True))
+    joiners = [engine.request(PROMPTS[0], GREEDY), engine.request("a", sampled)]
+    too_long = engine.request(list(range(1, 40)), GREEDY)  # longer than the running cache: must wait
+    calls = {"n": 0, "refused": None}
+
+    def admit(can_join) -> list[Request]:
+        calls["n"] += 1
+        if calls["n"] != 3:
+            return []
+        calls["refused"] = not can_join(too_long)
+        return [r for r in joiners if can_join(r)]
+
+    results = [Completion(r.prompt) for r in [first, *joiners]]
+    for event in engine.run([first], admit):
+        results[event.index].add(event)
+    assert calls["refused"]
+    assert results[0].tokens == engine.generate([PROMPTS[3]], first.params)[0].tokens
+    assert results[1].tokens == engine.generate([PROMPTS[0]], GREEDY)[0].tokens
+    assert results[2].tokens == engine.generate(["a"], sampled)[0].tokens

@@ -1,0 +1,180 @@
+"""int8 inference: layer accuracy, perplexity of a trained model, save/load, CLI."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from mtnlg.checkpoint import CheckpointError, load_model, save_model
+from mtnlg.cli import main
+from mtnlg.config import Config, ModelConfig
+from mtnlg.data.tokenizer import Tokenizer
+from mtnlg.generate.engine import Engine, SamplingParams
+from mtnlg.model.gpt import GPT
+from mtnlg.quantize import (
+    INT8_WEIGHTS_FILE,
+    FP32Linear,
+    Int8Linear,
+    load_for_inference,
+    quantize_checkpoint,
+    quantize_model,
+    save_quantized,
+)
+
+SEQ = 64
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Training a model in a test: one thread stays fast on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def stdlib_text() -> str:
+    """~130k characters of English prose every Python install carries: standard-library docstrings."""
+    docs = []
+    for name in ("argparse", "collections", "json", "logging", "pathlib", "subprocess", "textwrap", "unittest",
+                 "functools", "shutil", "tempfile", "inspect"):
+        module = importlib.import_module(name)
+        objects = [module] + [o for _, o in sorted(vars(module).items())
+                              if (inspect.isclass(o) or inspect.isfunction(o)) and o.__module__ == name]
+        docs += [inspect.getdoc(o) or "" for o in objects]
+    return "\n\n".join(d for d in docs if d)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[GPT, Config, Tokenizer, torch.Tensor, Path]:
+    """A small GPT trained with AdamW for 250 steps; returns it, held-out tokens and its checkpoint."""
+    text = stdlib_text()
+    tokenizer = Tokenizer.train([text], vocab_size=512)
+    ids = torch.tensor(tokenizer.encode(text))
+    split = int(len(ids) * 0.9)
+    train, held_out = ids[:split], ids[split:]
+    cfg = Config(model=ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=SEQ, n_layers=2, hidden=64, n_heads=4,
+                                   padded_vocab_multiple=64))
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    with one_thread():
+        for _ in range(250):
+            starts = torch.randint(0, len(train) - SEQ - 1, (16,))
+            x = torch.stack([train[s : s + SEQ] for s in starts])
+            y = torch.stack([train[s + 1 : s + SEQ + 1] for s in starts])
+            loss = model(x, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    path = save_model(tmp_path_factory.mktemp("ckpt") / "trained", model, cfg, tokenizer)
+    return model, cfg, tokenizer, held_out, path
+
+
+def perplexity(model: GPT, tokens: torch.Tensor) -> float:
+    n = (len(tokens) - 1) // SEQ
+    x, y = tokens[: n * SEQ].view(n, SEQ), tokens[1 : n * SEQ + 1].view(n, SEQ)
+    with torch.no_grad():
+        return math.exp(model(x, y).item())
+
+
+def test_int8_linear_is_close_to_fp32() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 200)
+    x = torch.randn(3, 5, 96)
+    q = Int8Linear.from_linear(linear)
+    assert q.weight_int8.dtype == torch.int8
+    ref = linear(x)
+    error = (q(x) - ref).norm() / ref.norm()
+    assert error < 0.03
+
+
+def test_fp32_inference_layout_computes_the_same_model(trained) -> None:
+    model, _, tokenizer, held_out, path = trained
+    fast, _, _ = load_for_inference(path)
+    assert isinstance(fast.lm_head, FP32Linear) and not any(isinstance(m, nn.Linear) for m in fast.modules())
+    x = held_out[: 2 * SEQ].view(2, SEQ)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+    params = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eod=True)
+    prompts = ["Return the", "The default is"]
+    expected = [c.tokens for c in Engine(model, tokenizer).generate(prompts, params)]
+    assert [c.tokens for c in Engine(fast, tokenizer).generate(prompts, params)] == expected
+
+
+def test_int8_perplexity_within_2_percent_of_fp32(trained) -> None:
+    model, cfg, _, held_out, path = trained
+    fp32 = perplexity(model, held_out)
+    assert fp32 < cfg.model.vocab_size / 4  # the model did learn something
+    int8_model, _, _ = load_for_inference(path, quantize="int8")
+    int8 = perplexity(int8_model, held_out)
+    assert abs(int8 / fp32 - 1) < 0.02, (fp32, int8)
+
+
+def test_quantize_model_replaces_every_linear_and_keeps_embeddings(trained) -> None:
+    _, _, _, _, path = trained
+    model, _, _ = load_for_inference(path, quantize="int8")
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert isinstance(model.lm_head, Int8Linear)
+    assert model.wte.weight.dtype == torch.float32
+
+
+def test_saved_int8_checkpoint_loads_to_the_same_model(trained, tmp_path: Path) -> None:
+    model, cfg, tokenizer, held_out, path = trained
+    q = quantize_model(load_model(path)[0])
+    out = save_quantized(tmp_path / "int8", q, cfg, tokenizer)
+    assert (out / INT8_WEIGHTS_FILE).is_file() and not (out / "model.safetensors").exists()
+    assert (out / INT8_WEIGHTS_FILE).stat().st_size < (path / "model.safetensors").stat().st_size
+    loaded, loaded_cfg, loaded_tok = load_for_inference(out)
+    x = held_out[:SEQ].unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
+    assert loaded_cfg.model == cfg.model and loaded_tok.vocab_size == tokenizer.vocab_size
+
+
+def test_int8_generation_mostly_agrees_with_fp32(trained) -> None:
+    model, _, tokenizer, _, path = trained
+    params = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eod=True)
+    prompts = ["Return the", "The default is", "If the file", "This module"]
+    fp32 = Engine(model, tokenizer).generate(prompts, params)
+    int8 = Engine.from_checkpoint(path, quantize="int8").generate(prompts, params)
+    same = sum(a == b for f, i in zip(fp32, int8, strict=True) for a, b in zip(f.tokens, i.tokens, strict=True))
+    assert same >= 0.75 * 16 * len(prompts)
+
+
+def test_cli_quantize_then_generate(trained, tmp_path: Path, capsys) -> None:
+    _, _, _, _, path = trained
+    assert main(["quantize", "--checkpoint", str(path), "--out", str(tmp_path / "q")]) == 0
+    args = ["--prompt", "The default is", "--max-new-tokens", "8", "--temperature", "0"]
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(tmp_path / "q"), *args]) == 0
+    saved = capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(path), "--quantize", "int8", *args]) == 0
+    assert capsys.readouterr().out == saved and saved.startswith("The default is")
+
+
+def test_bad_requests_are_clear_errors(trained, tmp_path: Path) -> None:
+    _, _, _, _, path = trained
+    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
+        load_for_inference(path, quantize="int4")
+    with pytest.raises(ValueError, match="runs on CPU"):
+        load_for_inference(path, quantize="int8", device="cuda")
+    with pytest.raises(ValueError, match="quantize_model"):
+        save_quantized(tmp_path / "x", GPT(ModelConfig(vocab_size=64, seq_len=8, n_layers=1, hidden=8, n_heads=2)),
+                       Config())
+    q = quantize_checkpoint(path, tmp_path / "q")
+    config = (q / "config.json").read_text().replace('"n_layers": 2', '"n_layers": 3')
+    (q / "config.json").write_text(config)
+    with pytest.raises(CheckpointError, match="blocks.2.attn.qkv_proj.weight_int8"):
+        load_for_inference(q)

@@ -1,0 +1,125 @@
+"""``torchrun -m mtnlg train --parallel.tp=2`` against one process: loss trace, resharded resume.
+
+Each ``torchrun`` launch costs seconds of torch import on 2 cores, so the runs are shared:
+one single-process and one tp=2 run of 10 steps (checkpoints at 5 and 10), then each layout
+resumes the other's step-5 checkpoint for two steps.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtnlg.checkpoint import load_model
+from mtnlg.cli import main
+from mtnlg.train.metrics import read_log
+
+RTOL = 1e-4
+TRAIN = [
+    "--no-progress", "--model.seq_len=32", "--model.n_layers=2", "--model.hidden=64", "--model.n_heads=4",
+    "--train.micro_batch_size=4", "--train.global_batch_size=4", "--train.lr=3e-3", "--train.warmup_steps=2",
+    "--train.decay_steps=10", "--train.eval_interval=5", "--train.eval_iters=1", "--train.log_interval=1",
+    "--train.save_interval=5", "--train.peak_flops=1e12", "--data.split=8,2,0", "--train.device=cpu",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Tokenizer and indexed dataset of a slice of the embedded corpus, as `mtnlg train` flags."""
+    from mtnlg.data.corpus import build_corpus
+    from mtnlg.data.preprocess import preprocess
+    from mtnlg.data.tokenizer import Tokenizer, iter_text_files
+
+    root = tmp_path_factory.mktemp("tp-corpus")
+    build_corpus(root / "corpus.jsonl", modules=["json", "textwrap"])
+    Tokenizer.train(iter_text_files([root / "corpus.jsonl"]), vocab_size=512).save(root / "tok")
+    preprocess([root / "corpus.jsonl"], root / "tok", root / "data" / "py")
+    return ["--tokenizer", str(root / "tok"), "--data-path", str(root / "data" / "py")]
+
+
+def _torchrun(args: list[str], timeout: float = 300) -> str:
+    """``torchrun --nproc_per_node=2 -m mtnlg ARGS``; its output. A hang is killed and fails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mtnlg"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [*cmd, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"torchrun still running after {timeout} s (a hang?); killed") from None
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_log(run / "log.jsonl") if r["kind"] == "train"}
+
+
+def _valid(run: Path) -> list[float]:
+    return [r["loss"] for r in read_log(run / "log.jsonl") if r["kind"] == "valid"]
+
+
+def _at_step_5(run: Path, copy: Path) -> Path:
+    """A copy of ``run`` whose newest checkpoint is step 5."""
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "step_00000010")
+    (copy / "latest").write_text("step_00000005", encoding="utf-8")
+    return copy
+
+
+@pytest.fixture(scope="module")
+def runs(data: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tp-runs")
+    assert main(["train", *data, *TRAIN, "--train.steps=10", "--out", str(root / "single")]) == 0
+    _torchrun(["train", *data, *TRAIN, "--train.steps=10", "--parallel.tp=2", "--out", str(root / "tp2")])
+    return {"single": root / "single", "tp2": root / "tp2"}
+
+
+def test_ten_steps_under_tp2_match_one_process(runs: dict[str, Path]) -> None:
+    single, tp2 = _losses(runs["single"]), _losses(runs["tp2"])
+    assert sorted(single) == sorted(tp2) == list(range(1, 11))
+    assert [tp2[s] for s in range(1, 11)] == pytest.approx([single[s] for s in range(1, 11)], rel=RTOL)
+    assert _valid(runs["tp2"]) == pytest.approx(_valid(runs["single"]), rel=RTOL)
+
+
+def test_tp2_run_writes_a_consolidated_checkpoint_one_process_loads(runs: dict[str, Path]) -> None:
+    (tp_model, cfg, _), (ref_model, _, _) = load_model(runs["tp2"]), load_model(runs["single"])
+    idx = torch.randint(0, cfg.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert tp_model(idx[:, :-1], idx[:, 1:]).item() == pytest.approx(
+            ref_model(idx[:, :-1], idx[:, 1:]).item(), rel=RTOL
+        )
+
+
+def test_checkpoints_reshard_between_one_process_and_tp2(
+    runs: dict[str, Path], data: list[str], tmp_path: Path
+) -> None:
+    """Each layout resumes the other's step 5 and continues as if uninterrupted.
+
+    Step 6's loss checks the weights and the data position; step 7's, taken after an AdamW
+    update from the loaded moments, checks the optimizer state.
+    """
+    into_tp = _at_step_5(runs["single"], tmp_path / "into_tp")
+    resume = ["train", *data, *TRAIN, "--train.steps=7", "--resume", "--out"]
+    out = _torchrun([*resume, str(into_tp), "--parallel.tp=2"])
+    assert f"resuming from {into_tp / 'step_00000005'}" in out
+    into_single = _at_step_5(runs["tp2"], tmp_path / "into_single")
+    assert main([*resume, str(into_single)]) == 0
+    for resumed, uninterrupted in ((into_tp, runs["single"]), (into_single, runs["tp2"])):
+        got, want = _losses(resumed), _losses(uninterrupted)
+        assert [got[6], got[7]] == pytest.approx([want[6], want[7]], rel=RTOL)
