@@ -203,7 +203,9 @@ def load_model(
     cfg = load_config(directory)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
-        raise CheckpointError(f"{directory}: missing {WEIGHTS_FILE}")
+        hint = " (an int8 checkpoint: load it with mtnlg.quantize.load_for_inference)" if any(
+            directory.glob("model-int8*.safetensors")) else ""
+        raise CheckpointError(f"{directory}: missing {WEIGHTS_FILE}{hint}")
     with torch.device("meta"):
         model = GPT(cfg.model)
     state = load_file(str(weights), device=str(device))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 
@@ -225,6 +226,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         summary = run_training(cfg.validate(), resume=args.resume, progress=not args.no_progress)
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, one summary for the whole job
     if summary.first_valid_loss is not None:
         print(f"validation loss: first {summary.first_valid_loss:.4f} -> final {summary.final_valid_loss:.4f}")
     print(f"trained {summary.steps} steps ({summary.skipped_steps} skipped) -> {summary.out}"
@@ -263,6 +266,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", help="stop string (repeatable); it is not printed")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens if it is too long")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel size; launch with torchrun --nproc_per_node=TP (needs --prompt)")
 
 
 @command("generate", _generate_args)
@@ -271,13 +276,47 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
 
     Defaults come from the checkpoint's [generate] section; --generate.field=value overrides it.
     """
-    from mtnlg.generate.console import read_prompts, run_prompts, sampling_params
+    from mtnlg.generate.console import read_prompts, run_prompts
 
+    if args.tp > 1:
+        return _generate_tensor_parallel(args, overrides)
     engine = _load_engine(args)
-    flags = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")}
-    params = sampling_params(engine.config, overrides, repetition_penalty=args.repetition_penalty, **flags)
+    params = _sampling_params(args, engine.config, overrides)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(sys.stdin)
     run_prompts(engine, prompts, params, stream=args.stream, truncate=args.truncate)
+    return 0
+
+
+def _sampling_params(args: argparse.Namespace, config: object, overrides: list[str]) -> object:
+    """The checkpoint's [generate] defaults, then --generate.* overrides, then the flags given."""
+    from mtnlg.generate.console import sampling_params
+
+    flags = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")}
+    return sampling_params(config, overrides, repetition_penalty=args.repetition_penalty, **flags)
+
+
+def _generate_tensor_parallel(args: argparse.Namespace, overrides: list[str]) -> int:
+    """``torchrun --nproc_per_node=TP -m mtnlg generate --tp TP``: each rank runs the engine on its
+    shard and samples the same tokens (seeded per sequence); rank 0 prints."""
+    from mtnlg.config import ParallelConfig
+    from mtnlg.generate.console import run_prompts
+    from mtnlg.generate.engine import Engine
+    from mtnlg.parallel import destroy_distributed
+    from mtnlg.parallel.parallelize import load_parallel_for_inference
+
+    if args.quantize != "none":
+        raise ConfigError("--quantize is a single-process CPU layout; it cannot be combined with --tp")
+    if args.prompt is None:
+        raise ConfigError("--tp needs --prompt: every rank must generate from the same prompt")
+    model, cfg, tokenizer, dims = load_parallel_for_inference(args.checkpoint, ParallelConfig(tp=args.tp))
+    try:
+        engine = Engine(model, tokenizer, config=cfg)
+        params = _sampling_params(args, cfg, overrides)
+        with open(os.devnull, "w") as devnull:
+            run_prompts(engine, [args.prompt], params, stream=args.stream, truncate=args.truncate,
+                        out=sys.stdout if dims.is_main else devnull)
+    finally:
+        destroy_distributed()
     return 0
 
 
@@ -293,8 +332,6 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 @command("serve", _serve_args)
 def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
     """Serve a checkpoint over HTTP: OpenAI-compatible /v1/completions, Megatron's PUT /api, /health."""
-    import os
-
     from mtnlg.generate.server import API_KEY_ENV, create_app, serve
 
     _no_overrides(overrides)

@@ -18,9 +18,11 @@ import contextlib
 
 from torch.distributed.tensor.parallel import loss_parallel
 
-from mtnlg.config import Config, ConfigError
+from mtnlg.checkpoint import load_model
+from mtnlg.config import Config, ConfigError, ParallelConfig
+from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.model.gpt import GPT
-from mtnlg.parallel.dims import ParallelDims
+from mtnlg.parallel.dims import ParallelDims, init_distributed
 from mtnlg.parallel.tensor import apply_tensor_parallel
 
 
@@ -57,3 +59,16 @@ def loss_context(dims: ParallelDims) -> contextlib.AbstractContextManager:
     lets ``F.cross_entropy`` (in the model) and its backward work on the shards.
     """
     return loss_parallel() if dims.tp_enabled else contextlib.nullcontext()
+
+
+def load_parallel_for_inference(
+    path: str, parallel: ParallelConfig
+) -> tuple[GPT, Config, Tokenizer | None, ParallelDims]:
+    """Every rank loads the plain checkpoint, then keeps its tensor-parallel part for generation.
+
+    The plain model (not the fp32/int8 inference layouts of ``mtnlg.quantize``) is loaded, since
+    only ``nn.Linear`` layers can be sharded by the plan.
+    """
+    model, cfg, tokenizer = load_model(path)
+    dims = init_distributed(parallel)
+    return parallelize(model, dims, cfg, inference=True), cfg, tokenizer, dims
