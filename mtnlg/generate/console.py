@@ -46,9 +46,12 @@ def run_prompts(
     params: SamplingParams,
     stream: bool = False,
     truncate: bool = False,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> list[Completion]:
-    """Print each prompt followed by its continuation; with ``stream``, as tokens are produced."""
+    """Print each prompt followed by its continuation; with ``stream``, as tokens are produced.
+
+    ``out`` defaults to the ``sys.stdout`` of the call, not of the import (tests swap it)."""
+    out = out or sys.stdout
     done = []
     for prompt in prompts:
         request = engine.request(prompt, params, truncate)
