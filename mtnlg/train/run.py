@@ -37,7 +37,7 @@ def reuse_freed_cpu_memory() -> None:
 
     By default glibc maps each allocation over 32 MB freshly from the kernel and unmaps it when
     freed, so every step page-faults its large temporaries (logits, the dense embedding gradient)
-    back in; keeping them makes a gpt2-small CPU step here 1.37x faster (benchmarks/train.py).
+    back in; keeping them makes a gpt2-small CPU step here 1.4-1.5x faster (benchmarks/train.py).
     Intel's PyTorch CPU tuning guide swaps in jemalloc or tcmalloc for the same reason. The cost
     is a resident set that stays at its peak. No-op where the C library is not glibc.
     """
