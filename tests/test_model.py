@@ -53,6 +53,27 @@ def test_kv_cache_buffers_are_allocated_once(model):
     assert [k.data_ptr() for k in cache.keys] == buffers
 
 
+def test_kv_cache_append_rows_right_aligns_the_shorter_cache(model):
+    """A running batch (6 cached positions) takes a newcomer prefilled to 4: the next step with the
+    newcomer's first 2 slots masked gives each row its logits alone."""
+    old, new = torch.randint(0, 300, (2, 6)), torch.randint(0, 300, (1, 4))
+    cache, joining = KVCache(model.cfg.n_layers, max_len=8), KVCache(model.cfg.n_layers, max_len=5)
+    model(old, kv_cache=cache)
+    model(new, kv_cache=joining)
+    cache.append_rows(joining, rows=1, max_len=10)
+    assert cache.max_len == 10 and cache.keys[0].shape[0] == 3 and cache.length == 6
+    nxt = torch.randint(0, 300, (3, 1))
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[2, :2] = False
+    positions = torch.tensor([[6], [6], [4]])
+    step = model(nxt, kv_cache=cache, attention_mask=mask, position_ids=positions)
+    for i, row in enumerate([old[0], old[1], new[0]]):
+        alone = model(torch.cat([row, nxt[i]]).unsqueeze(0))
+        torch.testing.assert_close(step[i, 0], alone[0, -1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cannot append"):
+        joining.append_rows(cache, rows=3, max_len=10)
+
+
 def test_left_padded_batch_equals_rows_alone(model):
     """Rows of different lengths, left-padded, give each row's own logits at its real tokens."""
     rows = [torch.randint(0, 300, (n,)) for n in (9, 4, 6)]

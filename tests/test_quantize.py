@@ -24,6 +24,7 @@ from mtnlg.quantize import (
     FP32Linear,
     Int8Linear,
     load_for_inference,
+    onednn_linear_available,
     quantize_checkpoint,
     quantize_model,
     save_quantized,
@@ -98,6 +99,18 @@ def test_int8_linear_is_close_to_fp32() -> None:
     ref = linear(x)
     error = (q(x) - ref).norm() / ref.norm()
     assert error < 0.03
+
+
+@pytest.mark.parametrize("onednn", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not onednn_linear_available(), reason="this torch build has no oneDNN Linear"))])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp32_linear_layouts_equal_nn_linear(onednn: bool, bias: bool) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 200, bias=bias)
+    fast = FP32Linear.from_linear(linear, onednn=onednn)
+    assert fast.onednn == onednn and not fast.state_dict()  # an inference format, never saved
+    for x in (torch.randn(1, 96), torch.randn(3, 5, 96), torch.randn(5, 3, 96).transpose(0, 1)):
+        torch.testing.assert_close(fast(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
 def test_fp32_inference_layout_computes_the_same_model(trained) -> None:

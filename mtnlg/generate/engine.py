@@ -210,16 +210,8 @@ class _Batch:
         to the last cache slots, the slots before them masked like left padding."""
         B, n, L, Ln = len(self.rows), len(other.rows), self.cache.length, other.cache.length
         shift = L - Ln
-        capacity = max(self.cache.max_len, L + max(r.params.max_new_tokens for r in other.rows))
-        for buffers, new in ((self.cache.keys, other.cache.keys), (self.cache.values, other.cache.values)):
-            for layer, old in enumerate(buffers):
-                assert old is not None
-                merged = old.new_zeros(B + n, old.shape[1], capacity, old.shape[3])
-                merged[:B, :, :L] = old[:, :, :L]
-                if new[layer] is not None:
-                    merged[B:, :, shift:L] = new[layer][:, :, :Ln]
-                buffers[layer] = merged
-        self.cache.max_len = capacity
+        self.cache.append_rows(other.cache, n, L + max(r.params.max_new_tokens for r in other.rows))
+        capacity = self.cache.max_len
         mask = torch.ones(B + n, capacity, dtype=torch.bool, device=self.mask.device)
         mask[:B, :L] = self.mask[:, :L]
         mask[B:, :shift] = False

@@ -46,3 +46,25 @@ class KVCache:
         """Keep only the batch rows ``rows`` (e.g. drop finished sequences)."""
         self.keys = [None if k is None else k[rows] for k in self.keys]
         self.values = [None if v is None else v[rows] for v in self.values]
+
+    def append_rows(self, other: KVCache, rows: int, max_len: int) -> None:
+        """Add ``other``'s ``rows`` sequences (no longer than ours) as new batch rows, right-aligned.
+
+        Their last cached position lines up with ours, so their first ``self.length -
+        other.length`` slots hold zeros: left padding the caller must mask. ``other`` may be
+        empty (one-token prompts have nothing to prefill). The buffers are reallocated once, at
+        ``max_len`` (never below the current capacity).
+        """
+        if other.length > self.length:
+            raise ValueError(f"cannot append a cache of {other.length} positions to one of {self.length}")
+        shift, end = self.length - other.length, self.length
+        self.max_len = max(self.max_len, max_len)
+        for buffers, extra in ((self.keys, other.keys), (self.values, other.values)):
+            for layer, old in enumerate(buffers):
+                assert old is not None, "append_rows needs a cache that has been written"
+                B, H, _, D = old.shape
+                merged = old.new_zeros(B + rows, H, self.max_len, D)
+                merged[:B, :, :end] = old[:, :, :end]
+                if extra[layer] is not None:
+                    merged[B:, :, shift:end] = extra[layer][:, :, : other.length]
+                buffers[layer] = merged
