@@ -261,3 +261,24 @@ def test_app_from_a_checkpoint_directory(tmp_path: Path, small_tokenizer) -> Non
         assert httpx.get(f"{base}/v1/models").json()["data"][0]["id"] == "my-model"
         out = httpx.post(f"{base}/v1/completions", json={"prompt": "The", "max_tokens": 4, "temperature": 0}).json()
     assert out["choices"][0]["text"] == expected[0].text
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_jobs_hand_tokens_to_the_event_loop_per_token_only_when_streaming(stream: bool) -> None:
+    """Every hand-over wakes the event loop's thread, which competes with the model for the cores."""
+    import asyncio
+
+    from mtnlg.generate.sequence import TokenEvent
+    from mtnlg.generate.server import _Job
+
+    async def run() -> list:
+        job = _Job([], asyncio.get_running_loop(), stream=stream)
+        events = [TokenEvent(0, 5, "a"), TokenEvent(1, 6, "b"), TokenEvent(0, 7, "c", finish_reason="length")]
+        for e in events:
+            job.deliver((e.index, e))
+        await asyncio.sleep(0)  # let the scheduled hand-overs run
+        return [job.events.get_nowait() for _ in range(job.events.qsize())]
+
+    handed = asyncio.run(run())
+    assert [len(items) for items in handed] == ([1, 1, 1] if stream else [3])
+    assert [e.text for items in handed for _, e in items] == ["a", "b", "c"]

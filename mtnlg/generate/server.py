@@ -46,15 +46,28 @@ API_KEY_ENV = "MTNLG_API_KEY"
 
 @dataclass
 class _Job:
-    """One HTTP request's sequences; events arrive on ``events`` as (sequence index, TokenEvent)."""
+    """One HTTP request's sequences; their events arrive on ``events`` in lists of
+    (sequence index, TokenEvent), or as the exception that ended the batch.
+
+    A streaming job gets each token as it is made; any other job gets a sequence's tokens
+    together when it finishes: every hand-over wakes the event loop's thread, which then competes
+    with the model's compute threads for the cores.
+    """
 
     requests: list[EngineRequest]
     loop: asyncio.AbstractEventLoop
+    stream: bool = False
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     stopped: threading.Event = field(default_factory=threading.Event)
+    pending: list[tuple[int, TokenEvent]] = field(default_factory=list)  # the worker thread's, until handed over
 
     def deliver(self, item: tuple[int, TokenEvent] | BaseException) -> None:
         """Called from the worker thread."""
+        if isinstance(item, tuple):
+            self.pending.append(item)
+            if not self.stream and item[1].finish_reason is None:
+                return
+            item, self.pending = self.pending, []
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, item)
         except RuntimeError:  # the client's event loop is gone
@@ -84,9 +97,9 @@ class Batcher:
             self._thread.join(timeout)
             self._thread = None
 
-    def submit(self, requests: list[EngineRequest]) -> _Job:
+    def submit(self, requests: list[EngineRequest], stream: bool = False) -> _Job:
         """Queue a request's sequences (called on the event loop)."""
-        job = _Job(requests, asyncio.get_running_loop())
+        job = _Job(requests, asyncio.get_running_loop(), stream)
         for r in requests:
             r.cancelled = job.stopped.is_set
         for i in range(len(requests)):
@@ -233,11 +246,12 @@ class _Server:
         remaining = len(job.requests)
         try:
             while remaining:
-                item = await job.events.get()
-                if isinstance(item, BaseException):
-                    raise APIError(500, f"generation failed: {item!r}")
-                remaining -= item[1].finish_reason is not None
-                yield item
+                items = await job.events.get()
+                if isinstance(items, BaseException):
+                    raise APIError(500, f"generation failed: {items!r}")
+                for item in items:
+                    remaining -= item[1].finish_reason is not None
+                    yield item
         finally:
             job.stopped.set()
 
@@ -282,7 +296,7 @@ async def _openai_completion(server: _Server, body: CompletionRequest) -> JSONRe
     requests = server.build(prompts, params)
     if len(requests) > 64:
         raise APIError(400, f"{len(requests)} sequences requested (prompts x n); at most 64 per request")
-    job = server.batcher.submit(requests)
+    job = server.batcher.submit(requests, stream=body.stream)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": cid, "object": "text_completion", "created": created, "model": server.model_name}
     if body.stream:
