@@ -227,6 +227,19 @@ def load_model(
     return model.eval(), cfg, tokenizer
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
 # -- checksums -------------------------------------------------------------------------------------------
 
 
@@ -244,13 +257,37 @@ def _files(directory: Path) -> list[str]:
     )
 
 
+def _hash_share(directory: Path, names: list[str]) -> dict[str, str | None]:
+    """SHA-256 of every file named, None for a missing one, the reading split across the ranks.
+
+    Collective under torch.distributed: rank r hashes names r, r + world, ... and the digests are
+    gathered, so a checkpoint of hundreds of shards is read once in total, not once per rank and
+    not all by rank 0. Every rank must pass the same names (the directory is on a shared filesystem,
+    as DCP requires).
+    """
+    world = dist.get_world_size() if _distributed() else 1
+    mine = {
+        name: _sha256(directory / name) if (directory / name).is_file() else None
+        for name in names[_rank() :: world]
+    }
+    if world == 1:
+        return mine
+    parts: list[dict[str, str | None]] = [{} for _ in range(world)]
+    dist.all_gather_object(parts, mine)
+    return {name: digest for part in parts for name, digest in part.items()}
+
+
 def write_checksums(directory: Path) -> None:
-    sums = {name: _sha256(directory / name) for name in _files(directory)}
-    (directory / CHECKSUM_FILE).write_text(json.dumps(sums, indent=1, sort_keys=True), encoding="utf-8")
+    """Hash every file into ``checksums.json`` (written by rank 0); collective, see ``_hash_share``."""
+    sums = _hash_share(directory, _files(directory))
+    if _rank() == 0:
+        (directory / CHECKSUM_FILE).write_text(json.dumps(sums, indent=1, sort_keys=True), encoding="utf-8")
+    _barrier()  # no rank reads the manifest before it exists
 
 
 def verify_checksums(directory: Path) -> None:
-    """Raise CheckpointError naming the first missing, truncated or altered file."""
+    """Raise CheckpointError naming the first missing, truncated or altered file (the same error on
+    every rank); collective, see ``_hash_share``."""
     path = directory / CHECKSUM_FILE
     try:
         sums = json.loads(path.read_text(encoding="utf-8"))
@@ -258,28 +295,17 @@ def verify_checksums(directory: Path) -> None:
         raise CheckpointError(f"{path} is missing: the checkpoint was not completely written") from None
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: invalid JSON: {exc}") from None
-    for name, expected in sums.items():
-        file = directory / name
-        if not file.is_file():
-            raise CheckpointError(f"{file} is missing")
-        if _sha256(file) != expected:
-            raise CheckpointError(f"{file} is corrupted or truncated: its SHA-256 differs from {CHECKSUM_FILE}")
+    found = _hash_share(directory, sorted(sums))
+    for name in sorted(sums):
+        if found[name] is None:
+            raise CheckpointError(f"{directory / name} is missing")
+        if found[name] != sums[name]:
+            raise CheckpointError(
+                f"{directory / name} is corrupted or truncated: its SHA-256 differs from {CHECKSUM_FILE}"
+            )
 
 
 # -- training checkpoints --------------------------------------------------------------------------------
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
-
-
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
 
 
 def _dcp(fn: Callable[..., Any], state: dict[str, Any], path: Path) -> None:
@@ -345,8 +371,8 @@ def save_training_checkpoint(
             write_model_files(staging, weights, cfg, tokenizer)
             (staging / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
         _barrier()
+        write_checksums(staging)
         if main:
-            write_checksums(staging)
             _commit(staging, target)
             _write_text_atomically(run_dir / LATEST_FILE, target.name)
             prune(run_dir, keep_last)

@@ -171,3 +171,44 @@ def test_changed_data_settings_warn(tmp_path, cfg):
     moved = Config.from_dict({**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "seed": 7}})
     with pytest.warns(UserWarning, match=r"data.seed: checkpoint 1234, config 7"):
         load_training_checkpoint(path, model, optimizer, moved)
+
+
+def _checksums_on_two_ranks(directory: str) -> tuple[int, str]:
+    """In a 2-rank world: write and verify checksums, counting the files this rank hashed."""
+    import mtnlg.checkpoint as ckpt
+
+    hashed = []
+    real = ckpt._sha256
+    ckpt._sha256 = lambda path: hashed.append(path.name) or real(path)
+    try:
+        ckpt.write_checksums(Path(directory))
+        ckpt.verify_checksums(Path(directory))
+        written = len(hashed)
+        if torch.distributed.get_rank() == 1:
+            (Path(directory) / "c.bin").write_bytes(b"damaged")
+        torch.distributed.barrier()
+        try:
+            ckpt.verify_checksums(Path(directory))
+        except CheckpointError as exc:
+            return written, str(exc)
+        return written, "no error"
+    finally:
+        ckpt._sha256 = real
+
+
+def test_checksums_are_hashed_once_in_total_across_ranks(tmp_path):
+    """Ranks split the reading (a big checkpoint is not read by rank 0 alone, nor by every rank),
+    agree on the result, and all see the same corruption error."""
+    from dist_harness import run_world
+
+    import mtnlg.checkpoint as ckpt
+
+    for name in ("a.bin", "b.bin", "c.bin", "sub/d.bin", "sub/e.bin"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(name.encode() * 1000)
+    results = run_world(_checksums_on_two_ranks, 2, str(tmp_path))
+    # each rank hashed its share twice (write, then verify) before the damage
+    assert sorted(written for written, _ in results) == [2 * 2, 2 * 3]
+    assert results[0][1] == results[1][1] and "c.bin is corrupted or truncated" in results[0][1]
+    (tmp_path / "c.bin").write_bytes(b"c.bin" * 1000)
+    ckpt.verify_checksums(tmp_path)  # the 2-rank manifest checks out in one process
