@@ -144,21 +144,23 @@ def onednn_linear_available() -> bool:
 class FP32Linear(nn.Module):
     """y = x W^T + b with W laid out once, at load time, for the CPU's GEMM kernels (see above).
 
-    With oneDNN, W is reordered into its blocked layout (``torch.ops.mkldnn._reorder_linear_weight``,
-    the form Inductor's CPU backend gives frozen Linear weights); otherwise it is stored (in, out)
-    contiguous for ``addmm``. Either way the layer holds its own copy (the tied output layer too:
-    the embedding keeps the original for lookups). An inference format, not a save format: the
+    An fp32 W is reordered into oneDNN's blocked layout where the build has oneDNN
+    (``torch.ops.mkldnn._reorder_linear_weight``, the form Inductor's CPU backend gives frozen
+    Linear weights); otherwise it is stored (in, out) contiguous for ``addmm``. Either way the
+    layer holds its own copy (the tied output layer too: the embedding keeps the original for
+    lookups). An inference format, not a save format: the
     buffers are not in the state dict, and an oneDNN weight cannot be deep-copied.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.onednn = onednn_linear_available() if onednn is None else onednn
-        weight = weight.detach().float().contiguous()
+        fp32 = weight.dtype == torch.float32
+        self.onednn = fp32 and onednn_linear_available() if onednn is None else onednn
+        weight = weight.detach().contiguous()
         laid_out = torch.ops.mkldnn._reorder_linear_weight(weight) if self.onednn else weight.t().contiguous()
         self.register_buffer("weight", laid_out, persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.detach().float(), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, onednn: bool | None = None) -> FP32Linear:
