@@ -148,8 +148,8 @@ class FP32Linear(nn.Module):
     (``torch.ops.mkldnn._reorder_linear_weight``, the form Inductor's CPU backend gives frozen
     Linear weights); otherwise it is stored (in, out) contiguous for ``addmm``. Either way the
     layer holds its own copy (the tied output layer too: the embedding keeps the original for
-    lookups). An inference format, not a save format: the
-    buffers are not in the state dict, and an oneDNN weight cannot be deep-copied.
+    lookups). An inference format, not a save format: the buffers are not in the state dict,
+    and a oneDNN weight cannot be deep-copied.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool | None = None) -> None:
