@@ -4,7 +4,9 @@ One random gpt2-small (124M parameters) is saved as an mtnlg checkpoint and expo
 ``mtnlg.convert.to_hf`` into a ``GPT2LMHeadModel`` (nothing is downloaded), so all three run the
 same weights. Each run is greedy decoding of 128 new tokens after a 32-token prompt, at batch 1
 and batch 8, end of document ignored; tokens/s counts new tokens over the whole call (prefill
-included). On a shared, noisy machine the contenders alternate: every round times each once,
+included). mtnlg fp32 runs the weight layout its commands pick: (in, out) + addmm for one
+sequence at a time (``mtnlg generate``), oneDNN's prepacked one for batches (``mtnlg serve``).
+On a shared, noisy machine the contenders alternate: every round times each once,
 and the medians are compared.
 
 The memory-bandwidth bound: decoding one token (at batch 1) reads every weight once, so
@@ -104,9 +106,10 @@ def contenders(engines: dict[str, Engine], hf, prompts: torch.Tensor, new: int) 
     return {**{name: mtnlg(e) for name, e in engines.items()}, "hf_generate": hugging_face}
 
 
-def decode_benchmark(engines: dict[str, Engine], hf, vocab: int, args: argparse.Namespace) -> dict:
+def decode_benchmark(engines_for: Callable[[int], dict[str, Engine]], hf, vocab: int, args: argparse.Namespace) -> dict:
     results: dict = {}
     for batch in (1, 8):
+        engines = engines_for(batch)
         prompts = torch.randint(0, vocab, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
         runs = contenders(engines, hf, prompts, args.new_tokens)
         warm = contenders(engines, hf, prompts, 4)
@@ -193,11 +196,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf = hf_model(model, cfg, Path(tmp))
     int8 = prepare_for_inference(copy.deepcopy(model), "int8")
-    engines = {  # what `mtnlg generate/serve` run, plus plain nn.Linear layers as an ablation
-        "mtnlg_fp32": Engine(prepare_for_inference(copy.deepcopy(model))),
-        "mtnlg_int8": Engine(int8),
-        "mtnlg_fp32_nn_linear": Engine(model),
-    }
+    served = Engine(prepare_for_inference(copy.deepcopy(model)))  # `mtnlg serve`'s layout (batches)
+
+    def engines_for(batch: int) -> dict[str, Engine]:
+        """What `mtnlg generate` (one sequence) or `mtnlg serve` (batches) run, plus nn.Linear as an ablation."""
+        fp32 = served if batch > 1 else Engine(prepare_for_inference(copy.deepcopy(model), max_batch_size=1))
+        return {"mtnlg_fp32": fp32, "mtnlg_int8": Engine(int8), "mtnlg_fp32_nn_linear": Engine(model)}
     bandwidth = copy_bandwidth()
     bytes_fp32, bytes_int8 = weight_bytes(model), weight_bytes(int8)
     result = {
@@ -208,12 +212,12 @@ def main() -> None:
         "torch": torch.__version__,
         "prompt_tokens": args.prompt_len,
         "new_tokens": args.new_tokens,
-        "greedy_outputs_match_hf": greedy_outputs_match(engines["mtnlg_fp32"], hf, model_cfg.vocab_size),
+        "greedy_outputs_match_hf": greedy_outputs_match(served, hf, model_cfg.vocab_size),
         "copy_bandwidth_GBps": bandwidth / 1e9,
         "weight_bytes": {"fp32": bytes_fp32, "int8": bytes_int8},
         "bandwidth_bound_tokens_per_s_batch_1": {"fp32": bandwidth / bytes_fp32, "int8": bandwidth / bytes_int8},
-        "decode": decode_benchmark(engines, hf, model_cfg.vocab_size, args),
-        "server_fp32": server_benchmark(engines["mtnlg_fp32"], model_cfg.vocab_size, args),
+        "decode": decode_benchmark(engines_for, hf, model_cfg.vocab_size, args),
+        "server_fp32": server_benchmark(served, model_cfg.vocab_size, args),
     }
     b1, b8 = result["decode"]["batch_1"], result["decode"]["batch_8"]
     speed = {k: v["tokens_per_s"] for k, v in b1.items()}

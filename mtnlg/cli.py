@@ -280,7 +280,7 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
 
     if args.tp > 1:
         return _generate_tensor_parallel(args, overrides)
-    engine = _load_engine(args)
+    engine = _load_engine(args, max_batch_size=1)  # prompts run one at a time
     params = _sampling_params(args, engine.config, overrides)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(sys.stdin)
     run_prompts(engine, prompts, params, stream=args.stream, truncate=args.truncate)

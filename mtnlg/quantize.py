@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -179,31 +180,35 @@ class FP32Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, layout={layout}"
 
 
-def _replace_linears(model: GPT, layer: type[FP32Linear | Int8Linear]) -> GPT:
+def _replace_linears(model: GPT, convert: Callable[[nn.Linear], nn.Module]) -> GPT:
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
-            model.set_submodule(name, layer.from_linear(module))
+            model.set_submodule(name, convert(module))
     return model.eval()
 
 
-def prepare_for_inference(model: GPT, quantize: str | None = None) -> GPT:
+def prepare_for_inference(model: GPT, quantize: str | None = None, max_batch_size: int = 8) -> GPT:
     """Convert a plain CPU model's Linear layers, in place, to the fastest inference format:
     ``FP32Linear`` by default, ``Int8Linear`` with ``quantize='int8'``. A model on another
-    device is returned as is (int8 there is an error)."""
+    device is returned as is (int8 there is an error).
+
+    ``max_batch_size`` is the most sequences decoded together: the fp32 layout is chosen for it
+    (oneDNN's for batches, (in, out) + ``addmm`` for one sequence at a time, ~7 % faster there)."""
     if quantize not in (None, "none", *QUANTIZATIONS):
         raise ValueError(f"unknown quantization {quantize!r}; choose one of: none, {', '.join(QUANTIZATIONS)}")
     if quantize == "int8":
         return quantize_model(model)
     if next(model.parameters()).device.type != "cpu":
         return model
-    return _replace_linears(model, FP32Linear)
+    onednn = None if max_batch_size > 1 else False
+    return _replace_linears(model, lambda linear: FP32Linear.from_linear(linear, onednn))
 
 
 def quantize_model(model: GPT) -> GPT:
     """Replace every nn.Linear (including the tied output layer, which gets its own int8 copy;
     the embedding stays fp32) by an Int8Linear, in place; returns the model in eval mode."""
     _check_backend(next(model.parameters()).device)
-    return _replace_linears(model, Int8Linear)
+    return _replace_linears(model, Int8Linear.from_linear)
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -253,7 +258,7 @@ def load_quantized(path: str | Path) -> tuple[GPT, Config, Tokenizer | None]:
 
 
 def load_for_inference(
-    path: str | Path, quantize: str | None = None, device: str = "cpu"
+    path: str | Path, quantize: str | None = None, device: str = "cpu", max_batch_size: int = 8
 ) -> tuple[GPT, Config, Tokenizer | None]:
     """A checkpoint ready to generate (``prepare_for_inference``): int8 if it was saved quantized
     or ``quantize='int8'``, else fp32 in the fast layout."""
@@ -265,7 +270,7 @@ def load_for_inference(
     if (directory / INT8_WEIGHTS_FILE).is_file():
         return load_quantized(directory)
     model, cfg, tokenizer = load_model(directory, device=device)
-    return prepare_for_inference(model, quantize), cfg, tokenizer
+    return prepare_for_inference(model, quantize, max_batch_size), cfg, tokenizer
 
 
 def quantize_checkpoint(src: str | Path, out: str | Path) -> Path:

@@ -113,6 +113,19 @@ def test_fp32_linear_layouts_equal_nn_linear(onednn: bool, bias: bool) -> None:
         torch.testing.assert_close(fast(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
+def test_fp32_layout_follows_the_batch_size(trained) -> None:
+    """One sequence at a time (the generate CLI) gets the addmm layout, batches oneDNN's where built."""
+    *_, path = trained
+    layouts = {
+        batch: {m.onednn for m in load_for_inference(path, max_batch_size=batch)[0].modules()
+                if isinstance(m, FP32Linear)}
+        for batch in (1, 8)
+    }
+    assert layouts == {1: {False}, 8: {onednn_linear_available()}}
+    assert not any(m.onednn for m in Engine.from_checkpoint(path, max_batch_size=1).model.modules()
+                   if isinstance(m, FP32Linear))
+
+
 def test_fp32_inference_layout_computes_the_same_model(trained) -> None:
     model, _, tokenizer, held_out, path = trained
     fast, _, _ = load_for_inference(path)

@@ -54,13 +54,19 @@ class Engine:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, quantize: str | None = None, device: str = "cpu", **kwargs: object
+        cls,
+        path: str | Path,
+        quantize: str | None = None,
+        device: str = "cpu",
+        max_batch_size: int = 8,
+        **kwargs: object,
     ) -> Engine:
-        """Load a checkpoint (fp32, or int8 saved by ``mtnlg quantize``), optionally quantizing it."""
+        """Load a checkpoint (fp32, or int8 saved by ``mtnlg quantize``), optionally quantizing it,
+        in the weight layout fastest for ``max_batch_size`` sequences at a time."""
         from mtnlg.quantize import load_for_inference
 
-        model, cfg, tokenizer = load_for_inference(path, quantize=quantize, device=device)
-        return cls(model, tokenizer, config=cfg, **kwargs)  # type: ignore[arg-type]
+        model, cfg, tokenizer = load_for_inference(path, quantize, device, max_batch_size)
+        return cls(model, tokenizer, max_batch_size, config=cfg, **kwargs)  # type: ignore[arg-type]
 
     # -- requests ------------------------------------------------------------------------------
 
