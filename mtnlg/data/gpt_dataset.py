@@ -185,11 +185,12 @@ class GPTDataset:
 
 
 class BlendedDataset:
-    """Mixes datasets by weight; ``size`` samples, each served from the dataset the schedule picks."""
+    """Mixes datasets: sample ``i`` is sample ``sample_index[i]`` of dataset ``dataset_index[i]``
+    (the schedule ``blending_indices`` computes from the weights)."""
 
-    def __init__(self, datasets: Sequence[Dataset], weights: Sequence[float], size: int) -> None:
+    def __init__(self, datasets: Sequence[Dataset], dataset_index: np.ndarray, sample_index: np.ndarray) -> None:
         self.datasets = list(datasets)
-        self.dataset_index, self.sample_index = blending_indices(weights, size)
+        self.dataset_index, self.sample_index = dataset_index, sample_index
 
     def __len__(self) -> int:
         return int(self.dataset_index.size)
@@ -268,12 +269,13 @@ def _build_split(
     if num_samples <= 0:  # one pass: as many samples as fit before the scarcest source repeats
         passes = [int(epoch_samples(ds, r, seq_len) / w) for w, (_, ds, r) in zip(weights, live, strict=True)]
         num_samples = max(1, min(passes))
-    counts = np.bincount(blending_indices(weights, num_samples)[0], minlength=len(live))
+    dataset_index, sample_index = blending_indices(weights, num_samples)
+    counts = np.bincount(dataset_index, minlength=len(live))
     parts = [
         GPTDataset(ds, r, seq_len, int(c), data_cfg.seed, data_cfg.cache_dir or None, name)
         for (_, ds, r), c in zip(live, counts, strict=True)
     ]
-    return BlendedDataset(parts, weights, num_samples)
+    return BlendedDataset(parts, dataset_index, sample_index)
 
 
 def build_datasets(
