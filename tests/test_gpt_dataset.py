@@ -157,6 +157,28 @@ def test_blended_build_datasets_proportions(tmp_path: Path) -> None:
         assert (s >= 1_000_000).all() or (s < 1_000_000).all()
 
 
+def test_blending_schedule_is_cached_like_the_sample_indices(tmp_path: Path, monkeypatch) -> None:
+    """The schedule is computed once per (weights, size) and read back at the next start."""
+    import mtnlg.data.gpt_dataset as gd
+
+    make_dataset(tmp_path / "a", 30, base=0)
+    make_dataset(tmp_path / "b", 50, base=1_000_000, seed=1)
+    cfg = DataConfig(data_path=["0.3", str(tmp_path / "a"), "0.7", str(tmp_path / "b")], split="1",
+                     cache_dir=str(tmp_path / "cache"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # valid/test have no documents
+        first = build_datasets(cfg, SEQ, (200, 0, 0))[0]
+        assert len(list((tmp_path / "cache").glob("blend.train.*.dataset_index.npy"))) == 1
+
+        def not_again(*args: object) -> None:
+            raise AssertionError("the blending schedule was recomputed")
+
+        monkeypatch.setattr(gd, "blending_indices", not_again)
+        again = build_datasets(cfg, SEQ, (200, 0, 0))[0]
+    assert np.array_equal(again.dataset_index, first.dataset_index)
+    assert all(np.array_equal(again[i], first[i]) for i in range(200))
+
+
 def test_loader_resumes_with_exactly_the_next_sample(corpus) -> None:
     prefix, _ = corpus
     ds = GPTDataset(IndexedDataset(prefix), (0, 60), SEQ, 40, seed=0)

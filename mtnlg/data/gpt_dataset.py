@@ -214,22 +214,29 @@ def _file_identity(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _cache_files(cache: Path, stem: str) -> list[Path]:
-    return [cache / f"{stem}.{kind}.npy" for kind in ("doc_idx", "sample_idx", "shuffle_idx")]
+SAMPLE_INDICES = ("doc_idx", "sample_idx", "shuffle_idx")
+BLEND_INDICES = ("dataset_index", "sample_index")
 
 
-def _load_cached(cache: Path, stem: str) -> tuple[np.ndarray, ...] | None:
-    files = _cache_files(cache, stem)
+def _cache_files(cache: Path, stem: str, kinds: Sequence[str]) -> list[Path]:
+    return [cache / f"{stem}.{kind}.npy" for kind in kinds]
+
+
+def _load_cached(cache: Path, stem: str, kinds: Sequence[str] = SAMPLE_INDICES) -> tuple[np.ndarray, ...] | None:
+    files = _cache_files(cache, stem, kinds)
     if not all(f.is_file() for f in files):
         return None
     return tuple(np.load(f, mmap_mode="r") for f in files)
 
 
-def _save_cached(cache: Path, stem: str, desc: dict, arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+def _save_cached(
+    cache: Path, stem: str, desc: dict, arrays: tuple[np.ndarray, ...], kinds: Sequence[str] = SAMPLE_INDICES
+) -> tuple[np.ndarray, ...]:
     """Write the index arrays (each atomically, so concurrent ranks never read half a file)."""
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        for path, arr in zip(_cache_files(cache, stem) + [cache / f"{stem}.json"], arrays + (None,), strict=True):
+        files = _cache_files(cache, stem, kinds) + [cache / f"{stem}.json"]
+        for path, arr in zip(files, arrays + (None,), strict=True):
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             with open(tmp, "wb") as f:
                 if arr is None:
@@ -240,6 +247,15 @@ def _save_cached(cache: Path, stem: str, desc: dict, arrays: tuple[np.ndarray, .
     except OSError as exc:
         raise DataError(f"cannot write sample-index cache in {cache} ({exc}); set --data.cache_dir") from None
     return arrays
+
+
+def _cached_blending_indices(weights: list[float], size: int, cache: Path, split: str) -> tuple[np.ndarray, ...]:
+    """``blending_indices``, computed once and then read from ``cache`` (like the sample indices):
+    at pretraining scale the loop takes minutes."""
+    desc = {"version": INDEX_VERSION, "weights": weights, "size": size}
+    stem = f"blend.{split}.{hashlib.md5(json.dumps(desc, sort_keys=True).encode()).hexdigest()}"
+    cached = _load_cached(cache, stem, BLEND_INDICES)
+    return cached or _save_cached(cache, stem, desc, blending_indices(weights, size), BLEND_INDICES)
 
 
 def epoch_samples(indexed: IndexedDataset, doc_range: tuple[int, int], seq_len: int) -> int:
@@ -269,7 +285,8 @@ def _build_split(
     if num_samples <= 0:  # one pass: as many samples as fit before the scarcest source repeats
         passes = [int(epoch_samples(ds, r, seq_len) / w) for w, (_, ds, r) in zip(weights, live, strict=True)]
         num_samples = max(1, min(passes))
-    dataset_index, sample_index = blending_indices(weights, num_samples)
+    cache = Path(data_cfg.cache_dir) if data_cfg.cache_dir else Path(live[0][1].prefix).parent
+    dataset_index, sample_index = _cached_blending_indices(weights, num_samples, cache, name)
     counts = np.bincount(dataset_index, minlength=len(live))
     parts = [
         GPTDataset(ds, r, seq_len, int(c), data_cfg.seed, data_cfg.cache_dir or None, name)
