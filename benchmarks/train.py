@@ -171,10 +171,10 @@ def timed(step: Step, n: int) -> list[float]:
     return times
 
 
-def alternate(steps: dict[str, Step], rounds: int, n: int, warmup: int) -> dict[str, float]:
+def alternate(steps: dict[str, Step], rounds: int, n: int) -> dict[str, float]:
     """Median seconds per step of each, measured in interleaved rounds so load changes hit all alike."""
     for step in steps.values():
-        timed(step, warmup)
+        timed(step, WARMUP)
     samples: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
@@ -189,7 +189,7 @@ def ab(make_base: Callable[[], Step], make_variant: Callable[[], Step], rounds: 
     variant = make_variant()
     variant()  # the first step includes compilation for `compile`
     first = time.perf_counter() - start
-    medians = alternate({"base": base, "variant": variant}, rounds, n, WARMUP)
+    medians = alternate({"base": base, "variant": variant}, rounds, n)
     del base, variant
     gc.collect()
     return {"base_step_seconds": medians["base"], "variant_step_seconds": medians["variant"],
@@ -239,7 +239,7 @@ def in_workers(kinds: dict[str, tuple[str, bool]], args: argparse.Namespace) -> 
     """Median step seconds of loops in separate processes ({name: (kind, default_allocator)}), alternating."""
     workers = {name: Worker(kind, args, default_allocator) for name, (kind, default_allocator) in kinds.items()}
     try:
-        return alternate(workers, args.rounds, args.steps, WARMUP)
+        return alternate(workers, args.rounds, args.steps)
     finally:
         for worker in workers.values():
             worker.close()
@@ -292,7 +292,7 @@ def ablations(args: argparse.Namespace, model_cfg: ModelConfig, tmp: Path) -> di
     if "loss_head" not in args.skip:
         tokens = args.batch * args.seq_len
         out["loss_head"] = {f"{k}_seconds": v for k, v in
-                            alternate(head_steps(model_cfg, tokens), args.rounds, args.steps, WARMUP).items()}
+                            alternate(head_steps(model_cfg, tokens), args.rounds, args.steps).items()}
     return out
 
 
@@ -322,7 +322,7 @@ def main() -> None:
 
     shipped = report(in_workers({"hf": ("hf", True), "mtnlg": ("mtnlg", False)}, args))
     same = report(alternate({"hf": hf_step(hf_cfg, args.batch), "mtnlg": mtnlg_step(model_cfg, args.batch, tmp)},
-                            args.rounds, args.steps, WARMUP))
+                            args.rounds, args.steps))
     gc.collect()
     peaks.append(measure_matmul_flops(torch.device("cpu")))
     results = {"as_shipped_separate_processes": shipped, "same_process_both_tuned_allocator": same}

@@ -16,8 +16,8 @@ nn.Linear's (out, in) 21 / 58-73, (in, out) contiguous with ``addmm`` (Hugging F
 layout) 20 / 36-47, oneDNN's prepacked blocked layout 22-24 / 31-39. End to end, greedy
 decoding at batch 8 went from 166 to 186 tokens/s (2 threads) and from 78 to 106 (1 thread)
 with oneDNN, while batch 1 lost about 7 % (34.6 vs 37.4 tokens/s, alternating runs: oneDNN
-adds ~50 us per call). Batched serving is where a CPU earns its keep, so oneDNN is the default
-where the build has it and (in, out) + ``addmm`` the fallback.
+adds ~25 us per call). So engines that decode batches use oneDNN where the build has it, and
+engines for one sequence at a time (``max_batch_size=1``) use (in, out) + ``addmm``.
 
 int8 (``Int8Linear``): fbgemm's dynamic int8 linear (``quantized::linear_dynamic``): weights
 int8 with one scale per output row (symmetric), each call quantizes its activations per
@@ -29,7 +29,8 @@ it needs from Python costs more than it saves at these sizes; weight-only
 (measured on torch 2.13, all 49 gpt2-small layers, 2 threads, ms at batch 1 / 8; fbgemm here
 9.8-11 / 13-16): int8 dynamic activation + int8 weight 103 / 129 eager, 17 / 28 under
 ``torch.compile`` (60 s to compile); int8 weight-only 82 / 103 eager, 68 / 110 compiled; int4
-weight-only needs a kernel package (mslk) that is not installed. So fbgemm stays, and torchao is not a dependency.
+weight-only needs a kernel package (mslk) that is not installed. So fbgemm stays, and torchao is
+not a dependency.
 
 Caveat: fbgemm's packed weights are built from a per-channel quantized tensor, and PyTorch has
 deprecated quantized tensors (pytorch/pytorch#184982); they still work in 2.13. Both formats

@@ -154,7 +154,7 @@ class GPTDataset:
             "documents": list(doc_range), "seq_len": seq_len, "num_samples": num_samples, "seed": seed,
             "idx": _file_identity(indexed.idx_path), "bin": _file_identity(indexed.bin_path),
         }
-        cache = Path(cache_dir) if cache_dir else Path(indexed.prefix).parent
+        cache = _cache_dir(cache_dir, indexed)
         digest = hashlib.md5(json.dumps(desc, sort_keys=True).encode()).hexdigest()
         stem = f"{Path(indexed.prefix).name}.{name}.{digest}"
         arrays = _load_cached(cache, stem) or _save_cached(cache, stem, desc, self._build_indices(seed))
@@ -212,6 +212,11 @@ class EmptyDataset:
 def _file_identity(path: Path) -> list[int]:
     st = path.stat()
     return [st.st_size, st.st_mtime_ns]
+
+
+def _cache_dir(cache_dir: str | Path | None, indexed: IndexedDataset) -> Path:
+    """Where index caches go: ``data.cache_dir``, or beside the data."""
+    return Path(cache_dir) if cache_dir else Path(indexed.prefix).parent
 
 
 SAMPLE_INDICES = ("doc_idx", "sample_idx", "shuffle_idx")
@@ -285,7 +290,7 @@ def _build_split(
     if num_samples <= 0:  # one pass: as many samples as fit before the scarcest source repeats
         passes = [int(epoch_samples(ds, r, seq_len) / w) for w, (_, ds, r) in zip(weights, live, strict=True)]
         num_samples = max(1, min(passes))
-    cache = Path(data_cfg.cache_dir) if data_cfg.cache_dir else Path(live[0][1].prefix).parent
+    cache = _cache_dir(data_cfg.cache_dir, live[0][1])
     dataset_index, sample_index = _cached_blending_indices(weights, num_samples, cache, name)
     counts = np.bincount(dataset_index, minlength=len(live))
     parts = [
