@@ -308,11 +308,36 @@ def verify_checksums(directory: Path) -> None:
 # -- training checkpoints --------------------------------------------------------------------------------
 
 
-def _dcp(fn: Callable[..., Any], state: dict[str, Any], path: Path) -> None:
-    """DCP save/load; in one process without its warning that it assumes one process."""
+# Flattened optimizer state ("state.blocks.3.mlp.fc_in.weight.exp_avg", "param_groups.<name>.lr"):
+# keyed by parameter name, so pipeline stages, each holding other parameters, do not overwrite each
+# other's param_groups, and a checkpoint loads under any layout.
+_STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _dcp(fn: Callable[..., Any], state: dict[str, Any], path: Path, local: bool = False) -> None:
+    """DCP save/load (``local``: by this process alone); in one process without its one-process warning."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
-        fn(state, checkpoint_id=path, no_dist=not _distributed())
+        fn(state, checkpoint_id=path, no_dist=local or not _distributed())
+
+
+def _is_whole(model: GPT) -> bool:
+    """False for a pipeline stage's part of the model."""
+    return model.wte is not None and model.lm_head is not None and len(model.blocks) == model.cfg.n_layers
+
+
+def consolidated_weights(train_state: Path, cfg: Config) -> dict[str, torch.Tensor]:
+    """The whole model's weights read back from a DCP ``train_state`` directory, in this process alone.
+
+    How a pipeline run writes ``model.safetensors``: no rank holds every stage, but the sharded
+    checkpoint every rank has just written does. Holds the whole model in CPU memory.
+    """
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    model.to_empty(device="cpu")
+    state = {"model": model.state_dict()}
+    _dcp(dcp.load, state, train_state, local=True)
+    return model_state_for_saving(model)
 
 
 def step_dir_name(step: int) -> str:
@@ -362,12 +387,14 @@ def save_training_checkpoint(
         _fresh_staging(target)
     _barrier()
     try:
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer, options=_STATE_OPTIONS)
         _dcp(dcp.save, {"model": model_state, "optim": optim_state}, staging / TRAIN_STATE_DIR)
         (staging / RNG_DIR).mkdir(exist_ok=True)
         torch.save(rng_state(), staging / RNG_DIR / f"rank_{_rank():05d}.pt")
-        weights = model_state_for_saving(model)  # collective when the model is sharded
+        whole = _is_whole(model)  # the same on every rank: False exactly when there are pipeline stages
+        weights = model_state_for_saving(model) if whole else None  # collective when the model is sharded
         if main:
+            weights = weights if whole else consolidated_weights(staging / TRAIN_STATE_DIR, cfg)
             write_model_files(staging, weights, cfg, tokenizer)
             (staging / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
         _barrier()
@@ -444,15 +471,30 @@ def check_compatible(saved: Config, current: Config, where: Path) -> None:
                       "samples: " + "; ".join(data_diffs), stacklevel=2)
 
 
+def _checkpoint_names(model: GPT, optim_state: dict[str, Any]) -> dict[str, str]:
+    """Optimizer entries to read under another name: a pipeline's tied copy of the embedding.
+
+    A model whose output layer shares the embedding's weight keeps that weight's optimizer state
+    under ``wte.weight`` only; the last pipeline stage's copy (``lm_head.weight``) takes the same
+    values, so it reads those, whichever layout wrote the checkpoint.
+    """
+    if not (model.cfg.tie_embeddings and model.wte is None and model.lm_head is not None):
+        return {}
+    return {k: k.replace(".lm_head.weight.", ".wte.weight.") for k in optim_state if ".lm_head.weight." in k}
+
+
 def load_training_checkpoint(
     step_dir: Path, model: GPT, optimizer: torch.optim.Optimizer, cfg: Config
 ) -> dict[str, Any]:
     """Restore model, optimizer and this rank's RNGs from ``step_dir``; return the saved trainer state."""
     check_compatible(load_config(step_dir), cfg, step_dir)
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
+    model_state, optim_state = get_state_dict(model, optimizer, options=_STATE_OPTIONS)
+    names = _checkpoint_names(model, optim_state)
+    state = {"model": model_state, "optim": {names.get(k, k): v for k, v in optim_state.items()}}
     _dcp(dcp.load, state, step_dir / TRAIN_STATE_DIR)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    optim_state = {k: state["optim"][names.get(k, k)] for k in optim_state}
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_state,
+                   options=_STATE_OPTIONS)
     rng_file = step_dir / RNG_DIR / f"rank_{_rank():05d}.pt"
     if not rng_file.is_file():  # the run had fewer ranks: continue rank 0's streams, so that tensor-
         rng_file = step_dir / RNG_DIR / "rank_00000.pt"  # parallel peers keep drawing the same masks

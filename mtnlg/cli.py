@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from mtnlg.config import ConfigError, build_config
+from mtnlg.config import Config, ConfigError, build_config
 
 Command = Callable[[argparse.Namespace, list[str]], int]
 COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None]]] = {}
@@ -66,7 +66,23 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
           f"training {human(info.train_flops_per_token)} (at seq {m.seq_len})")
     print(f"memory           weights {info.weights_gib_bf16:.1f} GiB in bf16; "
           f"mixed-precision Adam training state {info.train_state_gib_mixed_adam:.1f} GiB")
+    if cfg.parallel.pp > 1:
+        print(_pipeline_summary(cfg))
     return 0
+
+
+def _pipeline_summary(cfg: Config) -> str:
+    """Stage split and bubble of the configured pipeline, e.g. for --parallel.pp=35."""
+    from mtnlg.parallel.pipeline import layer_split, microbatches
+    from mtnlg.plan import bubble_fraction
+
+    pc = cfg.parallel
+    split = layer_split(cfg.model.n_layers, pc.pp * pc.pp_stages_per_rank)
+    sizes = sorted({len(r) for r in split})
+    m = microbatches(cfg, max(pc.dp, 1), cfg.train.global_batch_size)
+    bubble = bubble_fraction(pc.pp_schedule, pc.pp, m, pc.pp_stages_per_rank)
+    return (f"pipeline         {len(split)} stages ({pc.pp} ranks x {pc.pp_stages_per_rank}) of "
+            f"{'-'.join(map(str, sizes))} layers; {pc.pp_schedule} with {m} micro-batches: bubble {bubble:.1%}")
 
 
 # -- tokenizer -------------------------------------------------------------------------------------

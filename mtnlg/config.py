@@ -86,6 +86,9 @@ class ModelConfig:
             raise ConfigError(f"model.activation must be 'gelu_tanh' or 'gelu', got {self.activation!r}")
 
 
+PP_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", "zbv", "dualpipev")
+
+
 @dataclass
 class ParallelConfig:
     """How the world of processes is split: dp x pp x tp = world size."""
@@ -94,11 +97,25 @@ class ParallelConfig:
     pp: int = _f(1, "Pipeline-parallel size: the layers are split into this many stages.")
     dp: int = _f(-1, "Data-parallel size; -1 means world_size / (tp * pp).")
     sequence_parallel: bool = _f(False, "Shard LayerNorm/dropout activations along the sequence under tp.")
+    pp_schedule: str = _f(
+        "1f1b", "Pipeline schedule: 1f1b, gpipe, interleaved_1f1b (pp_stages_per_rank >= 2), zbv or dualpipev "
+        "(zero-bubble V schedules, pp_stages_per_rank = 2)."
+    )
+    pp_stages_per_rank: int = _f(1, "Pipeline stages (virtual stages) each pipeline rank runs.")
+    pp_microbatches: int = _f(
+        0, "Micro-batches per pipeline step; 0 means the accumulation steps (global batch / micro batch / dp)."
+    )
 
     def validate(self) -> None:
-        for name in ("tp", "pp"):
+        for name in ("tp", "pp", "pp_stages_per_rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.pp_microbatches < 0:
+            raise ConfigError(f"parallel.pp_microbatches must be >= 0 (0: the accumulation steps), got "
+                              f"{self.pp_microbatches}")
+        if self.pp_schedule not in PP_SCHEDULES:
+            raise ConfigError(f"parallel.pp_schedule={self.pp_schedule!r} is unknown; choose one of "
+                              f"{', '.join(PP_SCHEDULES)}")
         if self.dp == 0 or self.dp < -1:
             raise ConfigError(f"parallel.dp must be >= 1 or -1 (derive), got {self.dp}")
 

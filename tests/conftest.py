@@ -25,3 +25,17 @@ def small_tokenizer():
 
     text = ["The quick brown fox jumps over the lazy dog. " * 8, "Pack my box with five dozen liquor jugs. " * 8]
     return Tokenizer.train(text, vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def train_data_flags(tmp_path_factory):
+    """Tokenizer and indexed dataset of a slice of the embedded corpus, as `mtnlg train` flags."""
+    from mtnlg.data.corpus import build_corpus
+    from mtnlg.data.preprocess import preprocess
+    from mtnlg.data.tokenizer import Tokenizer, iter_text_files
+
+    root = tmp_path_factory.mktemp("train-corpus")
+    build_corpus(root / "corpus.jsonl", modules=["json", "textwrap"])
+    Tokenizer.train(iter_text_files([root / "corpus.jsonl"]), vocab_size=512).save(root / "tok")
+    preprocess([root / "corpus.jsonl"], root / "tok", root / "data" / "py")
+    return ["--tokenizer", str(root / "tok"), "--data-path", str(root / "data" / "py")]

@@ -115,11 +115,11 @@ def test_megatron_init_scales_output_projections():
     cfg = ModelConfig(vocab_size=512, seq_len=16, n_layers=8, hidden=256, n_heads=4, init_std=0.02)
     torch.manual_seed(0)
     m = GPT(cfg)
-    assert abs(m.blocks[0].mlp.fc_in.weight.std().item() - 0.02) < 0.002
-    assert abs(m.blocks[0].attn.out_proj.weight.std().item() - 0.02 / 4) < 0.0005
-    assert abs(m.blocks[0].mlp.fc_out.weight.std().item() - 0.02 / 4) < 0.0005
+    assert abs(m.blocks["0"].mlp.fc_in.weight.std().item() - 0.02) < 0.002
+    assert abs(m.blocks["0"].attn.out_proj.weight.std().item() - 0.02 / 4) < 0.0005
+    assert abs(m.blocks["0"].mlp.fc_out.weight.std().item() - 0.02 / 4) < 0.0005
     assert m.lm_head.weight is m.wte.weight
-    assert torch.all(m.blocks[0].attn.qkv_proj.bias == 0)
+    assert torch.all(m.blocks["0"].attn.qkv_proj.bias == 0)
 
 
 def test_causality(model):

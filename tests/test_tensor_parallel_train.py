@@ -7,19 +7,15 @@ resumes the other's step-5 checkpoint for two steps.
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_runs import at_step_5, losses, torchrun, valid_losses
+
 from mtnlg.checkpoint import load_model
 from mtnlg.cli import main
-from mtnlg.train.metrics import read_log
 
 RTOL = 1e-4
 TRAIN = [
@@ -31,70 +27,18 @@ TRAIN = [
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """Tokenizer and indexed dataset of a slice of the embedded corpus, as `mtnlg train` flags."""
-    from mtnlg.data.corpus import build_corpus
-    from mtnlg.data.preprocess import preprocess
-    from mtnlg.data.tokenizer import Tokenizer, iter_text_files
-
-    root = tmp_path_factory.mktemp("tp-corpus")
-    build_corpus(root / "corpus.jsonl", modules=["json", "textwrap"])
-    Tokenizer.train(iter_text_files([root / "corpus.jsonl"]), vocab_size=512).save(root / "tok")
-    preprocess([root / "corpus.jsonl"], root / "tok", root / "data" / "py")
-    return ["--tokenizer", str(root / "tok"), "--data-path", str(root / "data" / "py")]
-
-
-def _torchrun(args: list[str], timeout: float = 300) -> str:
-    """``torchrun --nproc_per_node=2 -m mtnlg ARGS``; its output. A hang is killed and fails."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mtnlg"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [*cmd, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise AssertionError(f"torchrun still running after {timeout} s (a hang?); killed") from None
-    assert proc.returncode == 0, out[-4000:]
-    return out
-
-
-def _losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_log(run / "log.jsonl") if r["kind"] == "train"}
-
-
-def _valid(run: Path) -> list[float]:
-    return [r["loss"] for r in read_log(run / "log.jsonl") if r["kind"] == "valid"]
-
-
-def _at_step_5(run: Path, copy: Path) -> Path:
-    """A copy of ``run`` whose newest checkpoint is step 5."""
-    shutil.copytree(run, copy)
-    shutil.rmtree(copy / "step_00000010")
-    (copy / "latest").write_text("step_00000005", encoding="utf-8")
-    return copy
-
-
-@pytest.fixture(scope="module")
-def runs(data: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs(train_data_flags: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tp-runs")
-    assert main(["train", *data, *TRAIN, "--train.steps=10", "--out", str(root / "single")]) == 0
-    _torchrun(["train", *data, *TRAIN, "--train.steps=10", "--parallel.tp=2", "--out", str(root / "tp2")])
+    assert main(["train", *train_data_flags, *TRAIN, "--train.steps=10", "--out", str(root / "single")]) == 0
+    torchrun(["train", *train_data_flags, *TRAIN, "--train.steps=10", "--parallel.tp=2", "--out", str(root / "tp2")])
     return {"single": root / "single", "tp2": root / "tp2"}
 
 
 def test_ten_steps_under_tp2_match_one_process(runs: dict[str, Path]) -> None:
-    single, tp2 = _losses(runs["single"]), _losses(runs["tp2"])
+    single, tp2 = losses(runs["single"]), losses(runs["tp2"])
     assert sorted(single) == sorted(tp2) == list(range(1, 11))
     assert [tp2[s] for s in range(1, 11)] == pytest.approx([single[s] for s in range(1, 11)], rel=RTOL)
-    assert _valid(runs["tp2"]) == pytest.approx(_valid(runs["single"]), rel=RTOL)
+    assert valid_losses(runs["tp2"]) == pytest.approx(valid_losses(runs["single"]), rel=RTOL)
 
 
 def test_tp2_run_writes_a_consolidated_checkpoint_one_process_loads(runs: dict[str, Path]) -> None:
@@ -107,21 +51,21 @@ def test_tp2_run_writes_a_consolidated_checkpoint_one_process_loads(runs: dict[s
 
 
 def test_checkpoints_reshard_between_one_process_and_tp2(
-    runs: dict[str, Path], data: list[str], tmp_path: Path
+    runs: dict[str, Path], train_data_flags: list[str], tmp_path: Path
 ) -> None:
     """Each layout resumes the other's step 5 and continues as if uninterrupted.
 
     Step 6's loss checks the weights and the data position; step 7's, taken after an AdamW
     update from the loaded moments, checks the optimizer state.
     """
-    into_tp = _at_step_5(runs["single"], tmp_path / "into_tp")
-    resume = ["train", *data, *TRAIN, "--train.steps=7", "--resume", "--out"]
-    out = _torchrun([*resume, str(into_tp), "--parallel.tp=2"])
+    into_tp = at_step_5(runs["single"], tmp_path / "into_tp")
+    resume = ["train", *train_data_flags, *TRAIN, "--train.steps=7", "--resume", "--out"]
+    out = torchrun([*resume, str(into_tp), "--parallel.tp=2"])
     assert f"resuming from {into_tp / 'step_00000005'}" in out
-    into_single = _at_step_5(runs["tp2"], tmp_path / "into_single")
+    into_single = at_step_5(runs["tp2"], tmp_path / "into_single")
     assert main([*resume, str(into_single)]) == 0
     for resumed, uninterrupted in ((into_tp, runs["single"]), (into_single, runs["tp2"])):
-        got, want = _losses(resumed), _losses(uninterrupted)
+        got, want = losses(resumed), losses(uninterrupted)
         assert [got[6], got[7]] == pytest.approx([want[6], want[7]], rel=RTOL)
 
 
@@ -132,5 +76,5 @@ def test_tp2_generate_command_prints_the_single_process_text(runs: dict[str, Pat
     assert main(args) == 0
     single = capsys.readouterr().out
     assert len(set(single.strip())) > 5  # a real continuation, not only newlines
-    out = _torchrun([*args, "--tp", "2"])
+    out = torchrun([*args, "--tp", "2"])
     assert out.count(single) == 1, (single, out)

@@ -85,8 +85,11 @@ def test_accumulation_matches_one_big_batch(tmp_path, small_model_config):
     (big, big_params), (small, small_params) = results
     assert small.loss == pytest.approx(big.loss, rel=1e-5)
     assert small.grad_norm == pytest.approx(big.grad_norm, rel=1e-4)
+    # Adam's first step divides each gradient by its own magnitude: where a gradient is near zero
+    # (embedding rows the batch barely touches) float rounding moves the update by a few percent
+    # of the ~5e-4 step, hence the absolute tolerance.
     for p, q in zip(big_params, small_params, strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=2e-5)
 
 
 def test_non_finite_step_is_skipped_and_counted(tmp_path, small_model_config):

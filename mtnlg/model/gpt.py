@@ -14,6 +14,8 @@ Shapes: B batch, T new tokens, S cached + new tokens, C hidden, H heads, D head_
 from __future__ import annotations
 
 import math
+import zlib
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mtnlg.config import ModelConfig
 from mtnlg.model.kv_cache import KVCache
+from mtnlg.model.loss import cross_entropy_loss
 
 
 class CausalSelfAttention(nn.Module):
@@ -34,6 +37,34 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(cfg.hidden, cfg.hidden)
         self.attn_dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def keep_only(self, layers: Iterable[int], *, embeddings: bool, head: bool) -> GPT:
+        """Delete, in place, every part but these layers (and the embeddings / output end); returns self.
+
+        What a pipeline rank keeps of a model built on the meta device, before materialising it.
+        """
+        keep = {str(i) for i in layers}
+        for name in [name for name in self.blocks if name not in keep]:
+            del self.blocks[name]
+        if not embeddings:
+            self.wte = self.wpe = None
+        if not head:
+            self.ln_f = self.lm_head = None
+        return self
+
+    def view(self, layers: Iterable[int], *, embeddings: bool, head: bool) -> GPT:
+        """A GPT holding these parts of this one: the same module objects, nothing copied.
+
+        A pipeline stage is such a view of its rank's model, so the two share parameters.
+        """
+        view = GPT.__new__(GPT)
+        nn.Module.__init__(view)
+        view.cfg = self.cfg
+        view.wte, view.wpe = (self.wte, self.wpe) if embeddings else (None, None)
+        view.drop = self.drop
+        view.blocks = nn.ModuleDict({str(i): self.blocks[str(i)] for i in layers})
+        view.ln_f, view.lm_head = (self.ln_f, self.lm_head) if head else (None, None)
+        return view.train(self.training)
 
     def forward(
         self,
@@ -88,81 +119,149 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Decoder-only Transformer language model (GPT-2 / MT-NLG architecture)."""
+    """Decoder-only Transformer language model (GPT-2 / MT-NLG architecture).
+
+    A pipeline stage is this same class with some parts deleted (``mtnlg.parallel.pipeline``):
+    the forward runs whatever the instance holds. Token and position embeddings (``wte``,
+    ``wpe``) only on the first stage, whose input is token ids; the final LayerNorm and output
+    layer only on the last, whose output is logits; stages in between map hidden states to hidden
+    states. ``blocks`` is keyed by layer number, so a stage's parameters keep the names they
+    have in the whole model (``blocks.7.attn.qkv_proj.weight``) and checkpoints stay layout-free.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.hidden)
-        self.wpe = nn.Embedding(cfg.seq_len, cfg.hidden)
+        self.wte: nn.Embedding | None = nn.Embedding(cfg.padded_vocab_size, cfg.hidden)
+        self.wpe: nn.Embedding | None = nn.Embedding(cfg.seq_len, cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
-        self.lm_head = nn.Linear(cfg.hidden, cfg.padded_vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
-        self.reset_parameters()
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
+        self.ln_f: nn.LayerNorm | None = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
+        self.lm_head: nn.Linear | None = nn.Linear(cfg.hidden, cfg.padded_vocab_size, bias=False)
+        self.tie_weights()
+        if not self.lm_head.weight.is_meta:  # a model built on the meta device is initialised by materialize()
+            self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Megatron init: N(0, std) everywhere, std / sqrt(2L) on the residual output projections."""
-        std = self.cfg.init_std
+    def tie_weights(self) -> None:
+        """Share the output layer's weight with the token embedding (when both are held here)."""
+        if self.cfg.tie_embeddings and self.wte is not None and self.lm_head is not None:
+            self.lm_head.weight = self.wte.weight
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Megatron init: N(0, std) everywhere, std / sqrt(2L) on the residual output projections.
+
+        Every weight draws from a generator of its own, seeded by ``seed`` and the weight's name,
+        so its values do not depend on which other parts this instance holds: a pipeline stage
+        initialised alone equals the same layers of the whole model. A tied output layer held
+        without the embedding (the last pipeline stage) draws under the embedding's name, so both
+        copies start equal. ``seed`` None takes one from torch's global generator.
+        """
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), device="cpu"))
+        std, n_layers = self.cfg.init_std, self.cfg.n_layers
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
+                key = "wte" if name == "lm_head" and self.cfg.tie_embeddings else name
                 is_output = name.endswith(("attn.out_proj", "mlp.fc_out"))
-                nn.init.normal_(module.weight, 0.0, std / math.sqrt(2 * self.cfg.n_layers) if is_output else std)
+                generator = _generator(seed, key, module.weight.device)
+                nn.init.normal_(module.weight, 0.0, std / math.sqrt(2 * n_layers) if is_output else std, generator)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
             if isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    def materialize(self, device: torch.device | str, seed: int) -> GPT:
+        """Allocate a model built on the meta device on ``device`` and initialise it from ``seed``.
+
+        Only the parts this instance still holds are allocated: building on ``meta``, deleting
+        what a process does not own, then materialising never holds the whole model in memory.
+        """
+        self.to_empty(device=device)
+        self.tie_weights()  # to_empty gives each holder of a shared weight its own tensor
+        self.reset_parameters(seed)
+        return self
+
+    def keep_only(self, layers: Iterable[int], *, embeddings: bool, head: bool) -> GPT:
+        """Delete, in place, every part but these layers (and the embeddings / output end); returns self.
+
+        What a pipeline rank keeps of a model built on the meta device, before materialising it.
+        """
+        keep = {str(i) for i in layers}
+        for name in [name for name in self.blocks if name not in keep]:
+            del self.blocks[name]
+        if not embeddings:
+            self.wte = self.wpe = None
+        if not head:
+            self.ln_f = self.lm_head = None
+        return self
+
+    def view(self, layers: Iterable[int], *, embeddings: bool, head: bool) -> GPT:
+        """A GPT holding these parts of this one: the same module objects, nothing copied.
+
+        A pipeline stage is such a view of its rank's model, so the two share parameters.
+        """
+        view = GPT.__new__(GPT)
+        nn.Module.__init__(view)
+        view.cfg = self.cfg
+        view.wte, view.wpe = (self.wte, self.wpe) if embeddings else (None, None)
+        view.drop = self.drop
+        view.blocks = nn.ModuleDict({str(i): self.blocks[str(i)] for i in layers})
+        view.ln_f, view.lm_head = (self.ln_f, self.lm_head) if head else (None, None)
+        return view.train(self.training)
+
     def forward(
         self,
-        idx: torch.Tensor,
+        x: torch.Tensor,
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, T, V_padded) for token ids ``idx`` (B, T), or the mean loss given ``targets``.
+        """Logits (B, T, V_padded) for token ids ``x`` (B, T), or the mean loss given ``targets``.
 
         ``targets`` (B, T) holds the next token of each position; -100 is ignored.
         ``kv_cache`` continues a sequence from ``kv_cache.length``. ``attention_mask``
         (B, S) marks real (True) versus padding (False) keys over cached + new tokens, for
         batched prompts of different lengths; ``position_ids`` (B, T) then gives each row's
-        own positions.
+        own positions. A stage without the output layer returns hidden states (B, T, C).
         """
-        h = self.hidden_states(idx, kv_cache, attention_mask, position_ids)
+        h = self.hidden_states(x, kv_cache, attention_mask, position_ids)
+        if self.lm_head is None:
+            return h
         logits = self.lm_head(h)  # (B, T, V)
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return logits if targets is None else cross_entropy_loss(logits, targets)
 
     def hidden_states(
         self,
-        idx: torch.Tensor,
+        x: torch.Tensor,
         kv_cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The final LayerNorm's output (B, T, C): what the output layer turns into logits."""
-        B, T = idx.shape
+        """The final LayerNorm's output (B, T, C): what the output layer turns into logits.
+
+        On a stage without the embeddings ``x`` is already hidden states (B, T, C); on one
+        without the final LayerNorm the last block's output is returned.
+        """
+        B, T = x.shape[:2]
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.cfg.seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.cfg.seq_len}")
-        if position_ids is None:
-            position_ids = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T)
-        x = self.drop(self.wte(idx) + self.wpe(position_ids))  # (B, T, C)
-        attn_mask = self._attention_mask(B, T, start, attention_mask, idx.device)
-        for block in self.blocks:
+        if self.wte is not None and self.wpe is not None:
+            if position_ids is None:
+                position_ids = torch.arange(start, start + T, device=x.device).unsqueeze(0)  # (1, T)
+            x = self.drop(self.wte(x) + self.wpe(position_ids))  # (B, T, C)
+        attn_mask = self._attention_mask(B, T, start, attention_mask, x.device)
+        for block in self.blocks.values():
             if self.cfg.activation_checkpointing and self.training and kv_cache is None:
                 x = checkpoint(block, x, None, attn_mask, use_reentrant=False)
             else:
                 x = block(x, kv_cache, attn_mask)
         if kv_cache is not None:
             kv_cache.advance(T)
-        return self.ln_f(x)
+        return self.ln_f(x) if self.ln_f is not None else x
 
     @staticmethod
     def _attention_mask(
@@ -189,3 +288,8 @@ class GPT(nn.Module):
     def num_parameters(self) -> int:
         """Distinct parameters (the tied output layer counted once)."""
         return sum(p.numel() for p in self.parameters())
+
+
+def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` whose stream depends only on the run's seed and a parameter's name."""
+    return torch.Generator(device=device).manual_seed((seed + zlib.crc32(name.encode())) % 2**63)

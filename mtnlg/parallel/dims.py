@@ -102,6 +102,16 @@ class ParallelDims:
         return self.mesh["dp"].get_group() if self.mesh is not None else None
 
     @property
+    def pp_rank(self) -> int:
+        """Which pipeline position this rank holds (0: the stage with the embeddings)."""
+        return self.mesh["pp"].get_local_rank() if self.mesh is not None else 0
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup | None:
+        """This rank's pipeline peers: the ranks holding the other stages of its replica and tp shard."""
+        return self.mesh["pp"].get_group() if self.mesh is not None else None
+
+    @property
     def rank(self) -> int:
         return dist.get_rank() if dist.is_initialized() else 0
 

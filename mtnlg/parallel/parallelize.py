@@ -2,13 +2,19 @@
 
 Transformations apply in a fixed order, each taking the previous one's module:
 
-1. tensor (+ sequence) parallelism: shard every layer over the ``tp`` mesh (``tensor.py``);
-2. pipeline parallelism: keep only this rank's stages (not implemented yet: ``parallel.pp`` must be 1);
-3. activation checkpointing: the model's own ``model.activation_checkpointing`` flag;
-4. compile;
-5. data parallelism, outermost, so it wraps the already-sharded parameters (not implemented yet:
+1. pipeline parallelism: keep only the parts of this rank's stages (``pipeline.py``); it comes
+   first because it decides which parameters exist on this rank at all;
+2. materialise: a model built on the meta device (``mtnlg.train.trainer.build_model``) is
+   allocated on the rank's device and initialised from ``train.seed``, each weight from a stream
+   of its own, so every layout starts from the single-process weights and no rank ever holds
+   more than its part;
+3. tensor (+ sequence) parallelism: shard every remaining layer over the ``tp`` mesh (``tensor.py``);
+4. activation checkpointing: the model's own ``model.activation_checkpointing`` flag;
+5. compile (``train.compile``): each block in place, so parameter names stay those of the plain model;
+6. data parallelism, outermost, so it wraps the already-sharded parameters (not implemented yet:
    ``parallel.dp`` must be 1).
 
+The pipeline schedule itself is run by the trainer (``pipeline.Pipeline``) over this rank's part.
 The single-process model is the reference every layout is tested against.
 """
 
@@ -23,25 +29,30 @@ from mtnlg.config import Config, ConfigError, ParallelConfig
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.model.gpt import GPT
 from mtnlg.parallel.dims import ParallelDims, init_distributed
+from mtnlg.parallel.pipeline import check_pipeline, keep_rank_stages
 from mtnlg.parallel.tensor import apply_tensor_parallel
 
 
 def parallelize(model: GPT, dims: ParallelDims, cfg: Config, *, inference: bool = False) -> GPT:
     """Apply the parallel layout of ``dims`` to ``model`` in place and return it.
 
-    ``inference=True`` is for generation: no sequence parallelism (a decode step has one
-    token) and the logits are gathered, since sampling needs the whole vocabulary.
-    Every rank must hold the same weights beforehand (same seed, or the same checkpoint).
+    ``model`` is either built on the meta device (it is then materialised and initialised from
+    ``train.seed``) or already holds weights, which every rank must share (same seed, or the same
+    checkpoint). ``inference=True`` is for generation: no sequence parallelism (a decode step has
+    one token) and the logits are gathered, since sampling needs the whole vocabulary.
     """
-    if dims.pp > 1:
-        raise ConfigError(
-            f"parallel.pp={dims.pp}: pipeline parallelism is not implemented yet; use parallel.pp=1"
-        )
     if dims.dp > 1:  # without it, replicas would silently train apart
         raise ConfigError(
             f"parallel.dp={dims.dp}: data parallelism is not implemented yet; make every process a "
-            f"tensor-parallel rank (--parallel.tp={dims.world_size})"
+            f"tensor-parallel or pipeline rank (parallel.tp x parallel.pp = {dims.world_size})"
         )
+    if dims.pp > 1:
+        if inference:
+            raise ConfigError("generation runs on tensor-parallel ranks only: use --tp, not a pipeline")
+        check_pipeline(cfg, dims)
+        keep_rank_stages(model, dims, cfg)
+    if any(p.is_meta for p in model.parameters()):
+        model.materialize(dims.device, cfg.train.seed)
     if dims.tp_enabled:
         apply_tensor_parallel(
             model,
@@ -49,6 +60,9 @@ def parallelize(model: GPT, dims: ParallelDims, cfg: Config, *, inference: bool 
             sequence_parallel=cfg.parallel.sequence_parallel and not inference,
             loss_parallel=not inference,
         )
+    if cfg.train.compile and not inference:
+        for block in model.blocks.values():
+            block.compile()
     return model
 
 

@@ -172,12 +172,18 @@ class ShardedRegionRNG:
             self._shared_state = None
 
     def install(self, model: nn.Module, sequence_parallel: bool) -> None:
-        """Under SP every dropout acts on a sequence shard; otherwise only attention's (qkv to out_proj)."""
+        """Under SP every dropout acts on a sequence shard; otherwise only attention's (qkv to out_proj).
+
+        Hooks go on the blocks and the embedding dropout, not the whole model, so they also run
+        when a pipeline stage (a view sharing these modules) is called instead of the model.
+        """
+        blocks = list(model.blocks.values())  # type: ignore[union-attr]
         if sequence_parallel:
-            model.register_forward_pre_hook(self.enter)
-            model.register_forward_hook(self.exit)
+            for module in [model.drop, *blocks] if model.wte is not None else blocks:  # type: ignore[list-item]
+                module.register_forward_pre_hook(self.enter)
+                module.register_forward_hook(self.exit)
             return
-        for block in model.blocks:  # type: ignore[union-attr]
+        for block in blocks:
             block.attn.qkv_proj.register_forward_hook(self.enter)
             block.attn.out_proj.register_forward_pre_hook(self.exit)
 
@@ -203,9 +209,10 @@ def apply_tensor_parallel(
             f"tensor parallelism shards nn.Linear layers, but this model has {sorted(converted)}: "
             "parallelize the plain model (mtnlg.checkpoint.load_model) before any inference conversion"
         )
-    parallelize_module(model, tp_mesh, tp_plan(sequence_parallel, loss_parallel))
-    if cfg.tie_embeddings:  # each style distributed its own copy; share wte's DTensor again
-        model.lm_head.weight = model.wte.weight  # type: ignore[union-attr]
+    plan = {path: style for path, style in tp_plan(sequence_parallel, loss_parallel).items()
+            if getattr(model, path.split(".")[0], None) is not None}  # a pipeline stage holds only some parts
+    parallelize_module(model, tp_mesh, plan)
+    model.tie_weights()  # type: ignore[operator]  # each style distributed its own copy; share wte's again
     if loss_parallel:
         model.register_forward_pre_hook(_require_loss_parallel, with_kwargs=True)
         model.register_forward_hook(_local_loss)

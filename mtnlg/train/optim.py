@@ -104,9 +104,8 @@ def global_batch_size(cfg: TrainConfig, consumed_samples: int) -> int:
     return min(cfg.global_batch_size, start + int(consumed_samples // samples_per_increment) * increment)
 
 
-def validate_batch_sizes(cfg: TrainConfig, dp: int = 1) -> None:
-    """Every global batch the run will use must split into whole micro-batches on every dp rank."""
-    unit = cfg.micro_batch_size * dp
+def batch_sizes(cfg: TrainConfig) -> list[int]:
+    """Every global batch size the run will use: the ramp-up sizes, then the final one."""
     sizes = {cfg.global_batch_size}
     if cfg.rampup_batch_size:
         start, increment, ramp_samples = cfg.rampup_batch_size
@@ -121,7 +120,13 @@ def validate_batch_sizes(cfg: TrainConfig, dp: int = 1) -> None:
                 f"is not a multiple of increment={increment}"
             )
         sizes.update(range(start, cfg.global_batch_size, increment))
-    bad = sorted(s for s in sizes if s % unit)
+    return sorted(sizes)
+
+
+def validate_batch_sizes(cfg: TrainConfig, dp: int = 1) -> None:
+    """Every global batch the run will use must split into whole micro-batches on every dp rank."""
+    unit = cfg.micro_batch_size * dp
+    bad = [s for s in batch_sizes(cfg) if s % unit]
     if bad:
         raise ConfigError(
             f"train.global_batch_size (or a ramp-up size) {bad[0]} is not a multiple of "

@@ -17,7 +17,7 @@ import torch
 from mtnlg.config import Config, ConfigError
 from mtnlg.data.gpt_dataset import build_datasets
 from mtnlg.data.tokenizer import Tokenizer
-from mtnlg.parallel import destroy_distributed, init_distributed, parallelize
+from mtnlg.parallel import destroy_distributed, init_distributed
 from mtnlg.train.metrics import LOG_FILE, plot_loss_curve, read_log
 from mtnlg.train.trainer import Trainer, build_model
 
@@ -104,7 +104,7 @@ def run_training(cfg: Config, resume: bool = False, progress: bool = True) -> Ru
     if device.type == "cpu":
         reuse_freed_cpu_memory()
     dims = init_distributed(cfg.parallel, device)  # torchrun: one process per device
-    model = parallelize(build_model(cfg, dims.device), dims, cfg)
+    model = build_model(cfg, dims.device, dims)
     trainer = Trainer(cfg, model, train_data, valid_data, tokenizer=tokenizer, dims=dims, progress=progress)
     if resume:
         step_dir = trainer.resume()

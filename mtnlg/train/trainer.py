@@ -36,7 +36,8 @@ from mtnlg.config import Config
 from mtnlg.data.gpt_dataset import Dataset, SampleLoader
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.model.gpt import GPT
-from mtnlg.parallel import ParallelDims, loss_context
+from mtnlg.parallel import ParallelDims, loss_context, parallelize
+from mtnlg.parallel.pipeline import Pipeline, microbatches
 from mtnlg.plan import flops_per_token
 from mtnlg.train.metrics import MetricsLog, measure_matmul_flops
 from mtnlg.train.optim import build_optimizer, global_batch_size, learning_rate, validate_batch_sizes
@@ -68,19 +69,17 @@ class StepStats:
     skipped: bool
 
 
-def build_model(cfg: Config, device: torch.device) -> GPT:
-    """The one place a model for training is made: seeded init (train.seed) on ``device``.
+def build_model(cfg: Config, device: torch.device, dims: ParallelDims | None = None) -> GPT:
+    """The one place a model for training is made: this rank's part of it, initialised from train.seed.
 
-    A parallel layout is applied to the model returned here (``mtnlg.parallel.parallelize``).
-    ``train.compile`` compiles each block in place (one graph, reused by every layer), so
-    parameter names, and with them checkpoints, stay those of the plain model.
+    The model is built on the meta device and ``parallelize`` materialises only what this rank
+    holds, so every layout (one process included) starts from the same weights. The global
+    generator is seeded too: dropout draws from it.
     """
     torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model).to(device)
-    if cfg.train.compile:
-        for block in model.blocks:
-            block.compile()
-    return model
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    return parallelize(model, dims or ParallelDims(dp=1, pp=1, tp=1, world_size=1, device=device), cfg)
 
 
 def _distributed() -> bool:
@@ -144,6 +143,7 @@ class Trainer:
         self.is_main = not _distributed() or dist.get_rank() == 0
         self.flops_per_token = flops_per_token(cfg.model, cfg.model.seq_len)["train"]
         self.last_saved_step = -1
+        self.pipeline = Pipeline(model, self.dims, cfg) if self.dims.pp > 1 else None
 
     # -- one step ----------------------------------------------------------------------------------
 
@@ -157,7 +157,10 @@ class Trainer:
         batch_size = global_batch_size(self.tc, self.state.consumed_samples)
         lr = learning_rate(self.tc, self.state.step, self.state.consumed_tokens)
         with loss_context(self.dims):  # under tp, cross-entropy runs on vocabulary shards
-            loss = self._forward_backward(batch_size // self.micro)
+            if self.pipeline is not None:
+                loss = self._pipeline_step(batch_size)
+            else:
+                loss = self._forward_backward(batch_size // self.micro)
         grad_norm = self._grad_norm()
         skipped = self._any_rank(not bool(torch.stack([loss, grad_norm]).isfinite().all()))
         if skipped:
@@ -187,13 +190,26 @@ class Trainer:
             total += loss.detach().float()
         return total / micro_batches
 
+    def _next_batch(self, micro_batches: int) -> torch.Tensor:
+        """This rank's share of ``micro_batches`` consecutive micro-batches, as one (b, T + 1) tensor."""
+        batches = [self.loader.next_batch(self.micro) for _ in range(micro_batches)]
+        return torch.cat(batches).to(self.device, non_blocking=True)
+
+    def _pipeline_step(self, batch_size: int) -> torch.Tensor:
+        """The same batch as ``_forward_backward`` reads, run through the pipeline schedule."""
+        assert self.pipeline is not None
+        batch = self._next_batch(batch_size // self.micro)
+        with self._autocast():
+            return self.pipeline.step(batch[:, :-1], batch[:, 1:], microbatches(self.cfg, self.dp_size, batch_size))
+
     def _grad_norm(self) -> torch.Tensor:
-        """Global L2 norm of all gradients (sharded DTensor gradients are reduced to the full norm)."""
+        """Global L2 norm of all gradients (sharded DTensor gradients and pipeline stages reduced to the full norm)."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        params = self.pipeline.counted_parameters() if self.pipeline is not None else self.model.parameters()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return self.pipeline.reduce_norm(norm) if self.pipeline is not None else norm
 
     def _optimizer_step(self, lr: float, grad_norm: torch.Tensor) -> None:
         if 0 < self.tc.grad_clip < grad_norm:  # scaling by 1 would cost a pass over every gradient
@@ -224,13 +240,15 @@ class Trainer:
         iters = min(self.tc.eval_iters, max(1, len(self.valid_data) // self.micro))
         loader = SampleLoader(self.valid_data, self.micro, self.dp_rank, self.dp_size)
         self.model.eval()
-        total = torch.zeros((), device=self.device)
-        for _ in range(iters):
-            batch = loader.next_batch().to(self.device)
-            with self._autocast(), loss_context(self.dims):
-                total += self.model(batch[:, :-1], batch[:, 1:]).float()
+        batches = [loader.next_batch().to(self.device) for _ in range(iters)]
+        with self._autocast(), loss_context(self.dims):
+            if self.pipeline is not None:
+                batch = torch.cat(batches)
+                loss = self.pipeline.evaluate(batch[:, :-1], batch[:, 1:], iters)
+            else:
+                loss = sum(self.model(b[:, :-1], b[:, 1:]).float() for b in batches) / iters
         self.model.train()
-        return float(self._all_reduce(total / iters, dist.ReduceOp.SUM, self.dims.dp_group) / self.dp_size)
+        return float(self._all_reduce(loss, dist.ReduceOp.SUM, self.dims.dp_group) / self.dp_size)
 
     # -- checkpoints -------------------------------------------------------------------------------
 

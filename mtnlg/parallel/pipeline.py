@@ -1,0 +1,317 @@
+"""Pipeline parallelism: the model's layers split into stages, run by ``torch.distributed.pipelining``.
+
+The ``L`` blocks are split into ``S = pp x v`` stages of consecutive layers (``v`` =
+``parallel.pp_stages_per_rank``); the first stage also holds the token and position embeddings,
+the last the final LayerNorm and output layer. A stage passes its hidden states (B, T, C) to the
+next one; gradients flow back the same way. Each pipeline rank runs ``v`` stages:
+
+- loop placement (``1f1b``, ``gpipe``, ``interleaved_1f1b``): rank r runs stages r, r + pp, ...;
+- V placement (``zbv``, ``dualpipev``, v = 2): rank r runs stages r and 2 pp - 1 - r, so rank 0
+  holds both the first and the last stage.
+
+A global batch is cut into ``m`` micro-batches (``parallel.pp_microbatches``, default the
+accumulation steps) that flow through the stages in the schedule's order. The loss of each
+micro-batch is divided by ``m`` before backward, so the accumulated gradient is that of the mean
+loss, as in the single-process loop (the schedules' own ``scale_grads`` is off: it would divide a
+weight shared by two stages of one rank twice).
+
+This process keeps one ``GPT`` holding the union of its stages' parts (``GPT.keep_only``), under
+the parameter names of the whole model: optimizer, clipping and checkpoints see one module per
+rank as in every other layout. Each ``PipelineStage`` runs a ``GPT.view`` of one stage that
+shares those modules.
+
+Tied embeddings (Megatron's approach): when the first and last stage live on different ranks, the
+last one holds its own copy of the output weight, initialised equal to the embedding; after
+backward the two gradients are summed between the two ranks, so both copies take the same
+update. Where one rank holds both (V placement) the weight stays one shared parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleLoopedBFS,
+    ScheduleZBVZeroBubble,
+)
+from torch.distributed.pipelining.schedules import _Action, _ComputationType
+from torch.distributed.tensor import DTensor
+
+from mtnlg.config import Config, ConfigError
+from mtnlg.model.gpt import GPT
+from mtnlg.model.loss import cross_entropy_loss
+from mtnlg.parallel.dims import ParallelDims
+from mtnlg.train.optim import batch_sizes
+
+SCHEDULES: dict[str, Any] = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved_1f1b": ScheduleInterleaved1F1B,
+    "zbv": ScheduleZBVZeroBubble,
+    "dualpipev": ScheduleDualPipeV,
+}
+SINGLE_STAGE = ("gpipe", "1f1b")
+V_SHAPED = ("zbv", "dualpipev")
+
+
+# -- the split ------------------------------------------------------------------------------------
+
+
+def layer_split(n_layers: int, num_stages: int) -> list[range]:
+    """Consecutive layer ranges of near-equal size, one per stage.
+
+    When ``n_layers`` does not divide evenly the extra layers go to the middle stages first,
+    since the first and last stages also carry the embeddings and the output layer
+    (10 layers over 4 stages: 2, 3, 3, 2; 105 over 8: 13, 14, 13, 13, 13, 13, 13, 13).
+    """
+    if num_stages > n_layers:
+        raise ConfigError(
+            f"model.n_layers={n_layers} cannot fill {num_stages} pipeline stages (parallel.pp x "
+            f"parallel.pp_stages_per_rank): every stage needs at least one layer"
+        )
+    base, extra = divmod(n_layers, num_stages)
+    ends = [s in (0, num_stages - 1) for s in range(num_stages)]
+    order = sorted(range(num_stages), key=lambda s: (ends[s], s))  # middle stages first
+    sizes = [base + (s in order[:extra]) for s in range(num_stages)]
+    starts = [sum(sizes[:s]) for s in range(num_stages)]
+    return [range(start, start + size) for start, size in zip(starts, sizes, strict=True)]
+
+
+def stage_ids(pp_rank: int, pp: int, stages_per_rank: int, schedule: str) -> list[int]:
+    """The stages pipeline rank ``pp_rank`` runs, in order (loop or V placement, see above)."""
+    if schedule in V_SHAPED:
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + s * pp for s in range(stages_per_rank)]
+
+
+def microbatches(cfg: Config, dp: int, global_batch: int) -> int:
+    """Pipeline micro-batches of one step with this global batch size."""
+    tc = cfg.train
+    return cfg.parallel.pp_microbatches or global_batch // (tc.micro_batch_size * dp)
+
+
+def check_pipeline(cfg: Config, dims: ParallelDims) -> None:
+    """Raise a ConfigError naming the fields when the pipeline layout cannot run.
+
+    Every rule a schedule or the transport would otherwise enforce mid-step (a gloo abort, a
+    hang, an error on some ranks only) is checked here, identically on every rank, first.
+    """
+    pc, v, pp = cfg.parallel, cfg.parallel.pp_stages_per_rank, dims.pp
+    name = pc.pp_schedule
+    if name in SINGLE_STAGE and v != 1:
+        raise ConfigError(f"parallel.pp_schedule={name} runs one stage per rank: set parallel.pp_stages_per_rank=1 "
+                          "or use interleaved_1f1b")
+    if name == "interleaved_1f1b" and v < 2:
+        raise ConfigError("parallel.pp_schedule=interleaved_1f1b needs parallel.pp_stages_per_rank >= 2 "
+                          "(or use 1f1b)")
+    if name in V_SHAPED and v != 2:
+        raise ConfigError(f"parallel.pp_schedule={name} is a V schedule: set parallel.pp_stages_per_rank=2")
+    if cfg.train.precision == "fp16":
+        raise ConfigError("train.precision=fp16 (dynamic loss scaling) is not supported with parallel.pp > 1: "
+                          "use bf16, which needs no loss scaling")
+    if cfg.train.compile and name in V_SHAPED:
+        raise ConfigError(f"parallel.pp_schedule={name} splits backward in two, which torch.compile does not "
+                          "support: set train.compile=false or use 1f1b/interleaved_1f1b")
+    layer_split(cfg.model.n_layers, pp * v)
+    for size in batch_sizes(cfg.train):
+        _check_microbatches(cfg, dims, size, "train.global_batch_size (or a ramp-up size)")
+
+
+def _check_microbatches(cfg: Config, dims: ParallelDims, global_batch: int, what: str) -> None:
+    m, local = microbatches(cfg, dims.dp, global_batch), global_batch // dims.dp
+    if local % m:
+        raise ConfigError(
+            f"{what} {global_batch} gives {local} samples per data-parallel rank, which do not split into "
+            f"parallel.pp_microbatches={m} equal micro-batches: choose a divisor of {local}"
+        )
+    _check_schedule_rule(cfg.parallel.pp_schedule, m, dims.pp, "parallel.pp_microbatches")
+
+
+def _check_schedule_rule(name: str, m: int, pp: int, field: str) -> None:
+    if name == "1f1b" and m < pp:
+        raise ConfigError(f"1f1b needs at least as many micro-batches as stages: {field}={m} < parallel.pp={pp} "
+                          f"(raise the global batch or set parallel.pp_microbatches >= {pp})")
+    rounds = max(1, m // pp)
+    if name == "interleaved_1f1b" and m % rounds:
+        good = [k for k in range(pp, 2 * pp * pp + 1) if k % max(1, k // pp) == 0][:4]
+        raise ConfigError(f"interleaved_1f1b runs micro-batches in rounds of parallel.pp={pp}: {field}={m} is not "
+                          f"a multiple of its {rounds} rounds (valid counts include {good})")
+    if name == "dualpipev" and m < 2 * pp:
+        raise ConfigError(f"dualpipev needs at least 2 x parallel.pp = {2 * pp} micro-batches, got {field}={m}")
+
+
+def keep_rank_stages(model: GPT, dims: ParallelDims, cfg: Config) -> GPT:
+    """Delete, in place, every part of ``model`` that none of this rank's stages holds."""
+    num_stages = dims.pp * cfg.parallel.pp_stages_per_rank
+    split = layer_split(cfg.model.n_layers, num_stages)
+    mine = stage_ids(dims.pp_rank, dims.pp, cfg.parallel.pp_stages_per_rank, cfg.parallel.pp_schedule)
+    layers = [layer for s in mine for layer in split[s]]
+    return model.keep_only(layers, embeddings=0 in mine, head=num_stages - 1 in mine)
+
+
+# -- running it -----------------------------------------------------------------------------------
+
+
+def _microbatch_loss(logits: torch.Tensor, targets: torch.Tensor, m: int) -> torch.Tensor:
+    """One micro-batch's share of the batch's mean loss (a plain tensor, also from vocab-parallel logits)."""
+    loss = cross_entropy_loss(logits, targets)
+    if isinstance(loss, DTensor):
+        loss = loss.to_local()
+    return loss / m
+
+
+class Pipeline:
+    """Steps and validation passes of this rank's stages through the configured schedule.
+
+    ``model`` is this rank's part (``keep_rank_stages``). Schedules are built per micro-batch
+    count (a batch-size ramp-up changes it) and reused.
+    """
+
+    def __init__(self, model: GPT, dims: ParallelDims, cfg: Config) -> None:
+        check_pipeline(cfg, dims)
+        self.model, self.dims, self.cfg = model, dims, cfg
+        pc = cfg.parallel
+        self.num_stages = dims.pp * pc.pp_stages_per_rank
+        split = layer_split(cfg.model.n_layers, self.num_stages)
+        self.stage_ids = stage_ids(dims.pp_rank, dims.pp, pc.pp_stages_per_rank, pc.pp_schedule)
+        self.views = [
+            model.view(split[s], embeddings=s == 0, head=s == self.num_stages - 1) for s in self.stage_ids
+        ]
+        self.has_first, self.has_last = 0 in self.stage_ids, self.num_stages - 1 in self.stage_ids
+        self._schedules: dict[tuple[int, bool], Any] = {}
+        self._tied = _TiedEmbeddingGrads(model, dims) if cfg.model.tie_embeddings and pc.pp_schedule not in V_SHAPED \
+            else None
+
+    def _schedule(self, m: int, training: bool) -> Any:
+        """The schedule for ``m`` micro-batches.
+
+        Validation is forward-only and runs the micro-batches breadth-first (GPipe; LoopedBFS's
+        order over the rank's stages), which has no micro-batch rule: ``train.eval_iters`` is free.
+        """
+        name = self.cfg.parallel.pp_schedule
+        if not training:
+            name = "gpipe" if name in SINGLE_STAGE else "forward_v" if name in V_SHAPED else "looped_bfs"
+        key = (m, training)
+        if key not in self._schedules:
+            stages = [
+                PipelineStage(view, s, self.num_stages, self.dims.device, group=self.dims.pp_group)
+                for view, s in zip(self.views, self.stage_ids, strict=True)
+            ]
+            cls = {"looped_bfs": ScheduleLoopedBFS, "forward_v": _ForwardOnlyV, **SCHEDULES}[name]
+            single = name in SINGLE_STAGE
+            self._schedules[key] = cls(stages[0] if single else stages, n_microbatches=m,
+                                       loss_fn=partial(_microbatch_loss, m=m), scale_grads=False)
+        return self._schedules[key]
+
+    def _run(self, inputs: torch.Tensor, targets: torch.Tensor, m: int, training: bool) -> torch.Tensor:
+        for view in self.views:  # views share the modules, not the module's own mode flag
+            view.train(self.model.training)
+        schedule = self._schedule(m, training)
+        losses: list[torch.Tensor] | None = [] if self.has_last else None
+        args = (inputs,) if self.has_first else ()
+        target = targets if self.has_last else None
+        run = schedule.step if training else schedule.eval
+        run(*args, target=target, losses=losses, return_outputs=False)
+        loss = torch.stack(losses).sum().detach().float() if losses else torch.zeros((), device=inputs.device)
+        dist.all_reduce(loss, group=self.dims.pp_group)  # the last stage's loss, on every pipeline rank
+        return loss
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor, m: int) -> torch.Tensor:
+        """Forward and backward of this rank's batch in ``m`` micro-batches; the mean loss, on every pp rank.
+
+        Gradients accumulate in ``.grad`` as in the single-process loop.
+        """
+        loss = self._run(inputs, targets, m, training=True)
+        if self._tied is not None:
+            self._tied.sum_grads()
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor, m: int) -> torch.Tensor:
+        """Mean loss of a forward-only pass of ``m`` micro-batches, on every pp rank."""
+        return self._run(inputs, targets, m, training=False)
+
+    def counted_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters to count in the global gradient norm: a tied copy of the embedding counts once."""
+        copy = self.model.lm_head.weight if self._tied is not None and self.has_last else None
+        return (p for p in self.model.parameters() if p is not copy)
+
+    def reduce_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
+        """The global L2 norm from each pipeline rank's norm of its own parameters."""
+        squared = local_norm.double() ** 2
+        dist.all_reduce(squared, group=self.dims.pp_group)
+        return squared.sqrt().to(local_norm.dtype)
+
+
+class _ForwardOnlyV(ScheduleLoopedBFS):
+    """Forward-only passes over V-placed stages: each rank runs its first stage on every micro-batch,
+    then its second.
+
+    torch 2.13's V schedules cannot run ``eval()`` (the runtime still performs their backward
+    actions), and LoopedBFS assumes loop placement. This is LoopedBFS's order with the V stage
+    map; the backward actions it must hold to pass the order's validation are then dropped.
+    """
+
+    _FORWARD_ONLY = (_ComputationType.FORWARD, _ComputationType.SEND_F, _ComputationType.RECV_F)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pipeline_order_with_comms = {
+            rank: [a for a in actions if a.computation_type in self._FORWARD_ONLY]
+            for rank, actions in self.pipeline_order_with_comms.items()
+        }
+
+    def _calculate_single_rank_operations(self, rank: int) -> list[_Action | None]:
+        pp = self.pp_group_size
+        placement = {s: r for r in range(pp) for s in stage_ids(r, pp, 2, "zbv")}
+        self.stage_index_to_group_rank = placement  # read by the communication planning that follows
+        for stage in self._stages:
+            stage.stage_index_to_group_rank = placement
+        mine, mbs = stage_ids(rank, pp, 2, "zbv"), range(self._n_microbatches)
+        forward = [_Action(s, _ComputationType.FORWARD, mb) for s in mine for mb in mbs]
+        backward = [_Action(s, _ComputationType.FULL_BACKWARD, mb) for s in reversed(mine) for mb in reversed(mbs)]
+        return forward + backward
+
+
+class _TiedEmbeddingGrads:
+    """Sums the gradients of the embedding (first stage) and its output-layer copy (last stage).
+
+    One two-rank group per (data-parallel, tensor-parallel) position, made by every rank in the
+    same order as ``new_group`` requires; each rank keeps the group it belongs to, if any. Under
+    tensor parallelism both weights are split by vocabulary rows the same way, so the local
+    shards are summed.
+    """
+
+    def __init__(self, model: GPT, dims: ParallelDims) -> None:
+        ranks = dims.mesh.mesh  # type: ignore[union-attr]  # (pp, dp, tp) global ranks
+        self.group: Any = None
+        for pair in zip(ranks[0].flatten().tolist(), ranks[-1].flatten().tolist(), strict=True):
+            group = dist.new_group(list(pair))
+            if dims.rank in pair:
+                self.group = group
+        holder = model.wte if model.wte is not None else model.lm_head
+        self.weight = holder.weight if holder is not None and self.group is not None else None
+
+    def sum_grads(self) -> None:
+        if self.weight is None:
+            return
+        grad = self.weight.grad
+        if grad is None:  # the peer is already inside the all-reduce: fail rather than hang it
+            raise RuntimeError("the tied embedding has no gradient after the pipeline's backward")
+        if isinstance(grad, DTensor):
+            # The embedding's backward leaves its gradient replicated; the output layer's is split
+            # by vocabulary like both weights. Sum the same rows on both sides.
+            if grad.placements != self.weight.placements:
+                grad = self.weight.grad = grad.redistribute(placements=self.weight.placements)
+            grad = grad.to_local()
+        dist.all_reduce(grad, group=self.group)

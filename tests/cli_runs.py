@@ -1,0 +1,63 @@
+"""Helpers for tests that run `mtnlg train` end to end, in this process or under ``torchrun``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from mtnlg.train.metrics import read_log
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+def start_torchrun(args: list[str], nproc: int = 2) -> subprocess.Popen:
+    """``torchrun --nproc_per_node=N -m mtnlg ARGS`` in its own process group, output piped."""
+    return subprocess.Popen(
+        [*TORCHRUN, f"--nproc_per_node={nproc}", "-m", "mtnlg", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> str:
+    """The rest of ``proc``'s output once it exits; a hang is killed and fails."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"torchrun still running after {timeout} s (a hang?); killed") from None
+    return out
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: float = 300) -> str:
+    """Run ``torchrun ... -m mtnlg ARGS`` to success; its output."""
+    proc = start_torchrun(args, nproc)
+    out = finish(proc, timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_log(run / "log.jsonl") if r["kind"] == "train"}
+
+
+def valid_losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_log(run / "log.jsonl") if r["kind"] == "valid"]
+
+
+def at_step_5(run: Path, copy: Path) -> Path:
+    """A copy of ``run`` whose newest checkpoint is step 5."""
+    shutil.copytree(run, copy)
+    for later in copy.glob("step_*"):
+        if int(later.name.split("_")[1]) > 5:
+            shutil.rmtree(later)
+    (copy / "latest").write_text("step_00000005", encoding="utf-8")
+    return copy

@@ -1,0 +1,100 @@
+"""``torchrun -m mtnlg train --parallel.pp=2`` against one process: losses, checkpoints, resume, failure.
+
+Runs are shared (each ``torchrun`` launch costs seconds on 2 cores): one single-process run and
+two pp=2 runs (1f1b; interleaved 1f1b with 2 stages per rank) of 10 steps with checkpoints at
+steps 5 and 10; then a pp=2 resume of its own step 5 and a single-process resume of it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from cli_runs import at_step_5, finish, losses, start_torchrun, torchrun, valid_losses
+
+from mtnlg.checkpoint import load_model
+from mtnlg.cli import main
+
+RTOL = 1e-5
+TRAIN = [
+    "--no-progress", "--model.seq_len=32", "--model.n_layers=4", "--model.hidden=64", "--model.n_heads=4",
+    "--train.micro_batch_size=2", "--train.global_batch_size=4", "--train.lr=3e-3", "--train.warmup_steps=2",
+    "--train.decay_steps=10", "--train.eval_interval=5", "--train.eval_iters=2", "--train.log_interval=1",
+    "--train.save_interval=5", "--train.peak_flops=1e12", "--data.split=8,2,0", "--train.device=cpu",
+]  # fmt: skip
+INTERLEAVED = ["--parallel.pp_schedule=interleaved_1f1b", "--parallel.pp_stages_per_rank=2"]
+
+
+@pytest.fixture(scope="module")
+def runs(train_data_flags: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pp-runs")
+    args = ["train", *train_data_flags, *TRAIN, "--train.steps=10", "--out"]
+    assert main([*args, str(root / "single")]) == 0
+    torchrun([*args, str(root / "pp2"), "--parallel.pp=2"])
+    torchrun([*args, str(root / "pp2-interleaved"), "--parallel.pp=2", *INTERLEAVED])
+    return {"single": root / "single", "pp2": root / "pp2", "pp2-interleaved": root / "pp2-interleaved"}
+
+
+@pytest.mark.parametrize("layout", ["pp2", "pp2-interleaved"])
+def test_ten_steps_under_pp2_log_the_single_process_losses(runs: dict[str, Path], layout: str) -> None:
+    single, pp = losses(runs["single"]), losses(runs[layout])
+    assert sorted(single) == sorted(pp) == list(range(1, 11))
+    assert [pp[s] for s in range(1, 11)] == pytest.approx([single[s] for s in range(1, 11)], rel=RTOL)
+    assert valid_losses(runs[layout]) == pytest.approx(valid_losses(runs["single"]), rel=RTOL)
+    assert single[10] < single[1]
+
+
+def test_pp2_checkpoint_is_whole_and_generates_in_one_process(runs: dict[str, Path], capsys) -> None:
+    """Every stage's weights reach model.safetensors; `mtnlg generate` on it prints the single run's text."""
+    (pp_model, _, _), (ref_model, _, _) = load_model(runs["pp2"]), load_model(runs["single"])
+    ref = dict(ref_model.named_parameters())
+    for name, p in pp_model.named_parameters():
+        torch.testing.assert_close(p, ref[name], rtol=1e-4, atol=1e-5)
+    for sampling in (["--temperature", "0"], ["--temperature", "1", "--seed", "7"]):  # greedy, seeded
+        texts = []
+        for run in ("pp2", "single"):
+            args = ["generate", "--checkpoint", str(runs[run]), "--prompt", "The", "--max-new-tokens", "24"]
+            assert main([*args, *sampling]) == 0
+            texts.append(capsys.readouterr().out)
+        assert texts[0] == texts[1]
+    assert len(set(texts[0].strip())) > 5  # the seeded sample is a real continuation, not only newlines
+
+
+def test_pp2_resumes_its_checkpoint_bitwise_and_one_process_continues_it(
+    runs: dict[str, Path], train_data_flags: list[str], tmp_path: Path
+) -> None:
+    resume = ["train", *train_data_flags, *TRAIN, "--train.steps=10", "--resume", "--out"]
+    again = at_step_5(runs["pp2"], tmp_path / "pp2-again")
+    out = torchrun([*resume, str(again), "--parallel.pp=2"])
+    assert f"resuming from {again / 'step_00000005'}" in out
+    got, want = losses(again), losses(runs["pp2"])
+    assert [got[s] for s in range(6, 11)] == [want[s] for s in range(6, 11)]  # exact
+    single = at_step_5(runs["pp2"], tmp_path / "into-single")
+    assert main([*resume, str(single)]) == 0
+    got = losses(single)
+    assert [got[s] for s in range(6, 11)] == pytest.approx([want[s] for s in range(6, 11)], rel=RTOL)
+
+
+def test_a_killed_rank_ends_the_job_with_its_name(train_data_flags: list[str], tmp_path: Path) -> None:
+    """SIGKILL one pipeline rank mid-run: torchrun stops the other and reports the failed rank, no hang."""
+    proc = start_torchrun(["train", *train_data_flags, *TRAIN, "--train.steps=100000", "--train.eval_interval=0",
+                           "--train.save_interval=0", "--parallel.pp=2", "--out", str(tmp_path / "run")])
+    assert proc.stdout is not None
+    seen = ""
+    while "step 2/" not in seen:  # rank 0 prints a line per step
+        line = proc.stdout.readline()
+        assert line, f"torchrun ended before training: {seen[-3000:]}"
+        seen += line
+    workers = [int(pid) for pid in os.popen(f"pgrep -P {proc.pid}").read().split()]  # torchrun's children
+    assert len(workers) == 2, workers
+    victim = max(workers)  # the later-started worker: rank 1
+    os.kill(victim, signal.SIGKILL)
+    started = time.monotonic()
+    out = finish(proc, timeout=120)
+    assert proc.returncode != 0
+    assert time.monotonic() - started < 60
+    assert "rank" in out and ("Signal 9" in out or "SIGKILL" in out or "exitcode" in out), out[-3000:]
