@@ -160,7 +160,7 @@ class TrainConfig:
     )
     weight_decay_position_embedding: bool = _f(True, "Apply weight decay to the position embeddings.")
     device: str = _f("auto", "cpu, cuda, cuda:N, or auto (cuda when available).")
-    out: str = _f("runs/run", "Run directory: step checkpoints, log.jsonl, loss.png.")
+    out: str = _f("runs/run", "Run directory (--out): step checkpoints, log.jsonl, loss.png.")
     tensorboard: bool = _f(False, "Also log to TensorBoard (needs the tensorboard package).")
 
     def validate(self) -> None:
