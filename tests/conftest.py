@@ -25,3 +25,18 @@ def small_tokenizer():
 
     text = ["The quick brown fox jumps over the lazy dog. " * 8, "Pack my box with five dozen liquor jugs. " * 8]
     return Tokenizer.train(text, vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """A directory with ``tok/`` (a 512-token BPE of two modules' documentation) and ``data/py``,
+    its indexed dataset: what `mtnlg train --tokenizer ... --data-path ...` needs, in seconds."""
+    from mtnlg.data.corpus import build_corpus
+    from mtnlg.data.preprocess import preprocess
+    from mtnlg.data.tokenizer import Tokenizer, iter_text_files
+
+    root = tmp_path_factory.mktemp("tiny-corpus")
+    build_corpus(root / "corpus.jsonl", modules=["json", "textwrap"])
+    Tokenizer.train(iter_text_files([root / "corpus.jsonl"]), vocab_size=512).save(root / "tok")
+    preprocess([root / "corpus.jsonl"], root / "tok", root / "data" / "py", progress=False)
+    return root

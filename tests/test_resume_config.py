@@ -21,17 +21,8 @@ RECIPE = ["--train.lr=1e-3", "--train.warmup_steps=2", "--train.decay_steps=8"]
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory holding ``tok/`` (a 512-token BPE) and ``data/py`` (its indexed dataset)."""
-    from mtnlg.data.corpus import build_corpus
-    from mtnlg.data.preprocess import preprocess
-    from mtnlg.data.tokenizer import Tokenizer, iter_text_files
-
-    root = tmp_path_factory.mktemp("resume-corpus")
-    build_corpus(root / "corpus.jsonl", modules=["json", "textwrap"])
-    Tokenizer.train(iter_text_files([root / "corpus.jsonl"]), vocab_size=512).save(root / "tok")
-    preprocess([root / "corpus.jsonl"], root / "tok", root / "data" / "py", progress=False)
-    return root
+def corpus(tiny_corpus: Path) -> Path:
+    return tiny_corpus
 
 
 def _trace(run: Path) -> list[tuple[str, int, float, float | None]]:
