@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -60,13 +61,14 @@ def test_resume_with_no_flags_continues_the_saved_recipe(corpus, straight, tmp_p
 
 def test_resume_prints_each_changed_field_and_ignores_a_path_spelled_differently(corpus, tmp_path, monkeypatch,
                                                                                   capsys):
-    """The same data given absolute (it was relative) is no change; an override is, old -> new."""
+    """The same data given absolute (it was relative), the run directory relative (it was absolute):
+    no change; an override is one, printed old -> new."""
     monkeypatch.chdir(corpus)
     out = tmp_path / "run"
     first = ["train", "--tokenizer", "tok", "--data-path", "data/py", "--out", str(out), *SMALL]
     assert main([*first, "--train.steps=3"]) == 0
     capsys.readouterr()
-    assert main(["train", "--out", str(out), "--resume", "--data-path", str(corpus / "data" / "py"),
+    assert main(["train", "--out", os.path.relpath(out), "--resume", "--data-path", str(corpus / "data" / "py"),
                  "--tokenizer", "tok", "--train.steps=4", "--train.log_interval=2", "--no-progress"]) == 0
     lines = _resume_lines(capsys.readouterr().out)
     assert lines == ["resume: train.steps 3 -> 4", "resume: train.log_interval 1 -> 2"], lines

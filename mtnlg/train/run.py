@@ -82,7 +82,7 @@ def _record_absolute_paths(cfg: Config) -> None:
     """Paths go into checkpoints absolute, so a resume from another directory finds the same files,
     and the same file named relatively or absolutely is no change."""
     cfg.data.data_path = [p if _is_weight(p) else os.path.abspath(p) for p in cfg.data.data_path]
-    for section, name in (("data", "tokenizer"), ("data", "cache_dir"), ("train", "out")):
+    for section, name in (("data", "tokenizer"), ("data", "cache_dir")):
         if value := getattr(getattr(cfg, section), name):
             setattr(getattr(cfg, section), name, os.path.abspath(value))
 
@@ -120,8 +120,13 @@ def resume_base(run_dir: str | Path) -> Config | None:
 
 
 def report_changes(saved: Config, cfg: Config) -> list[str]:
-    """Print (on the main rank) each field that differs from the checkpoint's config, old -> new."""
-    lines = [f"resume: {name} {toml_value(old)} -> {toml_value(new)}" for name, old, new in changes(saved, cfg)]
+    """Print (on the main rank) each field that differs from the checkpoint's config, old -> new.
+
+    ``train.out`` is left out: it is where the checkpoint was just found, however it is spelled
+    and wherever the run directory was first written.
+    """
+    lines = [f"resume: {name} {toml_value(old)} -> {toml_value(new)}"
+             for name, old, new in changes(saved, cfg) if name != "train.out"]
     if int(os.environ.get("RANK", "0")) == 0:
         for line in lines:
             print(line)
