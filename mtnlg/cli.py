@@ -435,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtnlg",
         description="Pretrain and serve GPT-style language models, Megatron-Turing NLG style.",
-        epilog="Config overrides: any --section.field=value, e.g. --model.hidden=512 --train.lr=3e-4.",
+        epilog="Config overrides: any --section.field=value, e.g. --model.hidden=512 --train.lr=3e-4; "
+        "`mtnlg config show` prints every field with its value and help.",
     )
     parser.add_argument("--version", action="version", version=version_string())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
