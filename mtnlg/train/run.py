@@ -82,9 +82,9 @@ def _record_absolute_paths(cfg: Config) -> None:
     """Paths go into checkpoints absolute, so a resume from another directory finds the same files,
     and the same file named relatively or absolutely is no change."""
     cfg.data.data_path = [p if _is_weight(p) else os.path.abspath(p) for p in cfg.data.data_path]
-    for section, name in (("data", "tokenizer"), ("data", "cache_dir")):
-        if value := getattr(getattr(cfg, section), name):
-            setattr(getattr(cfg, section), name, os.path.abspath(value))
+    for name in ("tokenizer", "cache_dir"):
+        if value := getattr(cfg.data, name):
+            setattr(cfg.data, name, os.path.abspath(value))
 
 
 def _is_weight(text: str) -> bool:
@@ -98,12 +98,10 @@ def _is_weight(text: str) -> bool:
 def saved_config(run_dir: str | Path) -> Config | None:
     """The config of the newest checkpoint in ``run_dir``; None when it holds none."""
     try:
-        step_dir = resolve(run_dir)
-    except CheckpointError:  # no `latest`, or it names a broken step: the newest verified one
+        return load_config(resolve(run_dir))
+    except CheckpointError:  # no `latest`, or a broken step behind it: the newest verified one
         step_dir = find_training_checkpoint(run_dir)
-        if step_dir is None:
-            return None
-    return load_config(step_dir)
+        return None if step_dir is None else load_config(step_dir)
 
 
 def resume_base(run_dir: str | Path) -> Config | None:
