@@ -4,15 +4,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
+TORCH_VERSION ?= 2.13.0
+# The extras the README uses: dev (tests, lint, transformers), serve (HTTP server), demo (loss plot).
+EXTRAS := dev,serve,demo
 
 .PHONY: demo test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first and pinned, so a CPU-only machine never resolves a multi-GB CUDA build.
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,serve,demo]"
+	# torch first and pinned: without a GPU, the CPU build from PyTorch's index (the default index
+	# if that cannot be reached), so a CPU-only machine never resolves a multi-GB CUDA build.
+	$(PY) tools/install_torch.py $(TORCH_VERSION)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable
 
 from mtnlg.config import Config, ConfigError, build_config
+from mtnlg.config_text import overrides_help
+from mtnlg.extras import missing_package_message, version_string
 
 Command = Callable[[argparse.Namespace, list[str]], int]
 COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None]]] = {}
@@ -31,6 +33,40 @@ def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None])
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="model preset: tiny, gpt2-small, ..., mt-nlg-530b (see `mtnlg info --list`)")
     p.add_argument("--config", help="TOML (or YAML) file with [model], [train], [data], ... tables")
+    p.epilog = overrides_help()
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+# -- config ----------------------------------------------------------------------------------------
+
+
+def _config_cmd_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["show", "reference"],
+                   help="show: the effective config as TOML, each field with its help; "
+                        "reference: every field's default as the README's Markdown tables")
+    _config_args(p)
+    p.add_argument("--update", metavar="FILE", help="reference: rewrite the reference between the markers of FILE")
+
+
+@command("config", _config_cmd_args)
+def cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Print the configuration a command would use (--preset, --config, overrides) as TOML, or the reference.
+
+    `mtnlg config show ... > run.toml` writes a file that --config reads back.
+    """
+    from mtnlg.config_text import reference_markdown, to_toml, update_reference
+
+    if args.action == "show":
+        print(to_toml(build_config(args.preset, args.config, overrides)), end="")
+        return 0
+    _no_overrides(overrides)
+    if args.preset or args.config:
+        raise ConfigError("config reference lists the defaults: it takes no --preset or --config")
+    if args.update:
+        print(f"{args.update}: {'updated' if update_reference(args.update) else 'already up to date'}")
+        return 0
+    print(reference_markdown(), end="")
+    return 0
 
 
 # -- info ------------------------------------------------------------------------------------------
@@ -127,6 +163,9 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--from-hf", metavar="HF_DIR", help="local Hugging Face GPT-2 directory to import")
     src.add_argument("--to-hf", metavar="CKPT", help="mtnlg checkpoint (or run directory) to export")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="tokenizer to store with the weights (tokenizer.json, or GPT-2's vocab.json + merges.txt); "
+                        "default: the one in the source directory, if any")
 
 
 @command("convert", _convert_args)
@@ -135,8 +174,11 @@ def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
     from mtnlg.convert import from_hf, to_hf
 
     _no_overrides(overrides)
-    out = from_hf(args.from_hf, args.out) if args.from_hf else to_hf(args.to_hf, args.out)
+    out = (from_hf if args.from_hf else to_hf)(args.from_hf or args.to_hf, args.out, args.tokenizer)
     print(f"wrote {out}")
+    if not any((out / name).exists() for name in ("tokenizer", "tokenizer.json")):
+        print(f"note: {out} has no tokenizer (none in the source directory): give --tokenizer DIR "
+              "here, or to generate and serve")
     return 0
 
 
@@ -219,7 +261,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-path", nargs="+", help="indexed dataset prefix(es), optionally weighted: 0.3 a 0.7 b")
     p.add_argument("--tokenizer", help="tokenizer directory; the model's vocabulary size follows it")
     p.add_argument("--out", help="run directory for checkpoints, log.jsonl and loss.png (train.out)")
-    p.add_argument("--resume", action="store_true", help="continue exactly from the newest good checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue exactly from the newest good checkpoint in --out, with its saved config; "
+                        "the options given change it (each change is printed)")
     p.add_argument("--no-progress", action="store_true", help="print log lines instead of a progress bar")
 
 
@@ -230,15 +274,16 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     Ctrl-C stops after the current step and saves a checkpoint; --resume continues from it.
     """
     from mtnlg.checkpoint import CheckpointError
-    from mtnlg.train.run import run_training
+    from mtnlg.config import Config, apply_settings
+    from mtnlg.train.run import resume_base, run_training
 
-    cfg = build_config(args.preset, args.config, overrides)
-    for flag, field in ((args.data_path, "data_path"), (args.tokenizer, "tokenizer")):
-        if flag:
-            setattr(cfg.data, field, flag)
-    if args.out:
-        cfg.train.out = args.out
     try:
+        run_dir = args.out or apply_settings(Config(), None, args.config, overrides).train.out
+        cfg = build_config(args.preset, args.config, overrides, base=resume_base(run_dir) if args.resume else None)
+        for flag, field in ((args.data_path, "data_path"), (args.tokenizer, "tokenizer")):
+            if flag:
+                setattr(cfg.data, field, flag)
+        cfg.train.out = run_dir
         summary = run_training(cfg.validate(), resume=args.resume, progress=not args.no_progress)
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
@@ -258,6 +303,8 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its latest step)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: int8 Linear layers, ~3x faster CPU decoding (int8 checkpoints load as int8)")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer to use instead of the checkpoint's "
+                   "(needed for checkpoints that have none, e.g. converted from an HF directory without one)")
 
 
 def _load_engine(args: argparse.Namespace, **kwargs: object) -> object:
@@ -265,9 +312,23 @@ def _load_engine(args: argparse.Namespace, **kwargs: object) -> object:
     from mtnlg.generate.engine import Engine
 
     try:
-        return Engine.from_checkpoint(args.checkpoint, quantize=args.quantize, **kwargs)
+        engine = Engine.from_checkpoint(args.checkpoint, quantize=args.quantize, **kwargs)
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
+    engine.tokenizer = _cli_tokenizer(args, engine.tokenizer, engine.vocab_size)
+    return engine
+
+
+def _cli_tokenizer(args: argparse.Namespace, found: object, vocab_size: int) -> object:
+    """--tokenizer's tokenizer, else the checkpoint's; text in and out needs one, so none is an error."""
+    from mtnlg.convert import load_tokenizer
+
+    if args.tokenizer:
+        return load_tokenizer(args.tokenizer, vocab_size)
+    if found is None:
+        raise ConfigError(f"{args.checkpoint} has no tokenizer (converted from an HF directory without one?): "
+                          "give --tokenizer DIR, or store one with `mtnlg convert ... --tokenizer DIR`")
+    return found
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -326,6 +387,7 @@ def _generate_tensor_parallel(args: argparse.Namespace, overrides: list[str]) ->
         raise ConfigError("--tp needs --prompt: every rank must generate from the same prompt")
     model, cfg, tokenizer, dims = load_parallel_for_inference(args.checkpoint, ParallelConfig(tp=args.tp))
     try:
+        tokenizer = _cli_tokenizer(args, tokenizer, cfg.model.vocab_size)
         engine = Engine(model, tokenizer, config=cfg)
         params = _sampling_params(args, cfg, overrides)
         with open(os.devnull, "w") as devnull:
@@ -389,8 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtnlg",
         description="Pretrain and serve GPT-style language models, Megatron-Turing NLG style.",
-        epilog="Config overrides: any --section.field=value, e.g. --model.hidden=512 --train.lr=3e-4.",
+        epilog="Config overrides: any --section.field=value, e.g. --model.hidden=512 --train.lr=3e-4; "
+        "`mtnlg config show` prints every field with its value and help.",
     )
+    parser.add_argument("--version", action="version", version=version_string())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (fn, add_arguments) in COMMANDS.items():
         doc = (fn.__doc__ or "").strip()
@@ -407,6 +471,11 @@ def main(argv: list[str] | None = None) -> int:
         return args._fn(args, rest)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"mtnlg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if (message := missing_package_message(exc.name)) is None:
+            raise
+        print(f"mtnlg {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mtnlg {args.command}: interrupted", file=sys.stderr)

@@ -7,6 +7,7 @@ so ``--help`` and error messages can explain it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -166,8 +167,8 @@ class TrainConfig:
     eval_iters: int = _f(10, "Validation batches per pass.")
     log_interval: int = _f(10, "Steps between log lines.")
     save_interval: int = _f(500, "Steps between checkpoints; the last step is always saved.")
-    keep_last: int = _f(3, "Checkpoints to keep.")
-    compile: bool = _f(False, "Wrap the model in torch.compile.")
+    keep_last: int = _f(3, "Checkpoints to keep; 0 keeps all.")
+    compile: bool = _f(False, "torch.compile each block in place (parameter names, and checkpoints, unchanged).")
     peak_flops: float = _f(0.0, "Peak FLOP/s of one device for MFU; 0 measures a matmul at start.")
     decay_steps: int = _f(0, "Step at which the cosine decay reaches its minimum; 0 means train.steps.")
     warmup_tokens: int = _f(0, "Linear warmup length in tokens (used when decay_tokens > 0).")
@@ -176,7 +177,7 @@ class TrainConfig:
     )
     weight_decay_position_embedding: bool = _f(True, "Apply weight decay to the position embeddings.")
     device: str = _f("auto", "cpu, cuda, cuda:N, or auto (cuda when available).")
-    out: str = _f("runs/run", "Run directory: step checkpoints, log.jsonl, loss.png.")
+    out: str = _f("runs/run", "Run directory (--out): step checkpoints, log.jsonl, loss.png.")
     tensorboard: bool = _f(False, "Also log to TensorBoard (needs the tensorboard package).")
 
     def validate(self) -> None:
@@ -256,7 +257,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if isinstance(value, str):
-            value = [v for v in value.replace(",", " ").split()]
+            value = _parse_list(value, where)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_coerce(v, item_type, where) for v in value]
@@ -284,6 +285,20 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     else:
         return value
     raise ConfigError(f"{where}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+
+
+def _parse_list(text: str, where: str) -> list[Any]:
+    """A list given on the command line: ``4,4,8``, ``4 4 8`` or TOML's ``[4, 4, 8]`` / ``['a', 'b']``."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            return list(tomllib.loads(f"v = {text}")["v"])
+        except tomllib.TOMLDecodeError:
+            text = text[1:-1]  # [a, b]: unquoted words, as in the comma form
+    items = text.replace(",", " ").split()
+    if any(item.startswith(("[", "]")) or item.endswith(("[", "]")) for item in items):
+        raise ConfigError(f"{where}: cannot read {text!r} as a list: write 4,4,8 or [4, 4, 8]")
+    return items
 
 
 def set_field(cfg: Config, dotted: str, value: Any, where: str = "override") -> None:
@@ -352,21 +367,40 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
 
 
 def build_config(
-    preset: str | None = None, file: str | Path | None = None, overrides: list[str] | None = None
+    preset: str | None = None,
+    file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: Config | None = None,
 ) -> Config:
-    """Preset, then file, then CLI overrides; the result is validated."""
+    """Preset, then file, then CLI overrides, on top of ``base`` (a resumed run's saved config;
+    default: the dataclass defaults); the result is validated. ``base`` is not modified."""
+    cfg = copy.deepcopy(base) if base is not None else Config()
+    return apply_settings(cfg, preset, file, overrides).validate()
+
+
+def apply_settings(
+    cfg: Config, preset: str | None = None, file: str | Path | None = None, overrides: list[str] | None = None
+) -> Config:
+    """Apply a preset, a file and overrides to ``cfg`` in place, without validating the result."""
     from mtnlg.presets import get_preset
 
-    cfg = Config()
     if preset:
         cfg.model = get_preset(preset)
     if file:
         update(cfg, load_file(file), str(file))
     for key, value in parse_overrides(overrides or []):
         set_field(cfg, key, value, f"--{key}")
-    return cfg.validate()
+    return cfg
 
 
 def field_help(section_cls: type) -> dict[str, str]:
     """Help text of each field of a config section, for --help and the README reference."""
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(section_cls)}
+
+
+def changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """``(section.field, old value, new value)`` for every field that differs, in declaration order."""
+    before, after = old.to_dict(), new.to_dict()
+    return [(f"{section}.{name}", before[section][name], value)
+            for section, values in after.items() for name, value in values.items()
+            if before[section][name] != value]

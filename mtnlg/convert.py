@@ -99,8 +99,22 @@ def hf_state_to_mtnlg(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> di
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def from_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
-    """Import a local HF GPT-2 directory into an mtnlg checkpoint directory (with its tokenizer if any)."""
+def load_tokenizer(path: str | Path, vocab_size: int) -> Tokenizer:
+    """A tokenizer for a model with ``vocab_size`` token ids: each id it produces needs an embedding row."""
+    tokenizer = Tokenizer.load(path)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                         f"only {vocab_size}: it is another model's tokenizer")
+    return tokenizer
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return (directory / "tokenizer.json").is_file() or (directory / "vocab.json").is_file()
+
+
+def from_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+    """Import a local HF GPT-2 directory into an mtnlg checkpoint directory, with the tokenizer of
+    ``tokenizer_dir`` or else HF_DIR's own (none when neither is given: see ``mtnlg generate --tokenizer``)."""
     hf_dir = Path(hf_dir)
     cfg_path = hf_dir / "config.json"
     if not cfg_path.is_file():
@@ -115,15 +129,17 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     model.load_state_dict(state, assign=True)
     if cfg.model.tie_embeddings:
         model.lm_head.weight = model.wte.weight
-    tokenizer = None
-    if (hf_dir / "tokenizer.json").is_file() or (hf_dir / "vocab.json").is_file():
-        tokenizer = Tokenizer.load(hf_dir)
+    source = tokenizer_dir if tokenizer_dir is not None else (hf_dir if _has_tokenizer(hf_dir) else None)
+    tokenizer = load_tokenizer(source, cfg.model.vocab_size) if source is not None else None
     return save_model(out_dir, model.float(), cfg, tokenizer)
 
 
-def to_hf(ckpt: str | Path, out_dir: str | Path) -> Path:
-    """Export an mtnlg checkpoint as an HF directory that ``GPT2LMHeadModel.from_pretrained`` loads."""
+def to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+    """Export an mtnlg checkpoint as an HF directory that ``GPT2LMHeadModel.from_pretrained`` loads,
+    with its tokenizer (that of ``tokenizer_dir`` when given)."""
     model, cfg, tokenizer = load_model(ckpt)
+    if tokenizer_dir is not None:
+        tokenizer = load_tokenizer(tokenizer_dir, cfg.model.vocab_size)
     m = cfg.model
     state = model.state_dict()
     V, H = m.vocab_size, m.n_heads

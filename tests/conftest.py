@@ -28,14 +28,21 @@ def small_tokenizer():
 
 
 @pytest.fixture(scope="session")
-def train_data_flags(tmp_path_factory):
-    """Tokenizer and indexed dataset of a slice of the embedded corpus, as `mtnlg train` flags."""
+def tiny_corpus(tmp_path_factory):
+    """A directory with ``tok/`` (a 512-token BPE of two modules' documentation) and ``data/py``,
+    its indexed dataset: what `mtnlg train --tokenizer ... --data-path ...` needs, in seconds."""
     from mtnlg.data.corpus import build_corpus
     from mtnlg.data.preprocess import preprocess
     from mtnlg.data.tokenizer import Tokenizer, iter_text_files
 
-    root = tmp_path_factory.mktemp("train-corpus")
+    root = tmp_path_factory.mktemp("tiny-corpus")
     build_corpus(root / "corpus.jsonl", modules=["json", "textwrap"])
     Tokenizer.train(iter_text_files([root / "corpus.jsonl"]), vocab_size=512).save(root / "tok")
-    preprocess([root / "corpus.jsonl"], root / "tok", root / "data" / "py")
-    return ["--tokenizer", str(root / "tok"), "--data-path", str(root / "data" / "py")]
+    preprocess([root / "corpus.jsonl"], root / "tok", root / "data" / "py", progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def train_data_flags(tiny_corpus):
+    """``tiny_corpus`` as `mtnlg train` flags."""
+    return ["--tokenizer", str(tiny_corpus / "tok"), "--data-path", str(tiny_corpus / "data" / "py")]

@@ -46,14 +46,15 @@ def test_logits_match_hf(tmp_path, hf_config):
 
 
 def test_export_round_trip_loads_in_transformers(tmp_path, small_tokenizer):
-    hf = _random_hf_model(tmp_path / "hf", **CONFIGS[0])
+    vocab = small_tokenizer.vocab_size  # every id the tokenizer makes needs an embedding row
+    hf = _random_hf_model(tmp_path / "hf", **{**CONFIGS[0], "vocab_size": vocab})
     small_tokenizer.save(tmp_path / "hf")  # an HF dir with a tokenizer.json travels along
     from_hf(tmp_path / "hf", tmp_path / "ckpt")
     model, _, tokenizer = load_model(tmp_path / "ckpt")
     assert tokenizer is not None and tokenizer.encode("quick fox") == small_tokenizer.encode("quick fox")
     to_hf(tmp_path / "ckpt", tmp_path / "back")
     again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back").eval()
-    idx = torch.randint(0, 300, (1, 20))
+    idx = torch.randint(0, vocab, (1, 20))
     with torch.no_grad():
         torch.testing.assert_close(again(idx).logits, hf(idx).logits, atol=1e-5, rtol=1e-5)
     hf_tok = transformers.GPT2TokenizerFast.from_pretrained(tmp_path / "back")
@@ -94,3 +95,53 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert main(["convert", "--from-hf", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "is not gpt2" in capsys.readouterr().err
+
+
+@pytest.fixture
+def tokenizerless(tmp_path, small_tokenizer):
+    """An HF directory without a tokenizer, converted; and a tokenizer directory that fits it."""
+    _random_hf_model(tmp_path / "hf", **{**CONFIGS[0], "vocab_size": small_tokenizer.vocab_size})
+    small_tokenizer.save(tmp_path / "tok")
+    return tmp_path / "hf", tmp_path / "tok"
+
+
+def test_a_checkpoint_without_tokenizer_is_refused_by_name_then_works_with_one(tmp_path, tokenizerless, capsys):
+    hf_dir, tok = tokenizerless
+    ckpt = str(tmp_path / "ckpt")
+    assert main(["convert", "--from-hf", str(hf_dir), "--out", ckpt]) == 0
+    assert "has no tokenizer" in capsys.readouterr().out and load_model(ckpt)[2] is None
+    prompt = ["--prompt", "The quick fox", "--max-new-tokens", "4", "--temperature", "0"]
+    assert main(["generate", "--checkpoint", ckpt, *prompt]) == 2
+    assert "has no tokenizer" in (err := capsys.readouterr().err) and "--tokenizer DIR" in err
+    assert main(["generate", "--checkpoint", ckpt, "--tokenizer", str(tok), *prompt]) == 0
+    assert capsys.readouterr().out.startswith("The quick fox")
+
+
+def test_serve_takes_a_tokenizer_too(tmp_path, tokenizerless, small_tokenizer):
+    """``serve`` loads its engine through the same path; checked without starting a server."""
+    from mtnlg.cli import _load_engine, build_parser
+    from mtnlg.config import ConfigError
+
+    hf_dir, tok = tokenizerless
+    from_hf(hf_dir, tmp_path / "ckpt")
+    args, _ = build_parser().parse_known_args(["serve", "--checkpoint", str(tmp_path / "ckpt"), "--tokenizer",
+                                               str(tok)])
+    engine = _load_engine(args, max_batch_size=2)
+    assert engine.tokenizer.encode("lazy dog") == small_tokenizer.encode("lazy dog")
+    args.tokenizer = None
+    with pytest.raises(ConfigError, match="has no tokenizer"):
+        _load_engine(args, max_batch_size=2)
+
+
+def test_convert_stores_the_given_tokenizer_and_refuses_one_too_big(tmp_path, tokenizerless, small_tokenizer, capsys):
+    hf_dir, tok = tokenizerless
+    assert main(["convert", "--from-hf", str(hf_dir), "--out", str(tmp_path / "ckpt"), "--tokenizer", str(tok)]) == 0
+    assert "has no tokenizer" not in capsys.readouterr().out
+    assert load_model(tmp_path / "ckpt")[2].encode("five dozen") == small_tokenizer.encode("five dozen")
+    assert main(["convert", "--to-hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "back")]) == 0
+    assert (tmp_path / "back" / "tokenizer.json").is_file()
+    _random_hf_model(tmp_path / "small", **CONFIGS[0] | {"vocab_size": 100})
+    assert main(["convert", "--from-hf", str(tmp_path / "small"), "--out", str(tmp_path / "x"), "--tokenizer",
+                 str(tok)]) == 2
+    assert f"the tokenizer has {small_tokenizer.vocab_size} tokens but the model's vocabulary only 100" in (
+        capsys.readouterr().err)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_runs import at_step_5, losses, torchrun, valid_losses
 
 from mtnlg.checkpoint import load_model

@@ -14,11 +14,14 @@ from pathlib import Path
 
 import torch
 
-from mtnlg.config import Config, ConfigError
+from mtnlg.checkpoint import CheckpointError, find_training_checkpoint, load_config, resolve
+from mtnlg.config import Config, ConfigError, ParallelConfig, changes
+from mtnlg.config_text import toml_value
 from mtnlg.data.gpt_dataset import build_datasets
 from mtnlg.data.tokenizer import Tokenizer
+from mtnlg.extras import missing_package_message
 from mtnlg.parallel import destroy_distributed, init_distributed
-from mtnlg.train.metrics import LOG_FILE, plot_loss_curve, read_log
+from mtnlg.train.metrics import LOG_FILE, plot_loss_curve, precision_warning, read_log
 from mtnlg.train.trainer import Trainer, build_model
 
 
@@ -76,10 +79,12 @@ def _load_tokenizer(cfg: Config) -> Tokenizer | None:
 
 
 def _record_absolute_paths(cfg: Config) -> None:
-    """Data and tokenizer paths go into checkpoints absolute, so resuming from another directory matches."""
+    """Paths go into checkpoints absolute, so a resume from another directory finds the same files,
+    and the same file named relatively or absolutely is no change."""
     cfg.data.data_path = [p if _is_weight(p) else os.path.abspath(p) for p in cfg.data.data_path]
-    if cfg.data.tokenizer:
-        cfg.data.tokenizer = os.path.abspath(cfg.data.tokenizer)
+    for name in ("tokenizer", "cache_dir"):
+        if value := getattr(cfg.data, name):
+            setattr(cfg.data, name, os.path.abspath(value))
 
 
 def _is_weight(text: str) -> bool:
@@ -90,17 +95,67 @@ def _is_weight(text: str) -> bool:
     return True
 
 
+def saved_config(run_dir: str | Path) -> Config | None:
+    """The config of the newest checkpoint in ``run_dir``; None when it holds none."""
+    try:
+        return load_config(resolve(run_dir))
+    except CheckpointError:  # no `latest`, or a broken step behind it: the newest verified one
+        step_dir = find_training_checkpoint(run_dir)
+        return None if step_dir is None else load_config(step_dir)
+
+
+def resume_base(run_dir: str | Path) -> Config | None:
+    """What ``--resume`` builds on: the checkpoint's config, so a resumed run keeps its recipe
+    unless the command line changes a field (None when there is nothing to resume).
+
+    ``[parallel]`` is the exception: it describes this launch (how many processes, how split),
+    and the checkpoint loads into any layout, so it comes from the command line alone.
+    """
+    saved = saved_config(run_dir)
+    if saved is not None:
+        saved.parallel = ParallelConfig()
+    return saved
+
+
+def report_changes(saved: Config, cfg: Config) -> list[str]:
+    """Print (on the main rank) each field that differs from the checkpoint's config, old -> new.
+
+    ``train.out`` is left out: it is where the checkpoint was just found, however it is spelled
+    and wherever the run directory was first written.
+    """
+    lines = [f"resume: {name} {toml_value(old)} -> {toml_value(new)}"
+             for name, old, new in changes(saved, cfg) if name != "train.out"]
+    if int(os.environ.get("RANK", "0")) == 0:
+        for line in lines:
+            print(line)
+    return lines
+
+
+def _plot(trainer: Trainer) -> Path | None:
+    """``loss.png`` of the run, or None (saying why) when matplotlib, an optional extra, is missing."""
+    try:
+        return plot_loss_curve(trainer.out / LOG_FILE, trainer.out / "loss.png")
+    except ModuleNotFoundError as exc:
+        print(f"no loss.png: {missing_package_message(exc.name) or exc}; the figures are in {trainer.out / LOG_FILE}")
+        return None
+
+
 def run_training(cfg: Config, resume: bool = False, progress: bool = True) -> RunSummary:
     """Build data, model and trainer from ``cfg``, optionally resume from ``train.out``, and train."""
     tc = cfg.train
     _record_absolute_paths(cfg)
     tokenizer = _load_tokenizer(cfg)
+    saved = saved_config(tc.out) if resume else None
+    if saved is not None:
+        report_changes(saved, cfg)
     sizes = (tc.steps * tc.global_batch_size, tc.eval_iters * tc.micro_batch_size, 0)
     train_data, valid_data, _ = build_datasets(cfg.data, cfg.model.seq_len, sizes)
     if tc.eval_interval and len(valid_data) == 0:
         warnings.warn(f"the validation split of data.split={cfg.data.split} has no documents: "
                       "no validation loss will be reported", stacklevel=2)
     device = resolve_device(tc.device)
+    if (slow := precision_warning(device, tc.precision)) is not None:
+        warnings.warn(slow, stacklevel=2)
     if device.type == "cpu":
         reuse_freed_cpu_memory()
     dims = init_distributed(cfg.parallel, device)  # torchrun: one process per device
@@ -112,9 +167,6 @@ def run_training(cfg: Config, resume: bool = False, progress: bool = True) -> Ru
     trainer.fit()
     destroy_distributed()  # the collectives are over; what follows is per process
     valid = [r["loss"] for r in read_log(trainer.out / LOG_FILE) if r["kind"] == "valid"]
-    try:
-        plot = plot_loss_curve(trainer.out / LOG_FILE, trainer.out / "loss.png") if trainer.is_main else None
-    except ImportError:
-        plot = None  # matplotlib is the optional `demo` extra
+    plot = _plot(trainer) if trainer.is_main else None
     return RunSummary(trainer.out, trainer.state.step, trainer.state.skipped_steps,
                       valid[0] if valid else None, valid[-1] if valid else None, plot)

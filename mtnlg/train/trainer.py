@@ -39,7 +39,7 @@ from mtnlg.model.gpt import GPT
 from mtnlg.parallel import ParallelDims, loss_context, parallelize
 from mtnlg.parallel.pipeline import Pipeline, microbatches
 from mtnlg.plan import flops_per_token
-from mtnlg.train.metrics import MetricsLog, measure_matmul_flops
+from mtnlg.train.metrics import MetricsLog, format_flops, measure_matmul_flops
 from mtnlg.train.optim import build_optimizer, global_batch_size, learning_rate, validate_batch_sizes
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -326,7 +326,7 @@ class _Reporter:
         dtype = AUTOCAST_DTYPES[tc.precision] or torch.float32
         self.peak = tc.peak_flops or measure_matmul_flops(trainer.device, dtype)
         source = "train.peak_flops" if tc.peak_flops else f"measured {tc.precision} matmul; noisy on a busy machine"
-        self._print(f"MFU is relative to {self.peak / 1e9:,.0f} GFLOP/s per device ({source})")
+        self._print(f"MFU is relative to {format_flops(self.peak)} per device ({source})")
         self.devices = dist.get_world_size() if _distributed() else 1
 
     def _print(self, text: str) -> None:
