@@ -14,6 +14,18 @@ from mtnlg.train.metrics import read_log
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
+def small_run_flags(n_layers: int, micro_batch_size: int, eval_iters: int) -> list[str]:
+    """`mtnlg train` flags of a seconds-long run on CPU: 4 sequences of 32 tokens a step, logged every
+    step, validated and checkpointed every 5 (steps and output directory are the caller's)."""
+    return [
+        "--no-progress", "--model.seq_len=32", f"--model.n_layers={n_layers}", "--model.hidden=64",
+        "--model.n_heads=4", f"--train.micro_batch_size={micro_batch_size}", "--train.global_batch_size=4",
+        "--train.lr=3e-3", "--train.warmup_steps=2", "--train.decay_steps=10", "--train.eval_interval=5",
+        f"--train.eval_iters={eval_iters}", "--train.log_interval=1", "--train.save_interval=5",
+        "--train.peak_flops=1e12", "--data.split=8,2,0", "--train.device=cpu",
+    ]  # fmt: skip
+
+
 def start_torchrun(args: list[str], nproc: int = 2) -> subprocess.Popen:
     """``torchrun --nproc_per_node=N -m mtnlg ARGS`` in its own process group, output piped."""
     return subprocess.Popen(

@@ -14,18 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runs import at_step_5, finish, losses, start_torchrun, torchrun, valid_losses
+from cli_runs import at_step_5, finish, losses, small_run_flags, start_torchrun, torchrun, valid_losses
 
 from mtnlg.checkpoint import load_model
 from mtnlg.cli import main
 
 RTOL = 1e-5
-TRAIN = [
-    "--no-progress", "--model.seq_len=32", "--model.n_layers=4", "--model.hidden=64", "--model.n_heads=4",
-    "--train.micro_batch_size=2", "--train.global_batch_size=4", "--train.lr=3e-3", "--train.warmup_steps=2",
-    "--train.decay_steps=10", "--train.eval_interval=5", "--train.eval_iters=2", "--train.log_interval=1",
-    "--train.save_interval=5", "--train.peak_flops=1e12", "--data.split=8,2,0", "--train.device=cpu",
-]  # fmt: skip
+TRAIN = small_run_flags(n_layers=4, micro_batch_size=2, eval_iters=2)
 INTERLEAVED = ["--parallel.pp_schedule=interleaved_1f1b", "--parallel.pp_stages_per_rank=2"]
 
 

@@ -38,34 +38,6 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def keep_only(self, layers: Iterable[int], *, embeddings: bool, head: bool) -> GPT:
-        """Delete, in place, every part but these layers (and the embeddings / output end); returns self.
-
-        What a pipeline rank keeps of a model built on the meta device, before materialising it.
-        """
-        keep = {str(i) for i in layers}
-        for name in [name for name in self.blocks if name not in keep]:
-            del self.blocks[name]
-        if not embeddings:
-            self.wte = self.wpe = None
-        if not head:
-            self.ln_f = self.lm_head = None
-        return self
-
-    def view(self, layers: Iterable[int], *, embeddings: bool, head: bool) -> GPT:
-        """A GPT holding these parts of this one: the same module objects, nothing copied.
-
-        A pipeline stage is such a view of its rank's model, so the two share parameters.
-        """
-        view = GPT.__new__(GPT)
-        nn.Module.__init__(view)
-        view.cfg = self.cfg
-        view.wte, view.wpe = (self.wte, self.wpe) if embeddings else (None, None)
-        view.drop = self.drop
-        view.blocks = nn.ModuleDict({str(i): self.blocks[str(i)] for i in layers})
-        view.ln_f, view.lm_head = (self.ln_f, self.lm_head) if head else (None, None)
-        return view.train(self.training)
-
     def forward(
         self,
         x: torch.Tensor,
