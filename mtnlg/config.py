@@ -97,6 +97,15 @@ class ParallelConfig:
     tp: int = _f(1, "Tensor-parallel size: each layer's weights are split across this many ranks.")
     pp: int = _f(1, "Pipeline-parallel size: the layers are split into this many stages.")
     dp: int = _f(-1, "Data-parallel size; -1 means world_size / (tp * pp).")
+    dp_replicate: int = _f(
+        1, "HSDP: model replicas among the dp ranks, each sharded over dp / dp_replicate ranks (1: fully sharded)."
+    )
+    dp_shard: int = _f(
+        -1, "Ranks each replica's parameters are sharded over; -1 means dp / dp_replicate (1: DDP-like)."
+    )
+    reshard_after_forward: bool = _f(
+        True, "FSDP frees each block's gathered weights after forward (less memory, one more all-gather in backward)."
+    )
     sequence_parallel: bool = _f(False, "Shard LayerNorm/dropout activations along the sequence under tp.")
     pp_schedule: str = _f(
         "1f1b", "Pipeline schedule: 1f1b, gpipe, interleaved_1f1b (pp_stages_per_rank >= 2), zbv or dualpipev "
@@ -108,7 +117,9 @@ class ParallelConfig:
     )
 
     def validate(self) -> None:
-        for name in ("tp", "pp", "pp_stages_per_rank"):
+        if self.dp_shard == 0 or self.dp_shard < -1:
+            raise ConfigError(f"parallel.dp_shard must be >= 1 or -1 (derive), got {self.dp_shard}")
+        for name in ("tp", "pp", "pp_stages_per_rank", "dp_replicate"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         if self.pp_microbatches < 0:
@@ -164,7 +175,7 @@ class TrainConfig:
     precision: str = _f("fp32", "fp32, bf16 (autocast) or fp16 (autocast + dynamic loss scaling).")
     seed: int = _f(1234, "Seed of model init and dropout.")
     eval_interval: int = _f(100, "Steps between validation passes; 0 disables.")
-    eval_iters: int = _f(10, "Validation batches per pass.")
+    eval_iters: int = _f(10, "Validation micro-batches per pass, each micro_batch_size x dp samples.")
     log_interval: int = _f(10, "Steps between log lines.")
     save_interval: int = _f(500, "Steps between checkpoints; the last step is always saved.")
     keep_last: int = _f(3, "Checkpoints to keep; 0 keeps all.")

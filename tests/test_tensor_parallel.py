@@ -293,8 +293,12 @@ def test_impossible_layouts_name_the_field() -> None:
         ParallelDims.from_config(ParallelConfig(tp=2, dp=2), world_size=2)
     with pytest.raises(ConfigError, match="world size 3 is not divisible by parallel.tp=2"):
         ParallelDims.from_config(ParallelConfig(tp=2), world_size=3)
-    with pytest.raises(ConfigError, match="data parallelism is not implemented yet.*parallel.tp x parallel.pp = 2"):
-        parallelize(GPT(cfg), ParallelDims(dp=2, pp=1, tp=1, world_size=2), _config(1))
+    with pytest.raises(ConfigError, match="generation runs on tensor-parallel ranks only"):
+        parallelize(GPT(cfg), ParallelDims(dp=2, pp=1, tp=1, world_size=2), _config(1), inference=True)
+    with pytest.raises(ConfigError, match="dp_replicate=3 does not divide the data-parallel size 2"):
+        ParallelDims.from_config(ParallelConfig(dp_replicate=3), world_size=2)
+    with pytest.raises(ConfigError, match="dp_replicate=1 x parallel.dp_shard=4 must equal the data-parallel size 2"):
+        ParallelDims.from_config(ParallelConfig(dp_shard=4), world_size=2)
 
 
 def test_single_process_is_left_alone() -> None:

@@ -1,9 +1,10 @@
 """``ParallelDims``: how the world of processes is split, and the one ``DeviceMesh`` that names it.
 
-The world is a 3-D grid ``pp x dp x tp`` (pipeline stages x data-parallel replicas x
-tensor-parallel ranks). Ranks are laid out tp-minor, pp-major::
+The world is a 3-D grid ``pp x dp x tp`` (pipeline stages x data-parallel ranks x
+tensor-parallel ranks), the data-parallel axis itself ``dp_replicate x dp_shard`` (HSDP: model
+replicas, each fully sharded over ``dp_shard`` ranks). Ranks are laid out tp-minor, pp-major::
 
-    rank = (pp_rank * dp + dp_rank) * tp + tp_rank
+    rank = (pp_rank * dp + dp_rank) * tp + tp_rank,   dp_rank = replica * dp_shard + shard
 
 so tensor-parallel peers, which talk inside every layer, are consecutive ranks: the GPUs of
 one node when ``tp <= gpus_per_node``, as in MT-NLG's 8-way tensor slicing inside DGX nodes.
@@ -26,7 +27,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from mtnlg.config import ConfigError, ParallelConfig
 
-MESH_DIMS = ("pp", "dp", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
 @dataclass
@@ -37,13 +38,18 @@ class ParallelDims:
     pp: int
     tp: int
     world_size: int
+    dp_replicate: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     mesh: DeviceMesh | None = field(default=None, repr=False)
+    dp_mesh: DeviceMesh | None = field(default=None, repr=False)  # dp_replicate x dp_shard, flattened
 
     def __post_init__(self) -> None:
-        for name in ("dp", "pp", "tp", "world_size"):
+        for name in ("dp", "pp", "tp", "world_size", "dp_replicate"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dp % self.dp_replicate:
+            raise ConfigError(f"parallel.dp_replicate={self.dp_replicate} does not divide the data-parallel size "
+                              f"{self.dp}: dp = dp_replicate x dp_shard")
         if self.dp * self.pp * self.tp != self.world_size:
             raise ConfigError(
                 f"parallel.dp={self.dp} x parallel.pp={self.pp} x parallel.tp={self.tp} = "
@@ -65,16 +71,33 @@ class ParallelDims:
                     f"parallel.pp={cfg.pp}: launch a multiple of {cfg.tp * cfg.pp} processes"
                 )
             dp = world_size // (cfg.tp * cfg.pp)
-        return cls(dp=dp, pp=cfg.pp, tp=cfg.tp, world_size=world_size, device=torch.device(device))
+        if cfg.dp_shard != -1 and cfg.dp_replicate * cfg.dp_shard != dp:
+            raise ConfigError(f"parallel.dp_replicate={cfg.dp_replicate} x parallel.dp_shard={cfg.dp_shard} must "
+                              f"equal the data-parallel size {dp}")
+        return cls(dp=dp, pp=cfg.pp, tp=cfg.tp, world_size=world_size, dp_replicate=cfg.dp_replicate,
+                   device=torch.device(device))
 
     def build_mesh(self) -> DeviceMesh:
-        """Create the named ``(pp, dp, tp)`` mesh over the initialized default process group."""
+        """Create the named ``(pp, dp_replicate, dp_shard, tp)`` mesh over the initialized default process group."""
         if not dist.is_initialized():
             raise RuntimeError(
                 "ParallelDims.build_mesh needs torch.distributed initialized (see init_distributed)"
             )
-        self.mesh = init_device_mesh(self.device.type, (self.pp, self.dp, self.tp), mesh_dim_names=MESH_DIMS)
+        shape = (self.pp, self.dp_replicate, self.dp_shard, self.tp)
+        self.mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=MESH_DIMS)
+        self.dp_mesh = self.mesh["dp_replicate", "dp_shard"]._flatten("dp")
         return self.mesh
+
+    @property
+    def dp_shard(self) -> int:
+        return self.dp // self.dp_replicate
+
+    @property
+    def fsdp_mesh(self) -> DeviceMesh:
+        """The mesh FSDP shards over: 1-D ``dp_shard``, or 2-D ``(dp_replicate, dp_shard)`` for HSDP."""
+        if self.mesh is None:
+            raise RuntimeError("no device mesh: this ParallelDims was built without init_distributed")
+        return self.mesh["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else self.mesh["dp_shard"]
 
     @property
     def tp_enabled(self) -> bool:
@@ -94,12 +117,12 @@ class ParallelDims:
     @property
     def dp_rank(self) -> int:
         """Which data-parallel replica this rank belongs to: its tp peers read the same samples."""
-        return self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+        return self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
 
     @property
     def dp_group(self) -> dist.ProcessGroup | None:
         """The group to average over data-parallel replicas (None in a single process)."""
-        return self.mesh["dp"].get_group() if self.mesh is not None else None
+        return self.dp_mesh.get_group() if self.dp_mesh is not None else None
 
     @property
     def pp_rank(self) -> int:

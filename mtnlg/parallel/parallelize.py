@@ -11,8 +11,8 @@ Transformations apply in a fixed order, each taking the previous one's module:
 3. tensor (+ sequence) parallelism: shard every remaining layer over the ``tp`` mesh (``tensor.py``);
 4. activation checkpointing: the model's own ``model.activation_checkpointing`` flag;
 5. compile (``train.compile``): each block in place, so parameter names stay those of the plain model;
-6. data parallelism, outermost, so it wraps the already-sharded parameters (not implemented yet:
-   ``parallel.dp`` must be 1).
+6. data parallelism (FSDP2, ``data.py``), outermost, so it shards the already tensor-parallel
+   parameters again over the data-parallel ranks.
 
 The pipeline schedule itself is run by the trainer (``pipeline.Pipeline``) over this rank's part.
 The single-process model is the reference every layout is tested against.
@@ -28,6 +28,7 @@ from mtnlg.checkpoint import load_model
 from mtnlg.config import Config, ConfigError, ParallelConfig
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.model.gpt import GPT
+from mtnlg.parallel.data import apply_data_parallel
 from mtnlg.parallel.dims import ParallelDims, init_distributed
 from mtnlg.parallel.pipeline import check_pipeline, keep_rank_stages
 from mtnlg.parallel.tensor import apply_tensor_parallel
@@ -41,11 +42,8 @@ def parallelize(model: GPT, dims: ParallelDims, cfg: Config, *, inference: bool 
     checkpoint). ``inference=True`` is for generation: no sequence parallelism (a decode step has
     one token) and the logits are gathered, since sampling needs the whole vocabulary.
     """
-    if dims.dp > 1:  # without it, replicas would silently train apart
-        raise ConfigError(
-            f"parallel.dp={dims.dp}: data parallelism is not implemented yet; make every process a "
-            f"tensor-parallel or pipeline rank (parallel.tp x parallel.pp = {dims.world_size})"
-        )
+    if dims.dp > 1 and inference:
+        raise ConfigError("generation runs on tensor-parallel ranks only: every process must be a --tp rank")
     if dims.pp > 1:
         if inference:
             raise ConfigError("generation runs on tensor-parallel ranks only: use --tp, not a pipeline")
@@ -63,6 +61,8 @@ def parallelize(model: GPT, dims: ParallelDims, cfg: Config, *, inference: bool 
     if cfg.train.compile and not inference:
         for block in model.blocks.values():
             block.compile()
+    if dims.dp > 1:
+        apply_data_parallel(model, dims, cfg)
     return model
 
 

@@ -37,6 +37,7 @@ from mtnlg.data.gpt_dataset import Dataset, SampleLoader
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.model.gpt import GPT
 from mtnlg.parallel import ParallelDims, loss_context, parallelize
+from mtnlg.parallel.data import fsdp_mixed_precision, set_gradient_sync
 from mtnlg.parallel.pipeline import Pipeline, microbatches
 from mtnlg.plan import flops_per_token
 from mtnlg.train.metrics import MetricsLog, format_flops, measure_matmul_flops
@@ -149,7 +150,8 @@ class Trainer:
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         dtype = AUTOCAST_DTYPES[self.tc.precision]
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        enabled = dtype is not None and not fsdp_mixed_precision(self.cfg, self.dims)  # FSDP casts itself
+        return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
 
     def train_step(self) -> StepStats:
         """Accumulate gradients over the global batch, then step (or skip a non-finite step)."""
@@ -181,8 +183,10 @@ class Trainer:
     def _forward_backward(self, micro_batches: int) -> torch.Tensor:
         """Mean loss over ``micro_batches`` micro-batches of this rank; gradients accumulate in .grad."""
         total = torch.zeros((), device=self.device)
-        for _ in range(micro_batches):
+        for i in range(micro_batches):
             batch = self.loader.next_batch(self.micro).to(self.device, non_blocking=True)  # (b, T + 1)
+            if self.dims.dp > 1:  # reduce gradients over data-parallel ranks once, after the last micro-batch
+                set_gradient_sync(self.model, i == micro_batches - 1)
             with self._autocast():
                 loss = self.model(batch[:, :-1], batch[:, 1:])
             scaled = loss / micro_batches

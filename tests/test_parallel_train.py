@@ -1,8 +1,8 @@
-"""``torchrun -m mtnlg train --parallel.pp=2`` against one process: losses, checkpoints, resume, failure.
+"""``torchrun -m mtnlg train`` under pipeline and data parallelism against one process.
 
-Runs are shared (each ``torchrun`` launch costs seconds on 2 cores): one single-process run and
-two pp=2 runs (1f1b; interleaved 1f1b with 2 stages per rank) of 10 steps with checkpoints at
-steps 5 and 10; then a pp=2 resume of its own step 5 and a single-process resume of it.
+Runs are shared (each ``torchrun`` launch costs seconds on 2 cores): one single-process run, two
+pp=2 runs (1f1b; interleaved 1f1b with 2 stages per rank) and a dp=2 (FSDP) run of 10 steps with
+checkpoints at steps 5 and 10; then resumes of step 5 under other layouts, and a killed rank.
 """
 
 from __future__ import annotations
@@ -31,15 +31,17 @@ def runs(train_data_flags: list[str], tmp_path_factory: pytest.TempPathFactory) 
     assert main([*args, str(root / "single")]) == 0
     torchrun([*args, str(root / "pp2"), "--parallel.pp=2"])
     torchrun([*args, str(root / "pp2-interleaved"), "--parallel.pp=2", *INTERLEAVED])
-    return {"single": root / "single", "pp2": root / "pp2", "pp2-interleaved": root / "pp2-interleaved"}
+    torchrun([*args, str(root / "dp2")])  # two processes and no other axis: dp=2
+    return {name: root / name for name in ("single", "pp2", "pp2-interleaved", "dp2")}
 
 
-@pytest.mark.parametrize("layout", ["pp2", "pp2-interleaved"])
-def test_ten_steps_under_pp2_log_the_single_process_losses(runs: dict[str, Path], layout: str) -> None:
+@pytest.mark.parametrize("layout", ["pp2", "pp2-interleaved", "dp2"])
+def test_ten_steps_log_the_single_process_losses(runs: dict[str, Path], layout: str) -> None:
     single, pp = losses(runs["single"]), losses(runs[layout])
     assert sorted(single) == sorted(pp) == list(range(1, 11))
     assert [pp[s] for s in range(1, 11)] == pytest.approx([single[s] for s in range(1, 11)], rel=RTOL)
-    assert valid_losses(runs[layout]) == pytest.approx(valid_losses(runs["single"]), rel=RTOL)
+    if layout != "dp2":  # a validation pass reads eval_iters micro-batches of micro_batch_size x dp samples
+        assert valid_losses(runs[layout]) == pytest.approx(valid_losses(runs["single"]), rel=RTOL)
     assert single[10] < single[1]
 
 
@@ -93,3 +95,18 @@ def test_a_killed_rank_ends_the_job_with_its_name(train_data_flags: list[str], t
     assert proc.returncode != 0
     assert time.monotonic() - started < 60
     assert "rank" in out and ("Signal 9" in out or "SIGKILL" in out or "exitcode" in out), out[-3000:]
+
+
+def test_checkpoints_reshard_between_pp2_one_process_and_dp2(
+    runs: dict[str, Path], train_data_flags: list[str], tmp_path: Path
+) -> None:
+    """pp=2's step 5 continues under dp=2, dp=2's in one process, as if the layout had not changed."""
+    resume = ["train", *train_data_flags, *TRAIN, "--train.steps=7", "--resume", "--out"]
+    into_dp = at_step_5(runs["pp2"], tmp_path / "into-dp2")
+    torchrun([*resume, str(into_dp)])
+    into_single = at_step_5(runs["dp2"], tmp_path / "into-single")
+    assert main([*resume, str(into_single)]) == 0
+    want = losses(runs["single"])
+    for resumed in (into_dp, into_single):
+        got = losses(resumed)
+        assert [got[6], got[7]] == pytest.approx([want[6], want[7]], rel=RTOL)
