@@ -293,6 +293,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"validation loss: first {summary.first_valid_loss:.4f} -> final {summary.final_valid_loss:.4f}")
     print(f"trained {summary.steps} steps ({summary.skipped_steps} skipped) -> {summary.out}"
           + (f"; loss curve {summary.plot}" if summary.plot else ""))
+    if not summary.finished:
+        print(f"the run continues to train.steps={cfg.train.steps}: mtnlg train --resume --out {run_dir}")
     return 0
 
 
