@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from dist_harness import run_world
+from safetensors.torch import load_file
 from test_trainer import RandomTokens, make_config, make_trainer, train_losses
 
+from mtnlg.checkpoint_tools import export_checkpoint, inspect_checkpoint
 from mtnlg.config import ConfigError, ModelConfig, ParallelConfig, build_config
 from mtnlg.parallel import init_distributed
 from mtnlg.train.metrics import read_log
@@ -74,9 +76,22 @@ def _one_rank_past_its_deadline(out: str) -> tuple[int, list[str]]:
 
 def test_the_ranks_decide_to_stop_together(tmp_path: Path) -> None:
     """Rank 0's clock says go on, rank 1's says stop: both stop after step 1 and save that step
-    (a rank deciding alone would leave the other waiting in a collective until the timeout)."""
+    (a rank deciding alone would leave the other waiting in a collective until the timeout).
+    The checkpoint records the layout that wrote it, and exports in one process from its tp shards
+    to the weights rank 0 gathered."""
     results = run_world(_one_rank_past_its_deadline, 2, str(tmp_path / "run"), timeout=120)
     assert results == [(1, ["step_00000001"])] * 2
+    step = tmp_path / "run" / "step_00000001"
+    report = inspect_checkpoint(step)
+    assert report.layout is not None and report.checksums.startswith("ok")
+    layout = {k: report.layout[k] for k in ("world_size", "dp", "pp", "tp")}
+    assert layout == {"world_size": 2, "dp": 1, "pp": 1, "tp": 2}
+    (step / "model.safetensors").rename(tmp_path / "gathered.safetensors")  # export must not need it
+    export_checkpoint(step, tmp_path / "w", verify=False)
+    exported, gathered = (load_file(str(f)) for f in (tmp_path / "w" / "model.safetensors",
+                                                       tmp_path / "gathered.safetensors"))
+    assert exported.keys() == gathered.keys()
+    assert all(torch.equal(exported[k], gathered[k]) for k in gathered)
 
 
 def test_changing_steps_on_resume_warns_unless_decay_steps_is_fixed() -> None:
