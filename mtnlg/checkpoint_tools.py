@@ -113,7 +113,7 @@ def _layout_text(layout: dict[str, Any] | None) -> str:
         text += f", {layout['pp_schedule']} with {layout['pp_stages_per_rank']} stage(s) per rank"
     extra = {k: v for k, v in layout.items() if k not in {"world_size", "dp", "pp", "tp", "pp_schedule",
                                                          "pp_stages_per_rank", "pp_microbatches"}}
-    return text + "".join(f", {k}={v}" for k, v in extra.items())
+    return text + "".join(f", {k}={v}" for k, v in extra.items() if v)  # e.g. sequence_parallel=True
 
 
 def format_report(r: CheckpointReport) -> str:
@@ -128,8 +128,8 @@ def format_report(r: CheckpointReport) -> str:
         ("model", f"L={m['n_layers']} hidden={m['hidden']} heads={m['n_heads']} ffn={m['ffn_hidden']} "
                   f"seq={m['seq_len']} vocab={m['vocab_size']} (padded to {m['padded_vocab_size']})"),
         ("parameters", f"{human(r.parameters)} ({r.parameters:,})"),
-        ("size", f"{_bytes(sum(r.sizes.values()))} in all"),
-        *((f"  {name}", _bytes(size)) for name, size in r.sizes.items()),
+        ("size", f"{_bytes(sum(r.sizes.values()))}: " + ", ".join(
+            f"{name} {_bytes(size)}" for name, size in sorted(r.sizes.items(), key=lambda kv: -kv[1]))),
         ("checksums", r.checksums),
     ]  # fmt: skip
     return "\n".join(f"{name:12s} {value}" for name, value in lines)
