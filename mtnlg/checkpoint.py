@@ -11,6 +11,7 @@ A training checkpoint adds what an exact resume needs::
     train_state/         model + optimizer state, torch.distributed.checkpoint (DCP) format, so a
                          later run with another parallel layout can reshard it on load
     trainer.json         step, consumed samples/tokens, skipped steps, data-loader position, loss scaler
+    layout.json          the parallel layout that wrote it (world size, dp, pp, tp, pipeline schedule, ...)
     rng/rank_00000.pt    every random generator of each rank (Python, NumPy, torch CPU and CUDA)
     checksums.json       SHA-256 of every other file, written last
 
@@ -55,6 +56,7 @@ TOKENIZER_DIR = "tokenizer"
 LATEST_FILE = "latest"
 TRAIN_STATE_DIR = "train_state"
 TRAINER_FILE = "trainer.json"
+LAYOUT_FILE = "layout.json"
 RNG_DIR = "rng"
 CHECKSUM_FILE = "checksums.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -340,6 +342,16 @@ def consolidated_weights(train_state: Path, cfg: Config) -> dict[str, torch.Tens
     return model_state_for_saving(model)
 
 
+def run_layout(cfg: Config) -> dict[str, Any]:
+    """The layout of this job as ``layout.json`` records it: the world size and the ``parallel.*``
+    sizes and schedule, ``dp = -1`` resolved. For reading only: a checkpoint loads under any layout."""
+    world = dist.get_world_size() if _distributed() else 1
+    layout = {"world_size": world, **{k: v for k, v in cfg.to_dict()["parallel"].items() if k != "timeout_s"}}
+    if layout["dp"] == -1:
+        layout["dp"] = world // (cfg.parallel.tp * cfg.parallel.pp)
+    return layout
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -397,6 +409,7 @@ def save_training_checkpoint(
             weights = weights if whole else consolidated_weights(staging / TRAIN_STATE_DIR, cfg)
             write_model_files(staging, weights, cfg, tokenizer)
             (staging / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
+            (staging / LAYOUT_FILE).write_text(json.dumps(run_layout(cfg), indent=1), encoding="utf-8")
         _barrier()
         write_checksums(staging)
         if main:

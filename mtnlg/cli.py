@@ -293,6 +293,44 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"validation loss: first {summary.first_valid_loss:.4f} -> final {summary.final_valid_loss:.4f}")
     print(f"trained {summary.steps} steps ({summary.skipped_steps} skipped) -> {summary.out}"
           + (f"; loss curve {summary.plot}" if summary.plot else ""))
+    if not summary.finished:
+        print(f"the run continues to train.steps={cfg.train.steps}: mtnlg train --resume --out {run_dir}")
+    return 0
+
+
+# -- checkpoint ------------------------------------------------------------------------------------
+
+
+def _checkpoint_cmd_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["inspect", "export"],
+                   help="inspect: step, tokens, saving layout, model, sizes, checksums; "
+                        "export: consolidated weights + config + tokenizer into --out")
+    p.add_argument("path", metavar="DIR", help="checkpoint directory, or a run directory (its latest step)")
+    p.add_argument("--out", help="export: new directory for the exported model")
+    p.add_argument("--json", action="store_true", help="inspect: print machine-readable JSON")
+    p.add_argument("--no-verify", action="store_true", help="skip re-hashing every file against checksums.json")
+
+
+@command("checkpoint", _checkpoint_cmd_args)
+def cmd_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Inspect a checkpoint, or export it as a model directory that generate, serve and convert load.
+
+    Both run in one process on a checkpoint written under any parallel layout.
+    """
+    from mtnlg.checkpoint import CheckpointError
+    from mtnlg.checkpoint_tools import export_checkpoint, format_report, inspect_checkpoint
+
+    _no_overrides(overrides)
+    try:
+        if args.action == "inspect":
+            report = inspect_checkpoint(args.path, verify=not args.no_verify)
+            print(report.to_json() if args.json else format_report(report))
+            return 1 if report.checksums.startswith("FAILED") else 0
+        if not args.out:
+            raise ConfigError("checkpoint export needs --out DIR")
+        print(f"wrote {export_checkpoint(args.path, args.out, verify=not args.no_verify)}")
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
     return 0
 
 

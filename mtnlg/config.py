@@ -115,6 +115,9 @@ class ParallelConfig:
     pp_microbatches: int = _f(
         0, "Micro-batches per pipeline step; 0 means the accumulation steps (global batch / micro batch / dp)."
     )
+    timeout_s: float = _f(
+        600.0, "Seconds a collective may wait for the other ranks before the job fails (a dead or hung rank)."
+    )
 
     def validate(self) -> None:
         if self.dp_shard == 0 or self.dp_shard < -1:
@@ -130,6 +133,8 @@ class ParallelConfig:
                               f"{', '.join(PP_SCHEDULES)}")
         if self.dp == 0 or self.dp < -1:
             raise ConfigError(f"parallel.dp must be >= 1 or -1 (derive), got {self.dp}")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"parallel.timeout_s must be positive, got {self.timeout_s}")
 
 
 @dataclass
@@ -190,6 +195,13 @@ class TrainConfig:
     device: str = _f("auto", "cpu, cuda, cuda:N, or auto (cuda when available).")
     out: str = _f("runs/run", "Run directory (--out): step checkpoints, log.jsonl, loss.png.")
     tensorboard: bool = _f(False, "Also log to TensorBoard (needs the tensorboard package).")
+    exit_interval: int = _f(
+        0, "Stop after this many steps of this job (checkpoint saved; --resume continues); 0: no limit."
+    )
+    exit_duration_mins: float = _f(
+        0.0, "Stop (checkpoint saved) once this job has run this many minutes; 0: no limit. Leave room "
+        "for one step and one save below the cluster's wall-clock limit."
+    )
 
     def validate(self) -> None:
         if self.micro_batch_size < 1 or self.global_batch_size < 1 or self.steps < 0:
@@ -202,6 +214,8 @@ class TrainConfig:
             raise ConfigError("train.warmup_steps, decay_steps, warmup_tokens and decay_tokens must be >= 0")
         if self.eval_interval < 0 or self.log_interval < 1 or self.save_interval < 0:
             raise ConfigError("train.eval_interval and save_interval must be >= 0, log_interval >= 1")
+        if self.exit_interval < 0 or self.exit_duration_mins < 0:
+            raise ConfigError("train.exit_interval and train.exit_duration_mins must be >= 0 (0: no limit)")
 
 
 @dataclass

@@ -154,15 +154,15 @@ def _rank_device(device: torch.device | str | None) -> torch.device:
     return device
 
 
-def init_distributed(
-    cfg: ParallelConfig, device: torch.device | str | None = None, timeout_s: float = 600.0
-) -> ParallelDims:
+def init_distributed(cfg: ParallelConfig, device: torch.device | str | None = None) -> ParallelDims:
     """The ``ParallelDims`` of this process, initializing torch.distributed when there are several.
 
     Under ``torchrun`` the world comes from its environment (``WORLD_SIZE``, ``RANK``,
     ``MASTER_ADDR``, ...); a process group initialized beforehand (e.g. by a test harness) is
     reused. The backend follows the device: NCCL for CUDA, gloo for CPU. A single process gets
-    dims without a mesh and never touches torch.distributed.
+    dims without a mesh and never touches torch.distributed. ``cfg.timeout_s`` bounds every wait
+    for the other ranks (rendezvous and collectives), so a rank that died or hangs fails the job
+    instead of stalling it; torchrun then names the rank that failed first.
     """
     device = _rank_device(device)
     initialized = dist.is_available() and dist.is_initialized()
@@ -174,7 +174,12 @@ def init_distributed(
         torch.cuda.set_device(device)
     if not initialized:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        try:
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=cfg.timeout_s))
+        except dist.DistError as exc:
+            rank = os.environ.get("RANK", "?")
+            raise RuntimeError(f"rank {rank} of {world_size}: the other ranks did not all join within "
+                               f"parallel.timeout_s={cfg.timeout_s:g} s: {exc}") from exc
     dims.build_mesh()
     return dims
 

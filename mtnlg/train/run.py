@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,7 @@ class RunSummary:
 
     out: Path
     steps: int
+    finished: bool  # False: a job limit (train.exit_interval / exit_duration_mins) ended this job first
     skipped_steps: int
     first_valid_loss: float | None
     final_valid_loss: float | None
@@ -128,7 +130,24 @@ def report_changes(saved: Config, cfg: Config) -> list[str]:
     if int(os.environ.get("RANK", "0")) == 0:
         for line in lines:
             print(line)
+        if (warning := schedule_warning(saved, cfg)) is not None:
+            warnings.warn(warning, stacklevel=2)
     return lines
+
+
+def schedule_warning(saved: Config, cfg: Config) -> str | None:
+    """Why a resume with another ``train.steps`` trains differently, or None when it does not.
+
+    The cosine decay ends at ``train.decay_steps``, which defaults to ``train.steps``: more (or
+    fewer) steps then stretch (or squeeze) the rest of the schedule. Token-based schedules
+    (``train.decay_tokens``) and an explicit ``train.decay_steps`` do not depend on it.
+    """
+    old, new = saved.train, cfg.train
+    if old.steps == new.steps or new.decay_steps or new.decay_tokens:
+        return None
+    return (f"train.steps changed from {old.steps} to {new.steps} while train.decay_steps is 0 (= train.steps): "
+            f"the learning-rate schedule changes from this step on; to keep it, also give "
+            f"--train.decay_steps={old.decay_steps or old.steps}")
 
 
 def _plot(trainer: Trainer) -> Path | None:
@@ -142,6 +161,7 @@ def _plot(trainer: Trainer) -> Path | None:
 
 def run_training(cfg: Config, resume: bool = False, progress: bool = True) -> RunSummary:
     """Build data, model and trainer from ``cfg``, optionally resume from ``train.out``, and train."""
+    started = time.monotonic()  # train.exit_duration_mins counts the setup too
     tc = cfg.train
     _record_absolute_paths(cfg)
     tokenizer = _load_tokenizer(cfg)
@@ -164,9 +184,9 @@ def run_training(cfg: Config, resume: bool = False, progress: bool = True) -> Ru
     if resume:
         step_dir = trainer.resume()
         print(f"resuming from {step_dir}" if step_dir else f"no checkpoint in {trainer.out}: starting from step 0")
-    trainer.fit()
+    trainer.fit(started)
     destroy_distributed()  # the collectives are over; what follows is per process
     valid = [r["loss"] for r in read_log(trainer.out / LOG_FILE) if r["kind"] == "valid"]
     plot = _plot(trainer) if trainer.is_main else None
-    return RunSummary(trainer.out, trainer.state.step, trainer.state.skipped_steps,
+    return RunSummary(trainer.out, trainer.state.step, trainer.state.step >= tc.steps, trainer.state.skipped_steps,
                       valid[0] if valid else None, valid[-1] if valid else None, plot)

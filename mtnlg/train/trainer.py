@@ -32,7 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from mtnlg.checkpoint import find_training_checkpoint, load_training_checkpoint, save_training_checkpoint
-from mtnlg.config import Config
+from mtnlg.config import Config, TrainConfig
 from mtnlg.data.gpt_dataset import Dataset, SampleLoader
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.model.gpt import GPT
@@ -89,6 +89,8 @@ def _distributed() -> bool:
 
 class _StopRequest(contextlib.AbstractContextManager):
     """The first Ctrl-C asks the loop to stop after the current step (and save); a second one aborts."""
+
+    REASON = "interrupted"
 
     def __init__(self) -> None:
         self.requested = False
@@ -283,39 +285,72 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
 
-    def fit(self) -> TrainState:
+    def fit(self, started: float | None = None) -> TrainState:
         """Train until ``train.steps``, validating, logging and checkpointing on their intervals.
 
-        Ctrl-C finishes the current step, saves a checkpoint and raises KeyboardInterrupt.
+        A job limit (``train.exit_interval`` steps, or ``train.exit_duration_mins`` since
+        ``started``, a ``time.monotonic()`` value; default: now) ends this job early with a
+        checkpoint and returns; the schedule still runs to ``train.steps``, so ``--resume``
+        continues it and jobs split this way train exactly as one. Ctrl-C finishes the current
+        step, saves a checkpoint and raises KeyboardInterrupt.
         """
+        limits = _JobLimits(self.tc, self.state.step, time.monotonic() if started is None else started)
         log = MetricsLog(self.out, self.tc.tensorboard, resume_step=self.state.step) if self.is_main else None
         reporter = _Reporter(self, log)
+        reason = None
         try:
             with _StopRequest() as stop:
                 if self.state.step == 0 and self.tc.eval_interval:
                     reporter.validation(self.evaluate())
-                stopped = False
-                while self.state.step < self.tc.steps and not stopped:
+                while self.state.step < self.tc.steps and reason is None:
                     reporter.step(self.train_step())
-                    stopped = self._any_rank(stop.requested)
-                    self._on_interval(reporter, last=self.state.step == self.tc.steps or stopped)
+                    reason = self._stop_reason(stop.requested, limits)
+                    self._on_interval(reporter, last=self.state.step == self.tc.steps, stopping=reason is not None)
         finally:
             reporter.close()
-        if stopped:
-            message = f"training stopped at step {self.state.step}; checkpoint saved in {self.out}"
+        if reason is not None:
+            message = f"training stopped at step {self.state.step} ({reason}); checkpoint saved in {self.out}"
             if self.is_main:
                 tqdm.write(message)
-            raise KeyboardInterrupt(message)
+            if reason == _StopRequest.REASON:
+                raise KeyboardInterrupt(message)
         return self.state
 
-    def _on_interval(self, reporter: _Reporter, last: bool) -> None:
+    def _stop_reason(self, interrupted: bool, limits: _JobLimits) -> str | None:
+        """Why this job ends after this step, if it does: decided by all ranks together (any rank's
+        Ctrl-C or clock counts), so that every rank stops after the same step and saves with the others."""
+        flags = torch.tensor([interrupted, *limits.reached(self.state.step)], dtype=torch.float32, device=self.device)
+        flags = self._all_reduce(flags, dist.ReduceOp.MAX)
+        reasons = [_StopRequest.REASON, *limits.reasons]
+        return next((reason for reason, flag in zip(reasons, flags.tolist(), strict=True) if flag), None)
+
+    def _on_interval(self, reporter: _Reporter, last: bool, stopping: bool = False) -> None:
+        """Log, validate and save when due; ``last``: the final step; ``stopping``: this job ends early
+        (logged and saved, not validated: validation keeps its schedule across the jobs of a run)."""
         step, tc = self.state.step, self.tc
-        if step % tc.log_interval == 0 or last:
+        if step % tc.log_interval == 0 or last or stopping:
             reporter.flush()
         if tc.eval_interval and (step % tc.eval_interval == 0 or last):
             reporter.validation(self.evaluate())
-        if ((tc.save_interval and step % tc.save_interval == 0) or last) and step != self.last_saved_step:
+        due = (tc.save_interval and step % tc.save_interval == 0) or last or stopping
+        if due and step != self.last_saved_step:
             self.save()
+
+
+class _JobLimits:
+    """When this job must end before ``train.steps``: Megatron's --exit-interval (``train.exit_interval``
+    steps of this job) and --exit-duration-in-mins (``train.exit_duration_mins`` of wall-clock time)."""
+
+    def __init__(self, tc: TrainConfig, first_step: int, started: float) -> None:
+        self.last_step = first_step + tc.exit_interval if tc.exit_interval else None
+        self.deadline = started + 60 * tc.exit_duration_mins if tc.exit_duration_mins else None
+        self.reasons = [f"train.exit_interval={tc.exit_interval}",
+                        f"train.exit_duration_mins={tc.exit_duration_mins:g}"]
+
+    def reached(self, step: int) -> list[bool]:
+        """This rank's view, one flag per entry of ``reasons``."""
+        return [self.last_step is not None and step >= self.last_step,
+                self.deadline is not None and time.monotonic() >= self.deadline]
 
 
 class _Reporter:
