@@ -16,29 +16,34 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
+import hashlib
+import hmac
 import json
-import secrets
+import socket
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty, Queue
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
 from starlette.exceptions import HTTPException
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.requests import HTTPConnection
 
-from mtnlg.generate.engine import Completion, Engine, SamplingParams, TokenEvent
+from mtnlg.generate.engine import Completion, Decoder, Engine, SamplingParams, TokenEvent
 from mtnlg.generate.engine import Request as EngineRequest
 from mtnlg.generate.protocol import CompletionRequest, MegatronRequest
 
 API_KEY_ENV = "MTNLG_API_KEY"
+MAX_SEQUENCES = 64  # prompts x n in one request
+MAX_BODY_BYTES = 1 << 20  # default limit of a request body (mtnlg serve --max-body-bytes)
 
 
 # -- batching ---------------------------------------------------------------------------------------
@@ -47,11 +52,12 @@ API_KEY_ENV = "MTNLG_API_KEY"
 @dataclass
 class _Job:
     """One HTTP request's sequences; their events arrive on ``events`` in lists of
-    (sequence index, TokenEvent), or as the exception that ended the batch.
+    (sequence index, TokenEvent).
 
     A streaming job gets each token as it is made; any other job gets a sequence's tokens
     together when it finishes: every hand-over wakes the event loop's thread, which then competes
-    with the model's compute threads for the cores.
+    with the model's compute threads for the cores. ``stopped`` is set by the handler when its
+    client is gone or its answer is settled; the batcher then drops the job's sequences.
     """
 
     requests: list[EngineRequest]
@@ -61,33 +67,41 @@ class _Job:
     stopped: threading.Event = field(default_factory=threading.Event)
     pending: list[tuple[int, TokenEvent]] = field(default_factory=list)  # the worker thread's, until handed over
 
-    def deliver(self, item: tuple[int, TokenEvent] | BaseException) -> None:
+    def deliver(self, item: tuple[int, TokenEvent]) -> None:
         """Called from the worker thread."""
-        if isinstance(item, tuple):
-            self.pending.append(item)
-            if not self.stream and item[1].finish_reason is None:
-                return
-            item, self.pending = self.pending, []
+        self.pending.append(item)
+        if not self.stream and item[1].finish_reason is None:
+            return
+        items, self.pending = self.pending, []
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+            self.loop.call_soon_threadsafe(self.events.put_nowait, items)
         except RuntimeError:  # the client's event loop is gone
             self.stopped.set()
 
 
+Slot = tuple[_Job, int]  # a job and one of its sequences
+
+
 class Batcher:
-    """A worker thread that runs queued sequences through the engine, continuously batched."""
+    """A worker thread that runs queued sequences through the engine, continuously batched.
+
+    The thread owns the running batch (an engine ``Decoder``) and the map from its event indices
+    to jobs; handlers only queue slots and read their job's events.
+    """
 
     def __init__(self, engine: Engine, batch_wait_s: float = 0.005) -> None:
         self.engine, self.batch_wait_s = engine, batch_wait_s
-        self._queue: Queue[tuple[_Job, int] | None] = Queue()
-        self._held: deque[tuple[_Job, int]] = deque()  # taken but did not fit the last batch
+        self._queue: Queue[Slot | None] = Queue()  # None: stop after the running batch
+        self._held: Slot | None = None  # taken, but did not fit the running batch: goes first next time
+        self._stopping = False
         self._thread: threading.Thread | None = None
         self.batches = 0  # batches started so far
-        self.largest_batch = 0  # the most sequences one batch has run (joiners included)
+        self.largest_batch = 0  # the most sequences one batch has decoded at once
         self.admitted = 0  # sequences that joined a batch already running
 
     def start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
+            self._stopping = False
             self._thread = threading.Thread(target=self._work, name="mtnlg-batcher", daemon=True)
             self._thread.start()
 
@@ -100,91 +114,103 @@ class Batcher:
     def submit(self, requests: list[EngineRequest], stream: bool = False) -> _Job:
         """Queue a request's sequences (called on the event loop)."""
         job = _Job(requests, asyncio.get_running_loop(), stream)
-        for r in requests:
-            r.cancelled = job.stopped.is_set
         for i in range(len(requests)):
             self._queue.put((job, i))
         return job
 
-    def _next_batch(self) -> list[tuple[_Job, int]] | None:
-        """Block for the first sequence, then gather what fits until the wait runs out."""
-        first = self._held.popleft() if self._held else self._queue.get()
-        if first is None:
+    def _take(self, wait: float | None) -> Slot | None:
+        """The next waiting slot: blocking (``wait`` None), for up to ``wait`` seconds, or None."""
+        if self._held is not None:
+            slot, self._held = self._held, None
+            return slot
+        if self._stopping:
             return None
-        batch = [first]
-        deadline = time.monotonic() + self.batch_wait_s
-        while len(batch) < self.engine.max_batch_size:
-            try:
-                wait = max(0.0, deadline - time.monotonic())
-                item = self._held.popleft() if self._held else self._queue.get(timeout=wait)
-            except Empty:
-                break
-            if item is None:
-                self._queue.put(None)  # stop after this batch
-                break
-            if not self.engine.fits([job.requests[i] for job, i in batch + [item]]):
-                self._held.appendleft(item)
-                break
-            batch.append(item)
-        return batch
-
-    def _admit(self, batch: list[tuple[_Job, int]], can_join: Callable[[EngineRequest], bool]) -> list[EngineRequest]:
-        """Sequences waiting in the queue that can join the running batch now (continuous batching).
-        In arrival order: the first that cannot join waits for the next batch, and so do those after it."""
-        joined: list[EngineRequest] = []
-        while True:
-            item = self._held.popleft() if self._held else self._poll()
-            if item is None:
-                break
-            job, i = item
-            if job.stopped.is_set():
-                continue
-            if not can_join(job.requests[i]):
-                self._held.appendleft(item)
-                break
-            batch.append(item)
-            joined.append(job.requests[i])
-        self.admitted += len(joined)
-        return joined
-
-    def _poll(self) -> tuple[_Job, int] | None:
         try:
-            item = self._queue.get_nowait()
+            slot = self._queue.get(timeout=wait) if wait is None or wait > 0 else self._queue.get_nowait()
         except Empty:
             return None
-        if item is None:
-            self._queue.put(None)  # stop: leave the sentinel for _next_batch
-        return item
+        self._stopping = slot is None
+        return slot
+
+    def _gather(self, decoder: Decoder, wait: float) -> list[Slot]:
+        """Waiting slots that can join ``decoder`` together, in arrival order, taken for up to ``wait``
+        seconds; the first that cannot join is held for the next batch (and those after it wait)."""
+        deadline, taken = time.monotonic() + wait, []
+        while (slot := self._take(max(0.0, deadline - time.monotonic()))) is not None:
+            if slot[0].stopped.is_set():
+                continue
+            if not decoder.can_add([job.requests[i] for job, i in [*taken, slot]]):
+                self._held = slot
+                break
+            taken.append(slot)
+        return taken
 
     def _work(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            batch = [(job, i) for job, i in batch if not job.stopped.is_set()]
-            if not batch:
-                continue
-            self.batches += 1
+        while not self._stopping:
+            first = self._take(None)
+            if first is None:
+                break
+            self._held = first
+            decoder = self.engine.decoder()
+            owners: dict[int, Slot] = {}
             try:
-                events = self.engine.run([job.requests[i] for job, i in batch], functools.partial(self._admit, batch))
-                for event in events:
-                    job, i = batch[event.index]
-                    job.deliver((i, event))
-            except Exception as exc:  # report to every waiting client, keep serving
-                for job, _ in batch:
-                    job.deliver(exc)
-            self.largest_batch = max(self.largest_batch, len(batch))
+                self._run(decoder, owners)
+            except Exception as exc:  # a bug, not a request's fault: end this batch's sequences, keep serving
+                for index, (job, i) in owners.items():
+                    job.deliver((i, TokenEvent(index, None, "", finish_reason="error", error=repr(exc))))
+
+    def _run(self, decoder: Decoder, owners: dict[int, Slot]) -> None:
+        """One batch: start it with what is waiting, then step it, letting sequences join and leave."""
+        slots = self._gather(decoder, self.batch_wait_s)
+        if not slots:  # the first slot's job was stopped, or (never for a validated request) it fits nothing
+            if self._held is not None and not decoder.can_add([self._held[0].requests[self._held[1]]]):
+                job, i = self._held
+                self._held = None
+                job.deliver((i, TokenEvent(-1, None, "", finish_reason="error", error="does not fit the context")))
+            return
+        self.batches += 1
+        self._add(decoder, owners, slots)
+        while len(decoder):
+            self._deliver(owners, decoder.step())
+            gone = {index for index in decoder.live() if owners[index][0].stopped.is_set()}
+            self._deliver(owners, decoder.cancel(gone))
+            if len(decoder):
+                joined = self._gather(decoder, 0.0)
+                self.admitted += len(joined)
+                self._add(decoder, owners, joined)
+
+    def _add(self, decoder: Decoder, owners: dict[int, Slot], slots: list[Slot]) -> None:
+        if not slots:
+            return
+        indices, events = decoder.add([job.requests[i] for job, i in slots])
+        owners.update(zip(indices, slots, strict=True))
+        self._deliver(owners, events)
+        self.largest_batch = max(self.largest_batch, len(decoder))
+
+    @staticmethod
+    def _deliver(owners: dict[int, Slot], events: list[TokenEvent]) -> None:
+        for event in events:
+            job, i = owners[event.index] if event.finish_reason is None else owners.pop(event.index)
+            job.deliver((i, event))
 
 
 # -- errors and auth -------------------------------------------------------------------------------
 
 
-def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status)
+def _error(
+    status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", code: str | None = None
+) -> JSONResponse:
+    """OpenAI's error shape. The message may quote the request (a field name, a value): anything JSON
+    cannot carry as UTF-8 (a lone surrogate) is escaped, so the error itself always serialises."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    param = None if param is None else param.encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.code = status, message, param, code
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -199,23 +225,39 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.param)
+        kind = "server_error" if exc.status >= 500 else "invalid_request_error"
+        return _error(exc.status, exc.message, exc.param, kind, exc.code)
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), kind="not_found" if exc.status_code == 404 else "error")
+        detail = str(exc.detail)
+        if exc.status_code == 413:
+            detail = f"request body too large: at most {app.state.max_body_bytes} bytes (mtnlg serve --max-body-bytes)"
+        return _error(exc.status_code, detail, kind="not_found" if exc.status_code == 404 else "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:  # a bug: still JSON, never plain text
+        return _error(500, f"internal error: {type(exc).__name__}", kind="server_error")
 
 
-def _auth_dependency(api_key: str | None) -> Callable[[Request], None]:
-    def check(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+OPEN_PATHS = frozenset({"/health"})  # everything else needs the key, the API docs included
 
-    return check
+
+class _BearerKey(AuthenticationBackend):
+    """Checks ``Authorization: Bearer KEY`` before the request body is read or parsed, comparing
+    SHA-256 digests in constant time (neither the key's content nor its length leaks)."""
+
+    def __init__(self, api_key: str) -> None:
+        self.digest = hashlib.sha256(api_key.encode()).digest()
+
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser] | None:
+        if conn.url.path in OPEN_PATHS:
+            return None
+        scheme, _, token = conn.headers.get("authorization", "").partition(" ")
+        given = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
+        if not hmac.compare_digest(given, self.digest) or scheme.lower() != "bearer":
+            raise AuthenticationError("missing or wrong API key: send 'Authorization: Bearer <key>'")
+        return AuthCredentials(["api"]), SimpleUser("client")
 
 
 # -- request handling ------------------------------------------------------------------------------
@@ -229,11 +271,24 @@ class _Server:
         self.batcher = Batcher(engine, batch_wait_s)
         self.created = int(time.time())
 
-    def build(self, prompts: Sequence[str | list[int]], params: list[SamplingParams]) -> list[EngineRequest]:
+    async def build(self, prompts: Sequence[str | list[int]], params: list[SamplingParams]) -> list[EngineRequest]:
+        """Validated engine requests, prompt-major. The count is checked before anything is tokenized;
+        each prompt is tokenized once (not once per choice), in a worker thread, so the event loop
+        keeps answering meanwhile."""
+        if len(prompts) * len(params) > MAX_SEQUENCES:
+            raise APIError(400, f"{len(prompts)} prompts x n={len(params)} sequences requested; "
+                                f"at most {MAX_SEQUENCES} per request", param="n")
         try:
-            return [self.engine.request(p, sp) for p in prompts for sp in params]
+            return await asyncio.to_thread(self._requests, prompts, params)
         except ValueError as exc:
-            raise APIError(400, str(exc)) from None
+            raise APIError(400, str(exc), param="prompt") from None
+
+    def _requests(self, prompts: Sequence[str | list[int]], params: list[SamplingParams]) -> list[EngineRequest]:
+        out = []
+        for prompt in prompts:
+            first = self.engine.request(prompt, params[0])
+            out += [first] + [self.engine.request(first.prompt, sp) for sp in params[1:]]
+        return out
 
     async def collect(self, job: _Job) -> list[Completion]:
         out = [Completion(r.prompt) for r in job.requests]
@@ -246,14 +301,22 @@ class _Server:
         remaining = len(job.requests)
         try:
             while remaining:
-                items = await job.events.get()
-                if isinstance(items, BaseException):
-                    raise APIError(500, f"generation failed: {items!r}")
-                for item in items:
+                for item in await job.events.get():
+                    if item[1].finish_reason == "error":
+                        raise APIError(500, f"generation failed: {item[1].error}")
                     remaining -= item[1].finish_reason is not None
                     yield item
         finally:
             job.stopped.set()
+
+    def check(self, body: CompletionRequest) -> None:
+        """What the body's own validation cannot know: the served model, the options not implemented."""
+        if body.model and body.model != self.model_name:
+            raise APIError(404, f"The model '{body.model}' does not exist; this server serves "
+                                f"'{self.model_name}' (GET /v1/models)", param="model", code="model_not_found")
+        refused = body.unsupported()
+        if refused is not None:
+            raise APIError(400, refused[1], param=refused[0])
 
     def token_strings(self, ids: list[int]) -> list[str]:
         tok = self.engine.tokenizer
@@ -293,9 +356,7 @@ def _prompts(prompt: str | list) -> list[str | list[int]]:
 async def _openai_completion(server: _Server, body: CompletionRequest) -> JSONResponse | StreamingResponse:
     prompts = _prompts(body.prompt)
     params = _completion_params(body)
-    requests = server.build(prompts, params)
-    if len(requests) > 64:
-        raise APIError(400, f"{len(requests)} sequences requested (prompts x n); at most 64 per request")
+    requests = await server.build(prompts, params)
     job = server.batcher.submit(requests, stream=body.stream)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": cid, "object": "text_completion", "created": created, "model": server.model_name}
@@ -334,12 +395,17 @@ async def _sse(server: _Server, job: _Job, head: dict, body: CompletionRequest) 
                 tops = [ev.top_logprobs or {}]
                 logprobs = server.openai_logprobs([ev.token], [ev.logprob or 0.0], tops)
             choice = {"index": i, "text": ev.text, "logprobs": logprobs, "finish_reason": ev.finish_reason}
-            yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+            yield _event({**head, "choices": [choice]})
     except APIError as exc:
-        yield f"data: {json.dumps({'error': {'message': exc.message, 'type': 'server_error'}})}\n\n"
-    if body.stream_options and body.stream_options.get("include_usage"):
-        yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(job.requests, completions, body.n)})}\n\n"
+        yield _event({"error": {"message": exc.message, "type": "server_error", "param": None, "code": None}})
+    if body.stream_options is not None and body.stream_options.include_usage:
+        yield _event({**head, "choices": [], "usage": _usage(job.requests, completions, body.n)})
     yield "data: [DONE]\n\n"
+
+
+def _event(data: dict) -> str:
+    """One server-sent event; strict JSON (a non-finite number is an error here, never ``NaN`` on the wire)."""
+    return f"data: {json.dumps(data, allow_nan=False)}\n\n"
 
 
 async def _megatron(server: _Server, body: MegatronRequest) -> dict:
@@ -353,7 +419,7 @@ async def _megatron(server: _Server, body: MegatronRequest) -> dict:
         seed=None if body.random_seed < 0 else body.random_seed,
         stop=["\n\n"] if body.stop_on_double_eol else ["\n"] if body.stop_on_eol else [],
     )
-    requests = server.build(body.prompts, [params])
+    requests = await server.build(body.prompts, [params])
     completions = await server.collect(server.batcher.submit(requests))
     texts = [p + c.text for p, c in zip(body.prompts, completions, strict=True)]
     segments = [server.token_strings(r.prompt + c.tokens) for r, c in zip(requests, completions, strict=True)]
@@ -373,8 +439,16 @@ def create_app(
     quantize: str | None = None,
     max_batch_size: int = 8,
     batch_wait_s: float = 0.005,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
-    """The FastAPI app serving an engine (or a checkpoint directory, loaded here)."""
+    """The FastAPI app serving an engine (or a checkpoint directory, loaded here).
+
+    ``api_key`` None serves without authentication; an empty key is refused (it would look like
+    protection and be none)."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty: give a real key, or none to serve without authentication")
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     if isinstance(engine_or_checkpoint, Engine):
         engine = engine_or_checkpoint
         name = model_name or "mtnlg"
@@ -389,10 +463,12 @@ def create_app(
         yield
         server.batcher.stop()
 
-    app = FastAPI(title="mtnlg", lifespan=lifespan)
-    app.state.server = server
+    app = FastAPI(title="mtnlg", lifespan=lifespan, max_body_size=max_body_bytes)
+    app.state.server, app.state.max_body_bytes = server, max_body_bytes
     _install_error_handlers(app)
-    auth = [Depends(_auth_dependency(api_key))]
+    if api_key is not None:
+        app.add_middleware(AuthenticationMiddleware, backend=_BearerKey(api_key),
+                           on_error=lambda _, exc: _error(401, str(exc)))
 
     @app.get("/health")
     async def health() -> dict:
@@ -400,24 +476,26 @@ def create_app(
         stats = {"batches": b.batches, "largest_batch": b.largest_batch, "admitted": b.admitted}
         return {"status": "ok", "model": server.model_name, **stats}
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models")
     async def models() -> dict:
         card = {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "mtnlg"}
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions", dependencies=auth, response_model=None)
+    @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest) -> JSONResponse | StreamingResponse:
+        server.check(body)
         return await _openai_completion(server, body)
 
-    @app.put("/api", dependencies=auth)
+    @app.put("/api")
     async def megatron(body: MegatronRequest) -> dict:
         return await _megatron(server, body)
 
     return app
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the app with uvicorn until interrupted."""
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, sock: socket.socket | None = None) -> None:
+    """Run the app with uvicorn until interrupted (on ``sock`` if given: bound before the model loaded)."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    config = uvicorn.Config(app, host=host, port=port, log_level="info")
+    uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
