@@ -238,6 +238,24 @@ def test_extreme_settings_sample_finite_tokens_and_logprobs(engine: Engine) -> N
         assert len(out.tokens) == 6 and max(out.tokens) < engine.vocab_size, extreme
         values = out.logprobs + [v for top in out.top_logprobs for v in top.values()]
         assert all(math.isfinite(v) for v in values), extreme
+    [tiny_p] = engine.generate(["The quick"], SamplingParams(max_new_tokens=6, top_p=5e-324, seed=1, ignore_eod=True))
+    assert tiny_p.tokens == engine.generate(["The quick"], GREEDY)[0].tokens[:6]  # only the top token is kept
+
+
+def test_non_finite_logits_still_give_valid_tokens_and_finite_logprobs(small_tokenizer) -> None:
+    import math
+
+    cfg = ModelConfig(vocab_size=small_tokenizer.vocab_size, seq_len=32, n_layers=1, hidden=32, n_heads=2,
+                      padded_vocab_multiple=64)
+    model = GPT(cfg)
+    with torch.no_grad():
+        model.ln_f.weight[0] = float("nan")  # every logit NaN, as from corrupted weights
+    engine = Engine(model, small_tokenizer)
+    for temperature in (0.0, 0.8):
+        params = SamplingParams(max_new_tokens=4, temperature=temperature, logprobs=2, seed=0, ignore_eod=True)
+        [out] = engine.generate(["The"], params)
+        assert len(out.tokens) == 4 and all(0 <= t < cfg.vocab_size for t in out.tokens)
+        assert all(math.isfinite(v) for v in out.logprobs + [v for d in out.top_logprobs for v in d.values()])
 
 
 def test_settings_outside_their_range_are_refused_before_generation(engine: Engine) -> None:

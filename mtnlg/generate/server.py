@@ -35,7 +35,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
 from starlette.exceptions import HTTPException
 from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mtnlg.generate.engine import Completion, Decoder, Engine, SamplingParams, TokenEvent
 from mtnlg.generate.engine import Request as EngineRequest
@@ -238,6 +240,25 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:  # a bug: still JSON, never plain text
         return _error(500, f"internal error: {type(exc).__name__}", kind="server_error")
+
+
+class _DeclaredSize:
+    """Refuses a body whose declared ``Content-Length`` exceeds the limit before reading any of it,
+    with the API's JSON error. Starlette's ``RequestBodyLimitMiddleware`` (inside this one) counts the
+    bytes of a body as they arrive, which covers chunked bodies, but answers a declared oversize in
+    plain text."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            declared = dict(scope["headers"]).get(b"content-length", b"0")
+            if not declared.isdigit() or int(declared) > self.max_body_bytes:
+                message = f"request body too large: at most {self.max_body_bytes} bytes (mtnlg serve --max-body-bytes)"
+                await _error(413, message)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 OPEN_PATHS = frozenset({"/health"})  # everything else needs the key, the API docs included
@@ -463,10 +484,12 @@ def create_app(
         yield
         server.batcher.stop()
 
-    app = FastAPI(title="mtnlg", lifespan=lifespan, max_body_size=max_body_bytes)
+    app = FastAPI(title="mtnlg", lifespan=lifespan)
     app.state.server, app.state.max_body_bytes = server, max_body_bytes
     _install_error_handlers(app)
-    if api_key is not None:
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=max_body_bytes)
+    app.add_middleware(_DeclaredSize, max_body_bytes=max_body_bytes)
+    if api_key is not None:  # added last: runs first
         app.add_middleware(AuthenticationMiddleware, backend=_BearerKey(api_key),
                            on_error=lambda _, exc: _error(401, str(exc)))
 
