@@ -49,7 +49,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from mtnlg.checkpoint import (
@@ -58,9 +58,12 @@ from mtnlg.checkpoint import (
     CheckpointError,
     load_config,
     load_model,
+    load_tokenizer,
     model_state_for_saving,
-    resolve,
+    read_safetensors,
+    resolve_verified,
     write_atomically,
+    write_manifest,
 )
 from mtnlg.config import Config
 from mtnlg.data.tokenizer import Tokenizer
@@ -227,19 +230,20 @@ def save_quantized(directory: str | Path, model: GPT, cfg: Config, tokenizer: To
         save_file(weights, str(tmp / INT8_WEIGHTS_FILE), metadata={"format": "pt", "quantization": "int8"})
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER_DIR)
+        write_manifest(tmp)
 
     return write_atomically(Path(directory), fill)
 
 
 def load_quantized(path: str | Path) -> tuple[GPT, Config, Tokenizer | None]:
-    """Model, config and tokenizer of an int8 checkpoint written by ``save_quantized``."""
-    directory = resolve(path)
+    """Model, config and tokenizer of an int8 checkpoint written by ``save_quantized`` (verified)."""
+    directory = resolve_verified(path)
     weights = directory / INT8_WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{directory}: no {INT8_WEIGHTS_FILE}; quantize it with `mtnlg quantize`")
     _check_backend("cpu")
     cfg = load_config(directory)
-    state = load_file(str(weights))
+    state = read_safetensors(weights)
     with torch.device("meta"):
         model = GPT(cfg.model)
     for name, module in list(model.named_modules()):
@@ -254,8 +258,7 @@ def load_quantized(path: str | Path) -> tuple[GPT, Config, Tokenizer | None]:
         model.load_state_dict(state, assign=True, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{weights} does not fit {directory / CONFIG_FILE}: {exc}") from None
-    tok_dir = directory / TOKENIZER_DIR
-    return model.eval(), cfg, Tokenizer.load(tok_dir) if tok_dir.is_dir() else None
+    return model.eval(), cfg, load_tokenizer(directory)
 
 
 def load_for_inference(
@@ -265,7 +268,7 @@ def load_for_inference(
     or ``quantize='int8'``, else fp32 in the fast layout."""
     if quantize not in (None, "none", *QUANTIZATIONS):
         raise ValueError(f"unknown quantization {quantize!r}; choose one of: none, {', '.join(QUANTIZATIONS)}")
-    directory = resolve(path)
+    directory = resolve_verified(path)
     if quantize == "int8" or (directory / INT8_WEIGHTS_FILE).is_file():
         _check_backend(device)
     if (directory / INT8_WEIGHTS_FILE).is_file():

@@ -202,5 +202,9 @@ def test_bad_requests_are_clear_errors(trained, tmp_path: Path) -> None:
     q = quantize_checkpoint(path, tmp_path / "q")
     config = (q / "config.json").read_text().replace('"n_layers": 2', '"n_layers": 3')
     (q / "config.json").write_text(config)
-    with pytest.raises(CheckpointError, match="blocks.2.attn.qkv_proj.weight_int8"):
+    with pytest.raises(CheckpointError, match="config.json is corrupted"):  # the manifest notices the edit
+        load_for_inference(q)
+    (q / "checksums.json").unlink()  # a hand-edited checkpoint without one: the weights do not fit
+    with pytest.warns(UserWarning, match="no checksums.json"), pytest.raises(
+            CheckpointError, match="blocks.2.attn.qkv_proj.weight_int8"):
         load_for_inference(q)
