@@ -247,11 +247,11 @@ def test_jobs_hand_tokens_to_the_event_loop_per_token_only_when_streaming(stream
     """Every hand-over wakes the event loop's thread, which competes with the model for the cores."""
     import asyncio
 
+    from mtnlg.generate.batcher import Job
     from mtnlg.generate.sequence import TokenEvent
-    from mtnlg.generate.server import _Job
 
     async def run() -> list:
-        job = _Job([], asyncio.get_running_loop(), stream=stream)
+        job = Job([], asyncio.get_running_loop(), stream=stream)
         events = [TokenEvent(0, 5, "a"), TokenEvent(1, 6, "b"), TokenEvent(0, 7, "c", finish_reason="length")]
         for e in events:
             job.deliver((e.index, e))

@@ -1,33 +1,30 @@
 """HTTP serving over one Engine: OpenAI-compatible completions, Megatron's ``PUT /api``, health.
 
-Concurrent requests are decoded together (continuous batching): each handler puts its
-sequences on a queue; one worker thread starts a batch with what is waiting (after the first
-arrival it waits ``batch_wait_s`` for more, up to ``max_batch_size`` sequences), and between
-decode steps lets queued sequences join the running batch while it has free rows and their
-prompt and budget fit; finished sequences leave it at once. Every event goes back to its
-handler's asyncio queue. The event loop only parses, validates and streams, so it keeps
-answering (health, bad requests) while a batch runs.
+Concurrent requests are decoded together (continuous batching, ``mtnlg.generate.batcher``).
+The event loop only checks, parses and streams, and tokenizes in a worker thread, so it keeps
+answering (health, bad requests) while a batch runs. Before a body is read, the API key is
+checked (every path but ``/health``) and its size limited; the body's fields are range-checked
+(``protocol``), so only an internal failure is a 500, and it fails only the request concerned.
 
 Errors are JSON in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for
-malformed or out-of-range requests, 401 without the right ``Authorization: Bearer`` key.
+malformed or out-of-range requests, 401 without the right ``Authorization: Bearer`` key, 404
+``model_not_found`` for another model's name, 413 for a body over the size limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import hashlib
 import hmac
 import json
 import socket
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from queue import Empty, Queue
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -39,161 +36,14 @@ from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mtnlg.generate.engine import Completion, Decoder, Engine, SamplingParams, TokenEvent
+from mtnlg.generate.batcher import Batcher, Job
+from mtnlg.generate.engine import Completion, Engine, SamplingParams, TokenEvent
 from mtnlg.generate.engine import Request as EngineRequest
 from mtnlg.generate.protocol import CompletionRequest, MegatronRequest
 
 API_KEY_ENV = "MTNLG_API_KEY"
 MAX_SEQUENCES = 64  # prompts x n in one request
 MAX_BODY_BYTES = 1 << 20  # default limit of a request body (mtnlg serve --max-body-bytes)
-
-
-# -- batching ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Job:
-    """One HTTP request's sequences; their events arrive on ``events`` in lists of
-    (sequence index, TokenEvent).
-
-    A streaming job gets each token as it is made; any other job gets a sequence's tokens
-    together when it finishes: every hand-over wakes the event loop's thread, which then competes
-    with the model's compute threads for the cores. ``stopped`` is set by the handler when its
-    client is gone or its answer is settled; the batcher then drops the job's sequences.
-    """
-
-    requests: list[EngineRequest]
-    loop: asyncio.AbstractEventLoop
-    stream: bool = False
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    stopped: threading.Event = field(default_factory=threading.Event)
-    pending: list[tuple[int, TokenEvent]] = field(default_factory=list)  # the worker thread's, until handed over
-
-    def deliver(self, item: tuple[int, TokenEvent]) -> None:
-        """Called from the worker thread."""
-        self.pending.append(item)
-        if not self.stream and item[1].finish_reason is None:
-            return
-        items, self.pending = self.pending, []
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, items)
-        except RuntimeError:  # the client's event loop is gone
-            self.stopped.set()
-
-
-Slot = tuple[_Job, int]  # a job and one of its sequences
-
-
-class Batcher:
-    """A worker thread that runs queued sequences through the engine, continuously batched.
-
-    The thread owns the running batch (an engine ``Decoder``) and the map from its event indices
-    to jobs; handlers only queue slots and read their job's events.
-    """
-
-    def __init__(self, engine: Engine, batch_wait_s: float = 0.005) -> None:
-        self.engine, self.batch_wait_s = engine, batch_wait_s
-        self._queue: Queue[Slot | None] = Queue()  # None: stop after the running batch
-        self._held: Slot | None = None  # taken, but did not fit the running batch: goes first next time
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self.batches = 0  # batches started so far
-        self.largest_batch = 0  # the most sequences one batch has decoded at once
-        self.admitted = 0  # sequences that joined a batch already running
-
-    def start(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._stopping = False
-            self._thread = threading.Thread(target=self._work, name="mtnlg-batcher", daemon=True)
-            self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout)
-            self._thread = None
-
-    def submit(self, requests: list[EngineRequest], stream: bool = False) -> _Job:
-        """Queue a request's sequences (called on the event loop)."""
-        job = _Job(requests, asyncio.get_running_loop(), stream)
-        for i in range(len(requests)):
-            self._queue.put((job, i))
-        return job
-
-    def _take(self, wait: float | None) -> Slot | None:
-        """The next waiting slot: blocking (``wait`` None), for up to ``wait`` seconds, or None."""
-        if self._held is not None:
-            slot, self._held = self._held, None
-            return slot
-        if self._stopping:
-            return None
-        try:
-            slot = self._queue.get(timeout=wait) if wait is None or wait > 0 else self._queue.get_nowait()
-        except Empty:
-            return None
-        self._stopping = slot is None
-        return slot
-
-    def _gather(self, decoder: Decoder, wait: float) -> list[Slot]:
-        """Waiting slots that can join ``decoder`` together, in arrival order, taken for up to ``wait``
-        seconds; the first that cannot join is held for the next batch (and those after it wait)."""
-        deadline, taken = time.monotonic() + wait, []
-        while (slot := self._take(max(0.0, deadline - time.monotonic()))) is not None:
-            if slot[0].stopped.is_set():
-                continue
-            if not decoder.can_add([job.requests[i] for job, i in [*taken, slot]]):
-                self._held = slot
-                break
-            taken.append(slot)
-        return taken
-
-    def _work(self) -> None:
-        while not self._stopping:
-            first = self._take(None)
-            if first is None:
-                break
-            self._held = first
-            decoder = self.engine.decoder()
-            owners: dict[int, Slot] = {}
-            try:
-                self._run(decoder, owners)
-            except Exception as exc:  # a bug, not a request's fault: end this batch's sequences, keep serving
-                for index, (job, i) in owners.items():
-                    job.deliver((i, TokenEvent(index, None, "", finish_reason="error", error=repr(exc))))
-
-    def _run(self, decoder: Decoder, owners: dict[int, Slot]) -> None:
-        """One batch: start it with what is waiting, then step it, letting sequences join and leave."""
-        slots = self._gather(decoder, self.batch_wait_s)
-        if not slots:  # the first slot's job was stopped, or (never for a validated request) it fits nothing
-            if self._held is not None and not decoder.can_add([self._held[0].requests[self._held[1]]]):
-                job, i = self._held
-                self._held = None
-                job.deliver((i, TokenEvent(-1, None, "", finish_reason="error", error="does not fit the context")))
-            return
-        self.batches += 1
-        self._add(decoder, owners, slots)
-        while len(decoder):
-            self._deliver(owners, decoder.step())
-            gone = {index for index in decoder.live() if owners[index][0].stopped.is_set()}
-            self._deliver(owners, decoder.cancel(gone))
-            if len(decoder):
-                joined = self._gather(decoder, 0.0)
-                self.admitted += len(joined)
-                self._add(decoder, owners, joined)
-
-    def _add(self, decoder: Decoder, owners: dict[int, Slot], slots: list[Slot]) -> None:
-        if not slots:
-            return
-        indices, events = decoder.add([job.requests[i] for job, i in slots])
-        owners.update(zip(indices, slots, strict=True))
-        self._deliver(owners, events)
-        self.largest_batch = max(self.largest_batch, len(decoder))
-
-    @staticmethod
-    def _deliver(owners: dict[int, Slot], events: list[TokenEvent]) -> None:
-        for event in events:
-            job, i = owners[event.index] if event.finish_reason is None else owners.pop(event.index)
-            job.deliver((i, event))
 
 
 # -- errors and auth -------------------------------------------------------------------------------
@@ -311,13 +161,13 @@ class _Server:
             out += [first] + [self.engine.request(first.prompt, sp) for sp in params[1:]]
         return out
 
-    async def collect(self, job: _Job) -> list[Completion]:
+    async def collect(self, job: Job) -> list[Completion]:
         out = [Completion(r.prompt) for r in job.requests]
         async for i, event in self.events(job):
             out[i].add(event)
         return out
 
-    async def events(self, job: _Job) -> AsyncIterator[tuple[int, TokenEvent]]:
+    async def events(self, job: Job) -> AsyncIterator[tuple[int, TokenEvent]]:
         """A job's events until all its sequences finish; stops the job if the consumer leaves."""
         remaining = len(job.requests)
         try:
@@ -403,7 +253,7 @@ def _usage(requests: list[EngineRequest], completions: list[Completion], n: int)
     return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
 
-async def _sse(server: _Server, job: _Job, head: dict, body: CompletionRequest) -> AsyncIterator[str]:
+async def _sse(server: _Server, job: Job, head: dict, body: CompletionRequest) -> AsyncIterator[str]:
     """Server-sent events: one chunk per released piece of text, then ``[DONE]``."""
     completions = [Completion(r.prompt) for r in job.requests]
     try:
@@ -470,6 +320,7 @@ def create_app(
         raise ValueError("the API key is empty: give a real key, or none to serve without authentication")
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    return_freed_memory()
     if isinstance(engine_or_checkpoint, Engine):
         engine = engine_or_checkpoint
         name = model_name or "mtnlg"
@@ -514,6 +365,22 @@ def create_app(
         return await _megatron(server, body)
 
     return app
+
+
+def return_freed_memory() -> None:
+    """Make glibc give large freed buffers back to the OS (a no-op elsewhere).
+
+    glibc serves a request of more than its mmap threshold (128 KiB) with mmap, but raises the
+    threshold (up to 32 MiB) whenever such a block is freed; from then on activations of varied
+    sizes come from the heap, which fragments, and a server replaying the same requests kept
+    growing by hundreds of MB. A fixed threshold (what ``MALLOC_MMAP_THRESHOLD_`` sets) stops that.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3  # malloc.h
+    libc.mallopt(m_mmap_threshold, 128 * 1024)
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, sock: socket.socket | None = None) -> None:
