@@ -175,7 +175,8 @@ class FP32Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if self.onednn:
-            y = torch.cat([self._onednn(part) for part in x2.split(ONEDNN_MAX_ROWS)])
+            parts = x2.split(ONEDNN_MAX_ROWS)
+            y = self._onednn(x2) if len(parts) == 1 else torch.cat([self._onednn(p) for p in parts])
             return y.view(*x.shape[:-1], self.out_features)
         y = x2 @ self.weight if self.bias is None else torch.addmm(self.bias, x2, self.weight)
         return y.view(*x.shape[:-1], self.out_features)
