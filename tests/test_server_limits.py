@@ -67,6 +67,7 @@ def test_a_bad_request_in_the_same_batch_does_not_fail_an_innocent_one(client: h
     assert answers[0].json()["choices"][0]["text"] == expected[0].text
     for r, field in zip(answers[1:], ("top_k", "top_k", "repetition_penalty"), strict=True):
         assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["param"] == field
 
 
 @pytest.mark.parametrize("extreme", [{"top_p": 5e-324}, {"top_p": 1e-45, "temperature": 100},

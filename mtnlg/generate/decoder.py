@@ -194,8 +194,11 @@ class Decoder:
 def _choose(b: _Batch, rows: list[Row], logits: torch.Tensor, uniform: torch.Tensor) -> dict[int, tuple]:
     """Sample the next token of each of ``rows``, with its log-probs when the row asked for them:
     {row index: (token, logprob, top)}. Marks the tokens seen, for the repetition penalty."""
-    position = {r.index: i for i, r in enumerate(b.rows)}
-    index = torch.tensor([position[r.index] for r in rows], dtype=torch.long, device=logits.device)
+    if len(rows) == len(b.rows):  # the usual case: no copies
+        index: torch.Tensor | slice = slice(None)
+    else:
+        position = {r.index: i for i, r in enumerate(b.rows)}
+        index = torch.tensor([position[r.index] for r in rows], dtype=torch.long, device=logits.device)
     s = {k: v[index] for k, v in b.settings.items()}
     x = logits[index]
     if bool((s["repetition_penalty"] != 1).any()):
@@ -212,7 +215,7 @@ def _choose(b: _Batch, rows: list[Row], logits: torch.Tensor, uniform: torch.Ten
             if k is not None:
                 picked[j] = values[j]
                 tops[j] = dict(zip(top_i[j, :k].tolist(), top_v[j, :k].tolist(), strict=True))
-    b.seen[index, chosen] = True
+    b.seen[index] = b.seen[index].scatter(1, chosen.unsqueeze(1), True)
     return {r.index: item for r, item in zip(rows, zip(chosen.tolist(), picked, tops, strict=True), strict=True)}
 
 

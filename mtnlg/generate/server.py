@@ -40,9 +40,11 @@ from mtnlg.generate.batcher import Batcher, Job
 from mtnlg.generate.engine import Completion, Engine, SamplingParams, TokenEvent
 from mtnlg.generate.engine import Request as EngineRequest
 from mtnlg.generate.protocol import CompletionRequest, MegatronRequest
+from mtnlg.generate.sequence import LIMITS
 
 API_KEY_ENV = "MTNLG_API_KEY"
 MAX_SEQUENCES = 64  # prompts x n in one request
+_API_NAMES = {"max_new_tokens": "max_tokens", "ignore_eod": "ignore_eos", "stop": "stop"}
 MAX_BODY_BYTES = 1 << 20  # default limit of a request body (mtnlg serve --max-body-bytes)
 
 
@@ -151,8 +153,9 @@ class _Server:
                                 f"at most {MAX_SEQUENCES} per request", param="n")
         try:
             return await asyncio.to_thread(self._requests, prompts, params)
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="prompt") from None
+        except ValueError as exc:  # messages start with the field: SamplingParams' name, or the prompt's
+            field = str(exc).split(" ", 1)[0]
+            raise APIError(400, str(exc), param=_API_NAMES.get(field, field if field in LIMITS else "prompt")) from None
 
     def _requests(self, prompts: Sequence[str | list[int]], params: list[SamplingParams]) -> list[EngineRequest]:
         out = []
