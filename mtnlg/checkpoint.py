@@ -167,9 +167,21 @@ def write_model_files(
 
 
 def save_model(directory: str | Path, model: GPT, cfg: Config, tokenizer: Tokenizer | None = None) -> Path:
-    """Save a self-contained inference checkpoint atomically."""
+    """Save a self-contained inference checkpoint atomically, with its ``checksums.json``."""
     weights = model_state_for_saving(model)
-    return write_atomically(Path(directory), lambda tmp: write_model_files(tmp, weights, cfg, tokenizer))
+
+    def fill(tmp: Path) -> None:
+        write_model_files(tmp, weights, cfg, tokenizer)
+        write_manifest(tmp)
+
+    return write_atomically(Path(directory), fill)
+
+
+def write_manifest(directory: Path) -> None:
+    """``checksums.json`` of an inference checkpoint written by one process (the collective
+    ``write_checksums`` is for training checkpoints)."""
+    sums = {name: _sha256(directory / name) for name in _files(directory)}
+    (directory / CHECKSUM_FILE).write_text(json.dumps(sums, indent=1, sort_keys=True), encoding="utf-8")
 
 
 def resolve(path: str | Path) -> Path:
@@ -200,8 +212,9 @@ def load_config(path: str | Path) -> Config:
 def load_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[GPT, Config, Tokenizer | None]:
-    """Model (in eval mode), config and tokenizer (None if the checkpoint has none)."""
-    directory = resolve(path)
+    """Model (in eval mode), config and tokenizer (None if the checkpoint has none), from a checkpoint
+    whose files pass their checksums (``resolve_verified``)."""
+    directory = resolve_verified(path)
     cfg = load_config(directory)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
@@ -210,8 +223,8 @@ def load_model(
         raise CheckpointError(f"{directory}: missing {WEIGHTS_FILE}{hint}")
     with torch.device("meta"):
         model = GPT(cfg.model)
-    state = load_file(str(weights), device=str(device))
-    if cfg.model.tie_embeddings:
+    state = read_safetensors(weights, device)
+    if cfg.model.tie_embeddings and "wte.weight" in state:
         state["lm_head.weight"] = state["wte.weight"]
     missing = set(model.state_dict()) - set(state)
     unexpected = set(state) - set(model.state_dict())
@@ -219,14 +232,101 @@ def load_model(
         raise CheckpointError(
             f"{weights} does not fit config.json: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
-    model.load_state_dict(state, assign=True, strict=True)
+    try:
+        model.load_state_dict(state, assign=True, strict=True)
+    except RuntimeError as exc:  # a shape that does not fit
+        raise CheckpointError(f"{weights} does not fit {directory / CONFIG_FILE}: {exc}") from None
     if cfg.model.tie_embeddings:
         model.lm_head.weight = model.wte.weight
     if dtype is not None:
         model.to(dtype)
+    return model.eval(), cfg, load_tokenizer(directory)
+
+
+def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a truncated or malformed file is a one-line CheckpointError."""
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as exc:  # safetensors raises its own error type, or OSError, for a damaged file
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or damaged?): {exc}") from None
+
+
+def load_tokenizer(directory: Path) -> Tokenizer | None:
+    """The checkpoint's tokenizer, None if it has none; a damaged one names the checkpoint."""
     tok_dir = directory / TOKENIZER_DIR
-    tokenizer = Tokenizer.load(tok_dir) if tok_dir.is_dir() else None
-    return model.eval(), cfg, tokenizer
+    if not tok_dir.is_dir():
+        return None
+    try:
+        return Tokenizer.load(tok_dir)
+    except Exception as exc:
+        raise CheckpointError(f"{directory}: its tokenizer cannot be loaded from {tok_dir}: {exc}") from None
+
+
+# -- verification on load --------------------------------------------------------------------------------
+
+# Files verified in this process, by (path, size, modification time): loading the same unchanged
+# checkpoint again (e.g. config first, then the model) does not read it twice.
+_VERIFIED: set[tuple[str, int, int]] = set()
+_UNVERIFIABLE: set[str] = set()  # directories without a manifest, already warned about
+
+
+def _loaded_for_inference(name: str) -> bool:
+    """The files inference reads (not a training checkpoint's optimizer state and RNGs)."""
+    return name == CONFIG_FILE or name.startswith(f"{TOKENIZER_DIR}/") or (
+        name.startswith("model") and name.endswith(".safetensors"))
+
+
+def _stamp(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+def verify_for_inference(directory: Path) -> None:
+    """Check the files inference loads against ``checksums.json`` (CheckpointError naming a file that
+    differs, is truncated or missing). A checkpoint without a manifest (written before checkpoints
+    had one) loads with a warning."""
+    manifest = directory / CHECKSUM_FILE
+    if not manifest.is_file():
+        if str(directory.resolve()) in _UNVERIFIABLE:  # said once per directory
+            return
+        _UNVERIFIABLE.add(str(directory.resolve()))
+        warnings.warn(f"{directory} has no {CHECKSUM_FILE}: its files cannot be verified (save it again to add one)",
+                      stacklevel=3)
+        return
+    try:
+        names = [n for n in json.loads(manifest.read_text(encoding="utf-8")) if _loaded_for_inference(n)]
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise CheckpointError(f"{manifest}: invalid JSON: {exc}") from None
+    unverified = {n for n in names if not (directory / n).is_file() or _stamp(directory / n) not in _VERIFIED}
+    if unverified:
+        verify_checksums(directory, only=unverified.__contains__)
+        _VERIFIED.update(_stamp(directory / n) for n in unverified)
+
+
+def resolve_verified(path: str | Path) -> Path:
+    """``resolve``, then ``verify_for_inference``. A run directory falls back, with a warning, from a
+    ``latest`` step that is missing, incomplete or fails its checksums to the newest step that passes,
+    as ``--resume`` does."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file() or not (path / LATEST_FILE).is_file() and not path.is_dir():
+        directory = resolve(path)
+        verify_for_inference(directory)
+        return directory
+    problems = []
+    for candidate in _candidates(path):
+        try:
+            if not (candidate / CONFIG_FILE).is_file():
+                raise CheckpointError(f"{candidate} is missing or incomplete")
+            verify_for_inference(candidate)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        if problems:
+            warnings.warn(f"using the previous good checkpoint {candidate}: {'; '.join(problems)}", stacklevel=2)
+        return candidate
+    if not problems:
+        resolve(path)  # raises: not a checkpoint
+    raise CheckpointError(f"no usable checkpoint in {path}: {'; '.join(problems)}")
 
 
 def _distributed() -> bool:
@@ -287,9 +387,9 @@ def write_checksums(directory: Path) -> None:
     _barrier()  # no rank reads the manifest before it exists
 
 
-def verify_checksums(directory: Path) -> None:
+def verify_checksums(directory: Path, only: Callable[[str], bool] | None = None) -> None:
     """Raise CheckpointError naming the first missing, truncated or altered file (the same error on
-    every rank); collective, see ``_hash_share``."""
+    every rank); collective, see ``_hash_share``. ``only`` limits the check to the names it accepts."""
     path = directory / CHECKSUM_FILE
     try:
         sums = json.loads(path.read_text(encoding="utf-8"))
@@ -297,8 +397,9 @@ def verify_checksums(directory: Path) -> None:
         raise CheckpointError(f"{path} is missing: the checkpoint was not completely written") from None
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: invalid JSON: {exc}") from None
-    found = _hash_share(directory, sorted(sums))
-    for name in sorted(sums):
+    names = sorted(n for n in sums if only is None or only(n))
+    found = _hash_share(directory, names)
+    for name in names:
         if found[name] is None:
             raise CheckpointError(f"{directory / name} is missing")
         if found[name] != sums[name]:
@@ -430,6 +531,16 @@ def _step_dirs(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def _candidates(run_dir: Path) -> list[Path]:
+    """A run's checkpoints in the order to try them: the one ``latest`` names, then newest first."""
+    candidates = _step_dirs(run_dir) if run_dir.is_dir() else []
+    latest_file = run_dir / LATEST_FILE
+    if latest_file.is_file():
+        named = run_dir / latest_file.read_text(encoding="utf-8").strip()
+        candidates = [named] + [c for c in candidates if c != named]
+    return candidates
+
+
 def prune(run_dir: Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` step directories (0 keeps all), and stale temporaries."""
     for stale in run_dir.glob(".step_*"):
@@ -448,11 +559,7 @@ def find_training_checkpoint(run_dir: str | Path) -> Path | None:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return None
-    candidates = _step_dirs(run_dir)
-    latest_file = run_dir / LATEST_FILE
-    if latest_file.is_file():
-        named = run_dir / latest_file.read_text(encoding="utf-8").strip()
-        candidates = [named] + [c for c in candidates if c != named]
+    candidates = _candidates(run_dir)
     if not candidates:
         return None
     problems = []

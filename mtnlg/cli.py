@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -28,6 +29,36 @@ def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None])
         return fn
 
     return register
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high], checked before the command does any work."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high if high is not None else 'inf'}]")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _finite(text: str) -> float:
+    """An argparse type: a finite number (``nan`` and ``inf`` parse as floats, but are no setting)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+_finite.__name__ = "number"
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -205,7 +236,7 @@ def _preprocess_args(p: argparse.ArgumentParser) -> None:
                    help=".jsonl files (one JSON object a line), text files (one document each), folders")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (tokenizer.json)")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx (Megatron MMIDIDX)")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    p.add_argument("--workers", type=_int_in(1), default=1, help="tokenizer processes (default 1)")
     p.add_argument("--json-key", default="text", help="JSON key holding the text (default 'text')")
     p.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -345,14 +376,10 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
                    "(needed for checkpoints that have none, e.g. converted from an HF directory without one)")
 
 
-def _load_engine(args: argparse.Namespace, **kwargs: object) -> object:
-    from mtnlg.checkpoint import CheckpointError
+def _load_engine(checkpoint: object, args: argparse.Namespace, **kwargs: object) -> object:
     from mtnlg.generate.engine import Engine
 
-    try:
-        engine = Engine.from_checkpoint(args.checkpoint, quantize=args.quantize, **kwargs)
-    except CheckpointError as exc:
-        raise ConfigError(str(exc)) from None
+    engine = Engine.from_checkpoint(checkpoint, quantize=args.quantize, **kwargs)
     engine.tokenizer = _cli_tokenizer(args, engine.tokenizer, engine.vocab_size)
     return engine
 
@@ -372,16 +399,16 @@ def _cli_tokenizer(args: argparse.Namespace, found: object, vocab_size: int) -> 
 def _generate_args(p: argparse.ArgumentParser) -> None:
     _checkpoint_args(p)
     p.add_argument("--prompt", help="text to continue; without it, prompts are read from stdin, one per line")
-    p.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: generate.max_new_tokens)")
-    p.add_argument("--temperature", type=float, help="softmax temperature; 0 means greedy")
-    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens; 0 disables")
-    p.add_argument("--top-p", type=float, help="sample from the smallest set with mass >= p; 1 disables")
-    p.add_argument("--repetition-penalty", type=float, help="CTRL repetition penalty; 1 disables")
-    p.add_argument("--seed", type=int, help="sampler seed (same seed, same text)")
+    p.add_argument("--max-new-tokens", type=_int_in(0), help="tokens to generate (default: generate.max_new_tokens)")
+    p.add_argument("--temperature", type=_finite, help="softmax temperature in [0, 100]; 0 means greedy")
+    p.add_argument("--top-k", type=_int_in(0), help="sample among the k most likely tokens; 0 disables")
+    p.add_argument("--top-p", type=_finite, help="sample from the smallest set with mass >= p, in (0, 1]; 1 disables")
+    p.add_argument("--repetition-penalty", type=_finite, help="CTRL repetition penalty in [0.01, 100]; 1 disables")
+    p.add_argument("--seed", type=_int_in(0, 2**63 - 1), help="sampler seed >= 0 (same seed, same text)")
     p.add_argument("--stop", action="append", help="stop string (repeatable); it is not printed")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens if it is too long")
-    p.add_argument("--tp", type=int, default=1,
+    p.add_argument("--tp", type=_int_in(1), default=1,
                    help="tensor-parallel size; launch with torchrun --nproc_per_node=TP (needs --prompt)")
 
 
@@ -391,12 +418,17 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
 
     Defaults come from the checkpoint's [generate] section; --generate.field=value overrides it.
     """
+    from mtnlg.checkpoint import TOKENIZER_DIR, load_config, resolve_verified
     from mtnlg.generate.console import read_prompts, run_prompts
 
     if args.tp > 1:
         return _generate_tensor_parallel(args, overrides)
-    engine = _load_engine(args, max_batch_size=1)  # prompts run one at a time
-    params = _sampling_params(args, engine.config, overrides)
+    checkpoint = resolve_verified(args.checkpoint)  # everything is checked before the model loads
+    params = _sampling_params(args, load_config(checkpoint), overrides)
+    if not args.tokenizer and not (checkpoint / TOKENIZER_DIR).is_dir():
+        raise ConfigError(f"{checkpoint} has no {TOKENIZER_DIR}/ directory: text prompts need a tokenizer: give "
+                          "--tokenizer DIR, or store one with `mtnlg convert ... --tokenizer DIR`")
+    engine = _load_engine(checkpoint, args, max_batch_size=1)  # prompts run one at a time
     prompts = [args.prompt] if args.prompt is not None else read_prompts(sys.stdin)
     run_prompts(engine, prompts, params, stream=args.stream, truncate=args.truncate)
     return 0
@@ -439,23 +471,45 @@ def _generate_tensor_parallel(args: argparse.Namespace, overrides: list[str]) ->
 def _serve_args(p: argparse.ArgumentParser) -> None:
     _checkpoint_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--port", type=_int_in(1, 65535), default=8000, help="TCP port")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MTNLG_API_KEY; none if unset)")
     p.add_argument("--model-name", help="model id reported by /v1/models (default: the checkpoint's name)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together at most")
+    p.add_argument("--max-batch-size", type=_int_in(1), default=8, help="sequences decoded together at most")
+    p.add_argument("--max-body-bytes", type=_int_in(1), default=1 << 20,
+                   help="largest request body accepted, in bytes (default 1 MiB; larger ones get 413)")
 
 
 @command("serve", _serve_args)
 def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
     """Serve a checkpoint over HTTP: OpenAI-compatible /v1/completions, Megatron's PUT /api, /health."""
+    from mtnlg.checkpoint import resolve_verified
     from mtnlg.generate.server import API_KEY_ENV, create_app, serve
 
     _no_overrides(overrides)
-    engine = _load_engine(args, max_batch_size=args.max_batch_size)
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    if api_key is not None and not api_key.strip():
+        where = "--api-key" if args.api_key is not None else f"${API_KEY_ENV}"
+        raise ConfigError(f"{where} is empty: give a real key, or none (unset it) to serve without authentication")
+    checkpoint = resolve_verified(args.checkpoint)
+    sock = _listen(args.host, args.port)  # a port that is taken fails now, not after the model loaded
+    engine = _load_engine(checkpoint, args, max_batch_size=args.max_batch_size)
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"mtnlg serve: warning: listening on {args.host} without an API key: anyone who can reach it "
+              f"can use it (--api-key or ${API_KEY_ENV})", file=sys.stderr)
     name = args.model_name or os.path.basename(os.path.abspath(args.checkpoint))
-    serve(create_app(engine, api_key=args.api_key or os.environ.get(API_KEY_ENV), model_name=name),
-          args.host, args.port)
+    app = create_app(engine, api_key=api_key, model_name=name, max_body_bytes=args.max_body_bytes)
+    serve(app, args.host, args.port, sock=sock)
     return 0
+
+
+def _listen(host: str, port: int) -> object:
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _quantize_args(p: argparse.ArgumentParser) -> None:
@@ -466,14 +520,10 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
 @command("quantize", _quantize_args)
 def cmd_quantize(args: argparse.Namespace, overrides: list[str]) -> int:
     """Quantize a checkpoint's Linear layers (and output layer) to int8; generate/serve load it as is."""
-    from mtnlg.checkpoint import CheckpointError
     from mtnlg.quantize import quantize_checkpoint
 
     _no_overrides(overrides)
-    try:
-        print(f"wrote {quantize_checkpoint(args.checkpoint, args.out)}")
-    except CheckpointError as exc:
-        raise ConfigError(str(exc)) from None
+    print(f"wrote {quantize_checkpoint(args.checkpoint, args.out)}")
     return 0
 
 
@@ -483,6 +533,15 @@ def cmd_quantize(args: argparse.Namespace, overrides: list[str]) -> int:
 def _no_overrides(overrides: list[str]) -> None:
     if overrides:
         raise ConfigError(f"unrecognized arguments: {' '.join(overrides)}")
+
+
+def _user_error(exc: BaseException) -> bool:
+    """Errors that a command's input caused (a message is the whole answer), as opposed to bugs."""
+    kinds: list[type] = [ConfigError, OSError, ValueError]
+    checkpoint = sys.modules.get("mtnlg.checkpoint")  # imported by the commands that can raise it
+    if checkpoint is not None:
+        kinds.append(checkpoint.CheckpointError)
+    return isinstance(exc, tuple(kinds))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -507,13 +566,15 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     try:
         return args._fn(args, rest)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"mtnlg {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except ModuleNotFoundError as exc:
         if (message := missing_package_message(exc.name)) is None:
             raise
         print(f"mtnlg {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if not _user_error(exc):
+            raise
+        print(f"mtnlg {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mtnlg {args.command}: interrupted", file=sys.stderr)

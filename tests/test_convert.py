@@ -126,11 +126,11 @@ def test_serve_takes_a_tokenizer_too(tmp_path, tokenizerless, small_tokenizer):
     from_hf(hf_dir, tmp_path / "ckpt")
     args, _ = build_parser().parse_known_args(["serve", "--checkpoint", str(tmp_path / "ckpt"), "--tokenizer",
                                                str(tok)])
-    engine = _load_engine(args, max_batch_size=2)
+    engine = _load_engine(args.checkpoint, args, max_batch_size=2)
     assert engine.tokenizer.encode("lazy dog") == small_tokenizer.encode("lazy dog")
     args.tokenizer = None
     with pytest.raises(ConfigError, match="has no tokenizer"):
-        _load_engine(args, max_batch_size=2)
+        _load_engine(args.checkpoint, args, max_batch_size=2)
 
 
 def test_convert_stores_the_given_tokenizer_and_refuses_one_too_big(tmp_path, tokenizerless, small_tokenizer, capsys):

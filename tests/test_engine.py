@@ -159,19 +159,21 @@ def test_requests_that_do_not_fit_one_batch_are_split(engine: Engine) -> None:
 
 
 def test_cancelled_sequence_leaves_the_batch(engine: Engine) -> None:
-    steps = {"n": 0}
-
-    def cancelled() -> bool:
-        steps["n"] += 1
-        return steps["n"] >= 3
-
-    requests = [Request(engine.encode(p), GREEDY) for p in PROMPTS[:2]]
-    requests[0].cancelled = cancelled
-    results = [Completion(r.prompt) for r in requests]
-    for event in engine.run(requests):
-        results[event.index].add(event)
-    assert results[0].finish_reason == "cancelled" and len(results[0].tokens) == 3
-    assert results[1].tokens == engine.generate([PROMPTS[1]], GREEDY)[0].tokens
+    decoder = engine.decoder()
+    indices, _ = decoder.add([Request(engine.encode(p), GREEDY) for p in PROMPTS[:2]])
+    results = {i: Completion([]) for i in indices}
+    for step in range(6):
+        if step == 3:
+            for event in decoder.cancel({indices[0]}):
+                results[event.index].add(event)
+        for event in decoder.step():
+            results[event.index].add(event)
+    assert results[indices[0]].finish_reason == "cancelled" and len(results[indices[0]].tokens) == 3
+    assert decoder.live() == [indices[1]]
+    while len(decoder):
+        for event in decoder.step():
+            results[event.index].add(event)
+    assert results[indices[1]].tokens == engine.generate([PROMPTS[1]], GREEDY)[0].tokens
 
 
 def test_bad_settings_are_errors(engine: Engine) -> None:
@@ -187,19 +189,90 @@ def test_sequences_joining_a_running_batch_decode_as_they_would_alone(engine: En
     first = engine.request(PROMPTS[3], SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eod=True))
     joiners = [engine.request(PROMPTS[0], GREEDY), engine.request("a", sampled)]
     too_long = engine.request(list(range(1, 40)), GREEDY)  # longer than the running cache: must wait
-    calls = {"n": 0, "refused": None}
+    decoder = engine.decoder()
+    order, _ = decoder.add([first])
+    results: dict[int, Completion] = {}
+    for step in range(6):
+        if step == 2:
+            assert not decoder.can_add([too_long]) and decoder.can_add(joiners)
+            order += decoder.add(joiners)[0]
+        for event in decoder.step():
+            results.setdefault(event.index, Completion([])).add(event)
+    while len(decoder):
+        for event in decoder.step():
+            results[event.index].add(event)
+    out = [results[i].tokens for i in order]
+    assert out[0] == engine.generate([PROMPTS[3]], first.params)[0].tokens
+    assert out[1] == engine.generate([PROMPTS[0]], GREEDY)[0].tokens
+    assert out[2] == engine.generate(["a"], sampled)[0].tokens
 
-    def admit(can_join) -> list[Request]:
-        calls["n"] += 1
-        if calls["n"] != 3:
-            return []
-        calls["refused"] = not can_join(too_long)
-        return [r for r in joiners if can_join(r)]
 
-    results = [Completion(r.prompt) for r in [first, *joiners]]
-    for event in engine.run([first], admit):
-        results[event.index].add(event)
-    assert calls["refused"]
-    assert results[0].tokens == engine.generate([PROMPTS[3]], first.params)[0].tokens
-    assert results[1].tokens == engine.generate([PROMPTS[0]], GREEDY)[0].tokens
-    assert results[2].tokens == engine.generate(["a"], sampled)[0].tokens
+def test_a_failing_sequence_ends_alone_and_the_batch_goes_on(engine: Engine) -> None:
+    """Settings no validated request can have (top_k beyond int64 fails the prefill; a NaN penalty
+    would fail nothing, but a failing detokenizer fails the step) end only their own row."""
+    good = [engine.request(p, GREEDY) for p in PROMPTS[:2]]
+    broken = Request(engine.encode("x"), SamplingParams(max_new_tokens=5, top_k=2**63))
+    results: dict[int, Completion] = {}
+    for event in engine.run([good[0], broken, good[1]]):
+        results.setdefault(event.index, Completion([])).add(event)
+    assert results[1].finish_reason == "error" and "overflow" in results[1].error.lower()
+    expected = [engine.generate([p], GREEDY)[0].tokens for p in PROMPTS[:2]]
+    assert [results[0].tokens, results[2].tokens] == expected
+
+    decoder = engine.decoder()
+    indices, _ = decoder.add(good)
+    decoder.batch.rows[0].detok.add = lambda token: 1 / 0  # this row's step raises from now on
+    events = decoder.step()
+    assert [e.finish_reason for e in events] == ["error", None] and "ZeroDivisionError" in events[0].error
+    assert decoder.live() == [indices[1]]
+
+
+def test_extreme_settings_sample_finite_tokens_and_logprobs(engine: Engine) -> None:
+    """At the edges of the valid ranges nothing non-finite is sampled from or reported."""
+    import math
+
+    for extreme in (dict(top_p=5e-324), dict(top_p=1e-30, temperature=100.0), dict(temperature=1e-300),
+                    dict(repetition_penalty=0.01), dict(repetition_penalty=100.0, temperature=1e-9)):
+        params = SamplingParams(max_new_tokens=6, seed=1, logprobs=3, ignore_eod=True, **extreme)
+        [out] = engine.generate(["The quick"], params)
+        assert len(out.tokens) == 6 and max(out.tokens) < engine.vocab_size, extreme
+        values = out.logprobs + [v for top in out.top_logprobs for v in top.values()]
+        assert all(math.isfinite(v) for v in values), extreme
+    [tiny_p] = engine.generate(["The quick"], SamplingParams(max_new_tokens=6, top_p=5e-324, seed=1, ignore_eod=True))
+    assert tiny_p.tokens == engine.generate(["The quick"], GREEDY)[0].tokens[:6]  # only the top token is kept
+
+
+def test_non_finite_logits_still_give_valid_tokens_and_finite_logprobs(small_tokenizer) -> None:
+    import math
+
+    cfg = ModelConfig(vocab_size=small_tokenizer.vocab_size, seq_len=32, n_layers=1, hidden=32, n_heads=2,
+                      padded_vocab_multiple=64)
+    model = GPT(cfg)
+    with torch.no_grad():
+        model.ln_f.weight[0] = float("nan")  # every logit NaN, as from corrupted weights
+    engine = Engine(model, small_tokenizer)
+    for temperature in (0.0, 0.8):
+        params = SamplingParams(max_new_tokens=4, temperature=temperature, logprobs=2, seed=0, ignore_eod=True)
+        [out] = engine.generate(["The"], params)
+        assert len(out.tokens) == 4 and all(0 <= t < cfg.vocab_size for t in out.tokens)
+        assert all(math.isfinite(v) for v in out.logprobs + [v for d in out.top_logprobs for v in d.values()])
+
+
+def test_settings_outside_their_range_are_refused_before_generation(engine: Engine) -> None:
+    for bad, fragment in ((dict(top_k=engine.vocab_size + 1), "vocabulary size"),
+                          (dict(top_k=2**63), "top_k"), (dict(temperature=float("nan")), "temperature"),
+                          (dict(temperature=float("inf")), "temperature"), (dict(repetition_penalty=1e-300), "penalty"),
+                          (dict(top_p=float("nan")), "top_p"), (dict(seed=-1), "seed"), (dict(stop="ab"), "stop"),
+                          (dict(max_new_tokens=True), "max_new_tokens"), (dict(stop=["x"] * 5), "stop")):
+        with pytest.raises(ValueError, match=fragment):
+            engine.request("x", SamplingParams(**bad))
+
+
+def test_a_prompt_certainly_too_long_is_refused_before_tokenization(engine: Engine, monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(engine.tokenizer, "encode", lambda text: calls.append(text) or [1])
+    with pytest.raises(ValueError, match="context length 64"):
+        engine.request("y" * 1_000_000, GREEDY)
+    assert not calls
+    engine.request("y" * 10, GREEDY)
+    assert calls == ["y" * 10]

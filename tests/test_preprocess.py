@@ -142,3 +142,36 @@ def test_cli_preprocess(tmp_path: Path, small_tokenizer, capsys) -> None:
     assert main(["preprocess", "--input", str(tmp_path / "missing.jsonl"), "--tokenizer", str(tmp_path / "tok"),
                  "--output-prefix", str(tmp_path / "y")]) == 2
     assert "input not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [(b"\x00\xff\xfe\x80binary" * 50, "invalid UTF-8"), (b"", "empty"), (b"\n\n  \n", "only blank lines"),
+     (b'{"txt": "x"}\nnot json\n[1]\n', "every line was bad")],
+)
+def test_no_surviving_document_is_an_error_and_writes_nothing(tmp_path: Path, small_tokenizer, content: bytes,
+                                                              why: str) -> None:
+    src = tmp_path / ("in.bin" if b"binary" in content else "in.jsonl")
+    src.write_bytes(content)
+    with pytest.raises(DataError, match=f"no document.*{why}.*nothing was written"):
+        preprocess([src], small_tokenizer, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]
+
+
+def test_an_output_prefix_naming_a_directory_is_refused(tmp_path: Path, small_tokenizer, capsys) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", TEXTS)
+    (tmp_path / "existing").mkdir()
+    for prefix in (f"{tmp_path}/dir/", str(tmp_path / "existing"), "."):
+        with pytest.raises(DataError, match="names a directory"):
+            preprocess([src], small_tokenizer, prefix)
+    assert not (tmp_path / "dir").exists() and not list((tmp_path / "existing").iterdir())
+    small_tokenizer.save(tmp_path / "tok")
+    args = ["preprocess", "--input", str(src), "--tokenizer", str(tmp_path / "tok"), "--quiet"]
+    assert main(args + ["--output-prefix", f"{tmp_path}/dir/"]) == 2
+    err = capsys.readouterr().err
+    assert "names a directory" in err and len(err.strip().splitlines()) == 1
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["preprocess", "--input", str(empty), "--tokenizer", str(tmp_path / "tok"), "--quiet",
+                 "--output-prefix", str(tmp_path / "o")]) == 2
+    assert "input is empty" in capsys.readouterr().err

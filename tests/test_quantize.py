@@ -21,12 +21,14 @@ from mtnlg.generate.engine import Engine, SamplingParams
 from mtnlg.model.gpt import GPT
 from mtnlg.quantize import (
     INT8_WEIGHTS_FILE,
+    ONEDNN_MAX_ROWS,
     FP32Linear,
     Int8Linear,
     load_for_inference,
     onednn_linear_available,
     quantize_checkpoint,
     quantize_model,
+    row_bucket,
     save_quantized,
 )
 
@@ -110,6 +112,21 @@ def test_fp32_linear_layouts_equal_nn_linear(onednn: bool, bias: bool) -> None:
     fast = FP32Linear.from_linear(linear, onednn=onednn)
     assert fast.onednn == onednn and not fast.state_dict()  # an inference format, never saved
     for x in (torch.randn(1, 96), torch.randn(3, 5, 96), torch.randn(5, 3, 96).transpose(0, 1)):
+        torch.testing.assert_close(fast(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN Linear")
+def test_onednn_calls_use_few_shapes_and_the_same_results() -> None:
+    """Rows are padded to one of 40 counts and split in pieces of at most 128, so the kernels oneDNN
+    compiles per shape stay few (memory), and the results are those of the unpadded rows."""
+    sizes = {row_bucket(r) for r in range(1, ONEDNN_MAX_ROWS + 1)}
+    assert len(sizes) == 40 and max(sizes) == ONEDNN_MAX_ROWS
+    assert all(r <= row_bucket(r) <= r * 1.125 for r in range(1, ONEDNN_MAX_ROWS + 1))
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96)
+    fast = FP32Linear.from_linear(linear, onednn=True)
+    for rows in (17, 100, 129, 300):
+        x = torch.randn(rows, 64)
         torch.testing.assert_close(fast(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
@@ -202,5 +219,9 @@ def test_bad_requests_are_clear_errors(trained, tmp_path: Path) -> None:
     q = quantize_checkpoint(path, tmp_path / "q")
     config = (q / "config.json").read_text().replace('"n_layers": 2', '"n_layers": 3')
     (q / "config.json").write_text(config)
-    with pytest.raises(CheckpointError, match="blocks.2.attn.qkv_proj.weight_int8"):
+    with pytest.raises(CheckpointError, match="config.json is corrupted"):  # the manifest notices the edit
+        load_for_inference(q)
+    (q / "checksums.json").unlink()  # a hand-edited checkpoint without one: the weights do not fit
+    with pytest.warns(UserWarning, match="no checksums.json"), pytest.raises(
+            CheckpointError, match="blocks.2.attn.qkv_proj.weight_int8"):
         load_for_inference(q)

@@ -7,16 +7,15 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from serving import running
 
 from mtnlg.checkpoint import save_model
 from mtnlg.config import Config, ModelConfig
@@ -29,26 +28,6 @@ uvicorn = pytest.importorskip("uvicorn")
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-@contextmanager
-def running(app) -> Iterator[str]:
-    """Serve ``app`` with uvicorn in a thread on a free local port; yield its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -268,11 +247,11 @@ def test_jobs_hand_tokens_to_the_event_loop_per_token_only_when_streaming(stream
     """Every hand-over wakes the event loop's thread, which competes with the model for the cores."""
     import asyncio
 
+    from mtnlg.generate.batcher import Job
     from mtnlg.generate.sequence import TokenEvent
-    from mtnlg.generate.server import _Job
 
     async def run() -> list:
-        job = _Job([], asyncio.get_running_loop(), stream=stream)
+        job = Job([], asyncio.get_running_loop(), stream=stream)
         events = [TokenEvent(0, 5, "a"), TokenEvent(1, 6, "b"), TokenEvent(0, 7, "c", finish_reason="length")]
         for e in events:
             job.deliver((e.index, e))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import multiprocessing
+import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -248,6 +249,7 @@ def preprocess(
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    _check_prefix(output_prefix)
     paths = expand_inputs(inputs)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
     tok_json = tok.hf.to_str()
@@ -268,9 +270,34 @@ def preprocess(
             elapsed = time.perf_counter() - start
             bar.update(enc.nbytes)
             bar.set_postfix_str(f"{report.documents / elapsed:,.0f} docs/s, {report.tokens / elapsed:,.0f} tok/s")
+        if report.documents == 0:  # raised before finalize: nothing is written
+            raise DataError(_nothing_survived(report, len(paths)))
         writer.finalize()
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _check_prefix(output_prefix: str | Path) -> None:
+    """A prefix names files (PREFIX.bin, PREFIX.idx); one that names a directory would write the
+    hidden files ``dir/.bin`` and ``dir/.idx``."""
+    text = str(output_prefix)
+    path = Path(text)
+    if not text or text.endswith(("/", os.sep)) or path.is_dir() or path.name in ("", ".", ".."):
+        raise DataError(f"output prefix {text!r} names a directory; give a file name prefix in it, "
+                        f"e.g. {str(path / 'data')!r} (writes data.bin and data.idx)")
+
+
+def _nothing_survived(report: PreprocessReport, files: int) -> str:
+    """Why a run produced no document, in one line (and that nothing was written)."""
+    where = f"{files} input file{'s' if files != 1 else ''}, {report.bytes_read:,} bytes"
+    if report.skipped:
+        kinds = ", ".join(f"{k}: {v}" for k, v in report.skipped.most_common())
+        why = f"every line was bad ({kinds}); first: {report.examples[0]}"
+    elif report.blank_lines:
+        why = f"the input has only blank lines ({report.blank_lines})"
+    else:
+        why = "the input is empty"
+    return f"no document to write from {where}: {why}; nothing was written"
 
 
 def _encoded_chunks(chunks: Iterator[Chunk], tok_json: str, json_key: str, workers: int) -> Iterator[Encoded]:

@@ -22,7 +22,8 @@ def sampling_params(config: Config | None, overrides: list[str], **flags: object
         set_field(cfg, key, value, f"--{key}")
     cfg.generate.validate()
     try:
-        return SamplingParams.from_config(cfg.generate, **flags).validate()
+        vocab_size = config.model.vocab_size if config is not None else None  # top_k's bound
+        return SamplingParams.from_config(cfg.generate, **flags).validate(vocab_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -67,6 +67,7 @@ def top_p_filter(logits: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     probs = sorted_logits.float().softmax(dim=-1)
     mass_above = probs.cumsum(dim=-1) - probs
     drop_sorted = mass_above >= p_rows
+    drop_sorted[:, 0] = False  # even where p underflows float32 to 0
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, NEG_INF)
 
@@ -75,11 +76,16 @@ def sample(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Draw one token per row from softmax(logits) by inverting its CDF at ``uniform`` (B,).
 
     The token is the first index whose cumulative probability exceeds u * total; tokens
-    filtered to -inf have probability 0 and can never be that index.
+    filtered to -inf have probability 0 and can never be that index. The CDF is float64, so
+    rounding in a 50k-token cumulative sum cannot move a boundary. A row whose distribution
+    is not finite (the model produced NaN or infinite logits) gets its most likely token.
     """
-    cdf = logits.float().softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+    probs = logits.double().softmax(dim=-1)
+    cdf = probs.cumsum(dim=-1)  # (B, V)
     target = uniform.to(cdf.device, cdf.dtype).reshape(-1, 1) * cdf[:, -1:]
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+    drawn = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+    finite = torch.isfinite(cdf[:, -1]) & (cdf[:, -1] > 0)
+    return torch.where(finite, drawn, greedy(logits.nan_to_num(nan=NEG_INF)))
 
 
 def select_tokens(
@@ -91,13 +97,17 @@ def select_tokens(
 ) -> torch.Tensor:
     """The next token of each row: greedy where temperature == 0, otherwise
     temperature -> top-k -> top-p -> a draw at ``uniform``. All settings are (B,) tensors.
+
+    The logits are shifted to a maximum of 0 before the temperature divides them, so any
+    temperature > 0 leaves them finite (or -inf): the most likely token keeps probability > 0.
     """
     chosen = greedy(logits)
     sampled_rows = temperature > 0
     if not bool(sampled_rows.any()):
         return chosen
     rows = sampled_rows.nonzero().squeeze(-1)
-    x = apply_temperature(logits[rows].float(), temperature[rows])
+    x = logits[rows].float()
+    x = apply_temperature(x - x.amax(dim=-1, keepdim=True), temperature[rows])
     if bool((top_k[rows] > 0).any()):
         x = top_k_filter(x, top_k[rows])
     if bool((top_p[rows] < 1).any()):

@@ -8,8 +8,11 @@ still become a stop string or is an incomplete UTF-8 character) and decides when
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from tokenizers.decoders import DecodeStream
 
 from mtnlg.config import GenerateConfig
 from mtnlg.data.tokenizer import Tokenizer
@@ -39,21 +42,49 @@ class SamplingParams:
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)  # type: ignore[arg-type]
 
-    def validate(self) -> SamplingParams:
-        """Raise ValueError naming the first bad field."""
-        checks = [
-            ("max_new_tokens", self.max_new_tokens >= 0, "must be >= 0"),
-            ("temperature", self.temperature >= 0, "must be >= 0 (0 means greedy)"),
-            ("top_k", self.top_k >= 0, "must be >= 0 (0 disables)"),
-            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
-            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS, "must be None or 0..20"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+    def validate(self, vocab_size: int | None = None) -> SamplingParams:
+        """Raise ValueError naming the first bad field. The ranges keep every float32 step of the
+        sampler finite (see ``LIMITS``); ``top_k`` may not exceed ``vocab_size`` when it is given."""
+        for name, (low, high, rule) in LIMITS.items():
+            value = getattr(self, name)
+            if value is None and name in ("seed", "logprobs"):
+                continue
+            kind = int if name in _INT_FIELDS else float
+            if not _is_number(value, kind) or not low <= value <= high:
+                raise ValueError(f"{name} {rule}, got {value!r}")
+        if vocab_size is not None and self.top_k > vocab_size:
+            raise ValueError(f"top_k must be <= the vocabulary size {vocab_size} (0 disables), got {self.top_k}")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ValueError(f"stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
         return self
+
+
+# Inclusive ranges of the numeric settings, and what the error says. Temperatures are applied to
+# max-subtracted logits, so any T > 0 up to the bound is finite; a penalty in [1e-2, 1e2] keeps
+# float32 logits finite (|logit| < 3e36); seeds fit torch.Generator.manual_seed.
+LIMITS: dict[str, tuple[float, float, str]] = {
+    "max_new_tokens": (0, 2**31 - 1, "must be an integer >= 0"),
+    "temperature": (0.0, 100.0, "must be a number in [0, 100] (0 means greedy)"),
+    "top_k": (0, 2**31 - 1, "must be an integer >= 0 (0 disables)"),
+    "top_p": (math.ulp(0.0), 1.0, "must be a number in (0, 1] (1 disables)"),
+    "repetition_penalty": (1e-2, 1e2, "must be a number in [0.01, 100] (1 disables)"),
+    "seed": (0, 2**63 - 1, "must be an integer in [0, 2**63)"),
+    "logprobs": (0, MAX_TOP_LOGPROBS, f"must be None or an integer in [0, {MAX_TOP_LOGPROBS}]"),
+}
+_INT_FIELDS = {"max_new_tokens", "top_k", "seed", "logprobs"}
+MAX_STOP_STRINGS = 4  # as OpenAI's API
+MAX_STOP_CHARS = 256
+
+
+def _is_number(value: object, kind: type) -> bool:
+    """An int for integer fields, a finite int or float for float fields (never a bool)."""
+    if isinstance(value, bool):
+        return False
+    if kind is int:
+        return isinstance(value, int)
+    return isinstance(value, int | float) and math.isfinite(value)
 
 
 _PARAM_NAMES = {f.name for f in dataclasses.fields(SamplingParams)}
@@ -61,11 +92,10 @@ _PARAM_NAMES = {f.name for f in dataclasses.fields(SamplingParams)}
 
 @dataclass
 class Request:
-    """One sequence to generate: prompt token ids, its settings, and a cancellation probe."""
+    """One sequence to generate: prompt token ids and its settings (validated by ``Engine.request``)."""
 
     prompt: list[int]
     params: SamplingParams
-    cancelled: Callable[[], bool] | None = None  # polled every step, e.g. a disconnected client
 
 
 @dataclass
@@ -77,7 +107,8 @@ class TokenEvent:
     text: str  # newly released text: held back while it might be the start of a stop string
     logprob: float | None = None
     top_logprobs: dict[int, float] | None = None
-    finish_reason: str | None = None  # "stop", "length" or "cancelled" on the row's last event
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error" on the row's last event
+    error: str | None = None  # with finish_reason "error": what failed (this row only; the batch goes on)
 
 
 @dataclass
@@ -90,6 +121,7 @@ class Completion:
     finish_reason: str = "length"
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
+    error: str | None = None
 
     def add(self, event: TokenEvent) -> None:
         """Fold one of this sequence's events into the result."""
@@ -102,39 +134,49 @@ class Completion:
                 self.top_logprobs.append(event.top_logprobs or {})
         self.text += event.text
         if event.finish_reason is not None:
-            self.finish_reason = event.finish_reason
+            self.finish_reason, self.error = event.finish_reason, event.error
 
 
 class Detokenizer:
-    """Turns a row's growing token list into text, releasing only text that is final.
+    """Turns a row's tokens into text as they come, releasing only text that is final.
 
-    Text is held back while it ends in an incomplete UTF-8 character (decoded as U+FFFD) or in
-    a prefix of a stop string; a stop string ends the text just before it.
+    ``tokenizers``' ``DecodeStream`` decodes each token against a short prefix (not the whole
+    sequence again) and withholds a token that ends in an incomplete UTF-8 character. Text is also
+    held back while it ends in a prefix of a stop string; a stop string ends the text just before it.
     """
 
     def __init__(self, tokenizer: Tokenizer | None, stop: Sequence[str]) -> None:
         self.tokenizer, self.stop = tokenizer, list(stop)
-        self.ids: list[int] = []
-        self.released = 0  # characters of the decoded text already handed out
+        self.stream = DecodeStream(skip_special_tokens=False)
+        self.undecoded: list[int] = []  # tokens the stream withholds (an incomplete character so far)
+        self.released = 0  # characters of ``text`` already handed out
         self.text = ""
+        self.longest_stop = max((len(s) for s in self.stop), default=0)
 
     def add(self, token: int) -> tuple[str, bool]:
         """Append ``token``; return (newly final text, whether a stop string was reached)."""
         if self.tokenizer is None:
             return "", False
-        self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids)
-        hits = [i for i in (self.text.find(s, self.released) for s in self.stop) if i >= 0]
+        piece = self.stream.step(self.tokenizer.hf, token)
+        if piece is None:
+            self.undecoded.append(token)
+            return "", False
+        self.undecoded = []
+        start = max(self.released, len(self.text) - self.longest_stop + 1)
+        self.text += piece
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         if hits:
             end = min(hits)
             self.text = self.text[:end]
             return self._release(end), True
-        safe = len(self.text.rstrip("\ufffd"))
-        held = max((_partial_suffix(self.text[:safe], s) for s in self.stop), default=0)
-        return self._release(max(safe - held, self.released)), False
+        held = max((_partial_suffix(self.text, s) for s in self.stop), default=0)
+        return self._release(max(len(self.text) - held, self.released)), False
 
     def flush(self) -> str:
-        """Everything not yet released (the sequence is over)."""
+        """Everything not yet released (the sequence is over); an incomplete character as U+FFFD."""
+        if self.undecoded and self.tokenizer is not None:
+            self.text += self.tokenizer.decode(self.undecoded)
+            self.undecoded = []
         return self._release(len(self.text))
 
     def _release(self, end: int) -> str:
@@ -159,9 +201,6 @@ class Row:
         self.generator = make_generator(seed)
         self.detok = Detokenizer(tokenizer, self.params.stop)
         self.n_generated = 0
-
-    def cancelled(self) -> bool:
-        return self.request.cancelled is not None and self.request.cancelled()
 
     def step(self, token: int, logprob: float | None, top: dict | None, eod_id: int | None) -> TokenEvent:
         """Record the sampled ``token`` and say whether the row is done."""

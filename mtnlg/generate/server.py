@@ -1,190 +1,70 @@
 """HTTP serving over one Engine: OpenAI-compatible completions, Megatron's ``PUT /api``, health.
 
-Concurrent requests are decoded together (continuous batching): each handler puts its
-sequences on a queue; one worker thread starts a batch with what is waiting (after the first
-arrival it waits ``batch_wait_s`` for more, up to ``max_batch_size`` sequences), and between
-decode steps lets queued sequences join the running batch while it has free rows and their
-prompt and budget fit; finished sequences leave it at once. Every event goes back to its
-handler's asyncio queue. The event loop only parses, validates and streams, so it keeps
-answering (health, bad requests) while a batch runs.
+Concurrent requests are decoded together (continuous batching, ``mtnlg.generate.batcher``).
+The event loop only checks, parses and streams, and tokenizes in a worker thread, so it keeps
+answering (health, bad requests) while a batch runs. Before a body is read, the API key is
+checked (every path but ``/health``) and its size limited; the body's fields are range-checked
+(``protocol``), so only an internal failure is a 500, and it fails only the request concerned.
 
 Errors are JSON in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for
-malformed or out-of-range requests, 401 without the right ``Authorization: Bearer`` key.
+malformed or out-of-range requests, 401 without the right ``Authorization: Bearer`` key, 404
+``model_not_found`` for another model's name, 413 for a body over the size limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
-import functools
+import hashlib
+import hmac
 import json
-import secrets
-import threading
+import socket
 import time
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from queue import Empty, Queue
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
 from starlette.exceptions import HTTPException
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from mtnlg.generate.batcher import Batcher, Job
 from mtnlg.generate.engine import Completion, Engine, SamplingParams, TokenEvent
 from mtnlg.generate.engine import Request as EngineRequest
 from mtnlg.generate.protocol import CompletionRequest, MegatronRequest
+from mtnlg.generate.sequence import LIMITS
 
 API_KEY_ENV = "MTNLG_API_KEY"
-
-
-# -- batching ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Job:
-    """One HTTP request's sequences; their events arrive on ``events`` in lists of
-    (sequence index, TokenEvent), or as the exception that ended the batch.
-
-    A streaming job gets each token as it is made; any other job gets a sequence's tokens
-    together when it finishes: every hand-over wakes the event loop's thread, which then competes
-    with the model's compute threads for the cores.
-    """
-
-    requests: list[EngineRequest]
-    loop: asyncio.AbstractEventLoop
-    stream: bool = False
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    stopped: threading.Event = field(default_factory=threading.Event)
-    pending: list[tuple[int, TokenEvent]] = field(default_factory=list)  # the worker thread's, until handed over
-
-    def deliver(self, item: tuple[int, TokenEvent] | BaseException) -> None:
-        """Called from the worker thread."""
-        if isinstance(item, tuple):
-            self.pending.append(item)
-            if not self.stream and item[1].finish_reason is None:
-                return
-            item, self.pending = self.pending, []
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
-        except RuntimeError:  # the client's event loop is gone
-            self.stopped.set()
-
-
-class Batcher:
-    """A worker thread that runs queued sequences through the engine, continuously batched."""
-
-    def __init__(self, engine: Engine, batch_wait_s: float = 0.005) -> None:
-        self.engine, self.batch_wait_s = engine, batch_wait_s
-        self._queue: Queue[tuple[_Job, int] | None] = Queue()
-        self._held: deque[tuple[_Job, int]] = deque()  # taken but did not fit the last batch
-        self._thread: threading.Thread | None = None
-        self.batches = 0  # batches started so far
-        self.largest_batch = 0  # the most sequences one batch has run (joiners included)
-        self.admitted = 0  # sequences that joined a batch already running
-
-    def start(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._work, name="mtnlg-batcher", daemon=True)
-            self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout)
-            self._thread = None
-
-    def submit(self, requests: list[EngineRequest], stream: bool = False) -> _Job:
-        """Queue a request's sequences (called on the event loop)."""
-        job = _Job(requests, asyncio.get_running_loop(), stream)
-        for r in requests:
-            r.cancelled = job.stopped.is_set
-        for i in range(len(requests)):
-            self._queue.put((job, i))
-        return job
-
-    def _next_batch(self) -> list[tuple[_Job, int]] | None:
-        """Block for the first sequence, then gather what fits until the wait runs out."""
-        first = self._held.popleft() if self._held else self._queue.get()
-        if first is None:
-            return None
-        batch = [first]
-        deadline = time.monotonic() + self.batch_wait_s
-        while len(batch) < self.engine.max_batch_size:
-            try:
-                wait = max(0.0, deadline - time.monotonic())
-                item = self._held.popleft() if self._held else self._queue.get(timeout=wait)
-            except Empty:
-                break
-            if item is None:
-                self._queue.put(None)  # stop after this batch
-                break
-            if not self.engine.fits([job.requests[i] for job, i in batch + [item]]):
-                self._held.appendleft(item)
-                break
-            batch.append(item)
-        return batch
-
-    def _admit(self, batch: list[tuple[_Job, int]], can_join: Callable[[EngineRequest], bool]) -> list[EngineRequest]:
-        """Sequences waiting in the queue that can join the running batch now (continuous batching).
-        In arrival order: the first that cannot join waits for the next batch, and so do those after it."""
-        joined: list[EngineRequest] = []
-        while True:
-            item = self._held.popleft() if self._held else self._poll()
-            if item is None:
-                break
-            job, i = item
-            if job.stopped.is_set():
-                continue
-            if not can_join(job.requests[i]):
-                self._held.appendleft(item)
-                break
-            batch.append(item)
-            joined.append(job.requests[i])
-        self.admitted += len(joined)
-        return joined
-
-    def _poll(self) -> tuple[_Job, int] | None:
-        try:
-            item = self._queue.get_nowait()
-        except Empty:
-            return None
-        if item is None:
-            self._queue.put(None)  # stop: leave the sentinel for _next_batch
-        return item
-
-    def _work(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            batch = [(job, i) for job, i in batch if not job.stopped.is_set()]
-            if not batch:
-                continue
-            self.batches += 1
-            try:
-                events = self.engine.run([job.requests[i] for job, i in batch], functools.partial(self._admit, batch))
-                for event in events:
-                    job, i = batch[event.index]
-                    job.deliver((i, event))
-            except Exception as exc:  # report to every waiting client, keep serving
-                for job, _ in batch:
-                    job.deliver(exc)
-            self.largest_batch = max(self.largest_batch, len(batch))
+MAX_SEQUENCES = 64  # prompts x n in one request
+_API_NAMES = {"max_new_tokens": "max_tokens", "ignore_eod": "ignore_eos", "stop": "stop"}
+MAX_BODY_BYTES = 1 << 20  # default limit of a request body (mtnlg serve --max-body-bytes)
 
 
 # -- errors and auth -------------------------------------------------------------------------------
 
 
-def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status)
+def _error(
+    status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", code: str | None = None
+) -> JSONResponse:
+    """OpenAI's error shape. The message may quote the request (a field name, a value): anything JSON
+    cannot carry as UTF-8 (a lone surrogate) is escaped, so the error itself always serialises."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    param = None if param is None else param.encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.code = status, message, param, code
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -199,23 +79,58 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.param)
+        kind = "server_error" if exc.status >= 500 else "invalid_request_error"
+        return _error(exc.status, exc.message, exc.param, kind, exc.code)
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), kind="not_found" if exc.status_code == 404 else "error")
+        detail = str(exc.detail)
+        if exc.status_code == 413:
+            detail = f"request body too large: at most {app.state.max_body_bytes} bytes (mtnlg serve --max-body-bytes)"
+        return _error(exc.status_code, detail, kind="not_found" if exc.status_code == 404 else "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:  # a bug: still JSON, never plain text
+        return _error(500, f"internal error: {type(exc).__name__}", kind="server_error")
 
 
-def _auth_dependency(api_key: str | None) -> Callable[[Request], None]:
-    def check(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+class _DeclaredSize:
+    """Refuses a body whose declared ``Content-Length`` exceeds the limit before reading any of it,
+    with the API's JSON error. Starlette's ``RequestBodyLimitMiddleware`` (inside this one) counts the
+    bytes of a body as they arrive, which covers chunked bodies, but answers a declared oversize in
+    plain text."""
 
-    return check
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            declared = dict(scope["headers"]).get(b"content-length", b"0")
+            if not declared.isdigit() or int(declared) > self.max_body_bytes:
+                message = f"request body too large: at most {self.max_body_bytes} bytes (mtnlg serve --max-body-bytes)"
+                await _error(413, message)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+OPEN_PATHS = frozenset({"/health"})  # everything else needs the key, the API docs included
+
+
+class _BearerKey(AuthenticationBackend):
+    """Checks ``Authorization: Bearer KEY`` before the request body is read or parsed, comparing
+    SHA-256 digests in constant time (neither the key's content nor its length leaks)."""
+
+    def __init__(self, api_key: str) -> None:
+        self.digest = hashlib.sha256(api_key.encode()).digest()
+
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser] | None:
+        if conn.url.path in OPEN_PATHS:
+            return None
+        scheme, _, token = conn.headers.get("authorization", "").partition(" ")
+        given = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
+        if not hmac.compare_digest(given, self.digest) or scheme.lower() != "bearer":
+            raise AuthenticationError("missing or wrong API key: send 'Authorization: Bearer <key>'")
+        return AuthCredentials(["api"]), SimpleUser("client")
 
 
 # -- request handling ------------------------------------------------------------------------------
@@ -229,31 +144,53 @@ class _Server:
         self.batcher = Batcher(engine, batch_wait_s)
         self.created = int(time.time())
 
-    def build(self, prompts: Sequence[str | list[int]], params: list[SamplingParams]) -> list[EngineRequest]:
+    async def build(self, prompts: Sequence[str | list[int]], params: list[SamplingParams]) -> list[EngineRequest]:
+        """Validated engine requests, prompt-major. The count is checked before anything is tokenized;
+        each prompt is tokenized once (not once per choice), in a worker thread, so the event loop
+        keeps answering meanwhile."""
+        if len(prompts) * len(params) > MAX_SEQUENCES:
+            raise APIError(400, f"{len(prompts)} prompts x n={len(params)} sequences requested; "
+                                f"at most {MAX_SEQUENCES} per request", param="n")
         try:
-            return [self.engine.request(p, sp) for p in prompts for sp in params]
-        except ValueError as exc:
-            raise APIError(400, str(exc)) from None
+            return await asyncio.to_thread(self._requests, prompts, params)
+        except ValueError as exc:  # messages start with the field: SamplingParams' name, or the prompt's
+            field = str(exc).split(" ", 1)[0]
+            raise APIError(400, str(exc), param=_API_NAMES.get(field, field if field in LIMITS else "prompt")) from None
 
-    async def collect(self, job: _Job) -> list[Completion]:
+    def _requests(self, prompts: Sequence[str | list[int]], params: list[SamplingParams]) -> list[EngineRequest]:
+        out = []
+        for prompt in prompts:
+            first = self.engine.request(prompt, params[0])
+            out += [first] + [self.engine.request(first.prompt, sp) for sp in params[1:]]
+        return out
+
+    async def collect(self, job: Job) -> list[Completion]:
         out = [Completion(r.prompt) for r in job.requests]
         async for i, event in self.events(job):
             out[i].add(event)
         return out
 
-    async def events(self, job: _Job) -> AsyncIterator[tuple[int, TokenEvent]]:
+    async def events(self, job: Job) -> AsyncIterator[tuple[int, TokenEvent]]:
         """A job's events until all its sequences finish; stops the job if the consumer leaves."""
         remaining = len(job.requests)
         try:
             while remaining:
-                items = await job.events.get()
-                if isinstance(items, BaseException):
-                    raise APIError(500, f"generation failed: {items!r}")
-                for item in items:
+                for item in await job.events.get():
+                    if item[1].finish_reason == "error":
+                        raise APIError(500, f"generation failed: {item[1].error}")
                     remaining -= item[1].finish_reason is not None
                     yield item
         finally:
             job.stopped.set()
+
+    def check(self, body: CompletionRequest) -> None:
+        """What the body's own validation cannot know: the served model, the options not implemented."""
+        if body.model and body.model != self.model_name:
+            raise APIError(404, f"The model '{body.model}' does not exist; this server serves "
+                                f"'{self.model_name}' (GET /v1/models)", param="model", code="model_not_found")
+        refused = body.unsupported()
+        if refused is not None:
+            raise APIError(400, refused[1], param=refused[0])
 
     def token_strings(self, ids: list[int]) -> list[str]:
         tok = self.engine.tokenizer
@@ -293,9 +230,7 @@ def _prompts(prompt: str | list) -> list[str | list[int]]:
 async def _openai_completion(server: _Server, body: CompletionRequest) -> JSONResponse | StreamingResponse:
     prompts = _prompts(body.prompt)
     params = _completion_params(body)
-    requests = server.build(prompts, params)
-    if len(requests) > 64:
-        raise APIError(400, f"{len(requests)} sequences requested (prompts x n); at most 64 per request")
+    requests = await server.build(prompts, params)
     job = server.batcher.submit(requests, stream=body.stream)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": cid, "object": "text_completion", "created": created, "model": server.model_name}
@@ -321,7 +256,7 @@ def _usage(requests: list[EngineRequest], completions: list[Completion], n: int)
     return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
 
-async def _sse(server: _Server, job: _Job, head: dict, body: CompletionRequest) -> AsyncIterator[str]:
+async def _sse(server: _Server, job: Job, head: dict, body: CompletionRequest) -> AsyncIterator[str]:
     """Server-sent events: one chunk per released piece of text, then ``[DONE]``."""
     completions = [Completion(r.prompt) for r in job.requests]
     try:
@@ -334,12 +269,17 @@ async def _sse(server: _Server, job: _Job, head: dict, body: CompletionRequest) 
                 tops = [ev.top_logprobs or {}]
                 logprobs = server.openai_logprobs([ev.token], [ev.logprob or 0.0], tops)
             choice = {"index": i, "text": ev.text, "logprobs": logprobs, "finish_reason": ev.finish_reason}
-            yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+            yield _event({**head, "choices": [choice]})
     except APIError as exc:
-        yield f"data: {json.dumps({'error': {'message': exc.message, 'type': 'server_error'}})}\n\n"
-    if body.stream_options and body.stream_options.get("include_usage"):
-        yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(job.requests, completions, body.n)})}\n\n"
+        yield _event({"error": {"message": exc.message, "type": "server_error", "param": None, "code": None}})
+    if body.stream_options is not None and body.stream_options.include_usage:
+        yield _event({**head, "choices": [], "usage": _usage(job.requests, completions, body.n)})
     yield "data: [DONE]\n\n"
+
+
+def _event(data: dict) -> str:
+    """One server-sent event; strict JSON (a non-finite number is an error here, never ``NaN`` on the wire)."""
+    return f"data: {json.dumps(data, allow_nan=False)}\n\n"
 
 
 async def _megatron(server: _Server, body: MegatronRequest) -> dict:
@@ -353,7 +293,7 @@ async def _megatron(server: _Server, body: MegatronRequest) -> dict:
         seed=None if body.random_seed < 0 else body.random_seed,
         stop=["\n\n"] if body.stop_on_double_eol else ["\n"] if body.stop_on_eol else [],
     )
-    requests = server.build(body.prompts, [params])
+    requests = await server.build(body.prompts, [params])
     completions = await server.collect(server.batcher.submit(requests))
     texts = [p + c.text for p, c in zip(body.prompts, completions, strict=True)]
     segments = [server.token_strings(r.prompt + c.tokens) for r, c in zip(requests, completions, strict=True)]
@@ -373,8 +313,17 @@ def create_app(
     quantize: str | None = None,
     max_batch_size: int = 8,
     batch_wait_s: float = 0.005,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
-    """The FastAPI app serving an engine (or a checkpoint directory, loaded here)."""
+    """The FastAPI app serving an engine (or a checkpoint directory, loaded here).
+
+    ``api_key`` None serves without authentication; an empty key is refused (it would look like
+    protection and be none)."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty: give a real key, or none to serve without authentication")
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    return_freed_memory()
     if isinstance(engine_or_checkpoint, Engine):
         engine = engine_or_checkpoint
         name = model_name or "mtnlg"
@@ -390,9 +339,13 @@ def create_app(
         server.batcher.stop()
 
     app = FastAPI(title="mtnlg", lifespan=lifespan)
-    app.state.server = server
+    app.state.server, app.state.max_body_bytes = server, max_body_bytes
     _install_error_handlers(app)
-    auth = [Depends(_auth_dependency(api_key))]
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=max_body_bytes)
+    app.add_middleware(_DeclaredSize, max_body_bytes=max_body_bytes)
+    if api_key is not None:  # added last: runs first
+        app.add_middleware(AuthenticationMiddleware, backend=_BearerKey(api_key),
+                           on_error=lambda _, exc: _error(401, str(exc)))
 
     @app.get("/health")
     async def health() -> dict:
@@ -400,24 +353,42 @@ def create_app(
         stats = {"batches": b.batches, "largest_batch": b.largest_batch, "admitted": b.admitted}
         return {"status": "ok", "model": server.model_name, **stats}
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models")
     async def models() -> dict:
         card = {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "mtnlg"}
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions", dependencies=auth, response_model=None)
+    @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest) -> JSONResponse | StreamingResponse:
+        server.check(body)
         return await _openai_completion(server, body)
 
-    @app.put("/api", dependencies=auth)
+    @app.put("/api")
     async def megatron(body: MegatronRequest) -> dict:
         return await _megatron(server, body)
 
     return app
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the app with uvicorn until interrupted."""
+def return_freed_memory() -> None:
+    """Make glibc give large freed buffers back to the OS (a no-op elsewhere).
+
+    glibc serves a request of more than its mmap threshold (128 KiB) with mmap, but raises the
+    threshold (up to 32 MiB) whenever such a block is freed; from then on activations of varied
+    sizes come from the heap, which fragments, and a server replaying the same requests kept
+    growing by hundreds of MB. A fixed threshold (what ``MALLOC_MMAP_THRESHOLD_`` sets) stops that.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3  # malloc.h
+    libc.mallopt(m_mmap_threshold, 128 * 1024)
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, sock: socket.socket | None = None) -> None:
+    """Run the app with uvicorn until interrupted (on ``sock`` if given: bound before the model loaded)."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    config = uvicorn.Config(app, host=host, port=port, log_level="info")
+    uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
