@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from run_info import run_info
 
 from mtnlg.checkpoint import save_model
 from mtnlg.config import Config
@@ -186,6 +187,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="a 2-layer model and few tokens (smoke test)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
+    load_start = os.getloadavg()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model_cfg = get_preset("gpt2-small")
@@ -218,6 +220,7 @@ def main() -> None:
         "bandwidth_bound_tokens_per_s_batch_1": {"fp32": bandwidth / bytes_fp32, "int8": bandwidth / bytes_int8},
         "decode": decode_benchmark(engines_for, hf, model_cfg.vocab_size, args),
         "server_fp32": server_benchmark(served, model_cfg.vocab_size, args),
+        "run": run_info(load_start),
     }
     b1, b8 = result["decode"]["batch_1"], result["decode"]["batch_8"]
     speed = {k: v["tokens_per_s"] for k, v in b1.items()}

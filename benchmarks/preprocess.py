@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from run_info import run_info
+
 CASES = ["import_only", "hf_loop", "mtnlg_1_worker", "mtnlg_2_workers", "mtnlg_2_workers_4x_input"]
 
 
@@ -121,6 +123,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "preprocess.json")
     args = parser.parse_args()
+    load_start = os.getloadavg()
     if args.case:  # child process: measure and print one JSON line
         if args.case != "import_only":  # imports are not part of the measured work
             importlib.import_module("tokenizers" if args.case == "hf_loop" else "mtnlg.data.preprocess")
@@ -151,6 +154,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "note": "seconds exclude imports; on a shared machine wall-clock figures are noisy, CPU seconds less so",
         "results": results,
+        "run": run_info(load_start),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from run_info import run_info
 
 RESULTS = Path(__file__).parent / "results" / "tensor_parallel.json"
 COMM_MARKERS = ("c10d", "all_reduce", "allreduce", "all_gather", "allgather", "reduce_scatter", "wait_tensor")
@@ -146,6 +147,7 @@ def main() -> None:
     parser.add_argument("--sequence-parallel", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    load_start = os.getloadavg()
     if args.worker_out:
         worker(args)
         return
@@ -173,6 +175,7 @@ def main() -> None:
         "batch": args.batch,
         "note": "shared 2-core machine: figures are noisy; tp cannot speed up when ranks share the cores",
         "runs": runs,
+        "run": run_info(load_start),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"benchmark": "tensor_parallel"}

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from run_info import run_info
 
 from mtnlg.config import Config, ModelConfig, TrainConfig
 from mtnlg.plan import flops_per_token
@@ -343,6 +344,7 @@ def write_results(args: argparse.Namespace, results: dict, ablations: dict, peak
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch": torch.__version__, "python": sys.version.split()[0],
                     "load_average_start": load_start, "load_average_end": os.getloadavg()},
+        "run": run_info(load_start),
         "method": (f"{args.rounds} interleaved rounds x {args.steps} steps per loop, medians; ablations "
                    f"{max(1, args.rounds - 1)} rounds, baseline and variant alternating"),
     }
