@@ -312,21 +312,30 @@ def resolve_verified(path: str | Path) -> Path:
         directory = resolve(path)
         verify_for_inference(directory)
         return directory
+    def check(candidate: Path) -> None:
+        if not (candidate / CONFIG_FILE).is_file():
+            raise CheckpointError(f"{candidate} is missing or incomplete")
+        verify_for_inference(candidate)
+
+    candidates = _candidates(path)
+    if not candidates:
+        resolve(path)  # raises: not a checkpoint
+    return _first_good(path, candidates, check)
+
+
+def _first_good(run_dir: Path, candidates: list[Path], check: Callable[[Path], None]) -> Path:
+    """The first candidate ``check`` passes, warning about those it skipped; else a CheckpointError."""
     problems = []
-    for candidate in _candidates(path):
+    for candidate in candidates:
         try:
-            if not (candidate / CONFIG_FILE).is_file():
-                raise CheckpointError(f"{candidate} is missing or incomplete")
-            verify_for_inference(candidate)
+            check(candidate)
         except CheckpointError as exc:
             problems.append(str(exc))
             continue
         if problems:
-            warnings.warn(f"using the previous good checkpoint {candidate}: {'; '.join(problems)}", stacklevel=2)
+            warnings.warn(f"using the previous good checkpoint {candidate}: {'; '.join(problems)}", stacklevel=3)
         return candidate
-    if not problems:
-        resolve(path)  # raises: not a checkpoint
-    raise CheckpointError(f"no usable checkpoint in {path}: {'; '.join(problems)}")
+    raise CheckpointError(f"no usable checkpoint in {run_dir}: {'; '.join(problems)}")
 
 
 def _distributed() -> bool:
@@ -560,19 +569,7 @@ def find_training_checkpoint(run_dir: str | Path) -> Path | None:
     if not run_dir.is_dir():
         return None
     candidates = _candidates(run_dir)
-    if not candidates:
-        return None
-    problems = []
-    for candidate in candidates:
-        try:
-            verify_checksums(candidate)
-        except CheckpointError as exc:
-            problems.append(str(exc))
-            continue
-        if problems:
-            warnings.warn(f"using the previous good checkpoint {candidate}: {'; '.join(problems)}", stacklevel=2)
-        return candidate
-    raise CheckpointError(f"no usable checkpoint in {run_dir}: {'; '.join(problems)}")
+    return _first_good(run_dir, candidates, verify_checksums) if candidates else None
 
 
 def check_compatible(saved: Config, current: Config, where: Path) -> None:

@@ -9,6 +9,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+import torch
+
+from mtnlg.config import ModelConfig
+from mtnlg.generate.engine import Engine
+from mtnlg.model.gpt import GPT
 
 uvicorn = pytest.importorskip("uvicorn")
 
@@ -31,3 +36,11 @@ def running(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(15)
         sock.close()
+
+
+def tiny_engine(tokenizer) -> Engine:
+    """A 2-layer random model behind the engine, its weights large enough (init_std 0.3) for varied text."""
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=64, n_layers=2, hidden=64, n_heads=4,
+                      padded_vocab_multiple=64, init_std=0.3)
+    torch.manual_seed(0)
+    return Engine(GPT(cfg), tokenizer, max_batch_size=8)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from dist_harness import run_world
+from test_trainer import RandomTokens
 from torch.distributed.tensor import DTensor
 
 from mtnlg.config import Config, ModelConfig, ParallelConfig, TrainConfig
@@ -21,19 +21,6 @@ from mtnlg.parallel import ParallelDims
 from mtnlg.train.trainer import Trainer, build_model
 
 STEPS = 5
-
-
-class RandomTokens:
-    """In-memory samples of seq_len + 1 random tokens (the trainer's dataset interface)."""
-
-    def __init__(self, n: int, seq_len: int, vocab: int) -> None:
-        self.data = np.random.default_rng(0).integers(0, vocab, size=(n, seq_len + 1), dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.data[i]
 
 
 def _config(**parallel: Any) -> Config:

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
-from serving import running
+from serving import running, tiny_engine
 
 from mtnlg.checkpoint import save_model
 from mtnlg.config import Config, ModelConfig
@@ -32,10 +31,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def engine(small_tokenizer) -> Engine:
-    cfg = ModelConfig(vocab_size=small_tokenizer.vocab_size, seq_len=64, n_layers=2, hidden=64, n_heads=4,
-                      padded_vocab_multiple=64, init_std=0.3)
-    torch.manual_seed(0)
-    return Engine(GPT(cfg), small_tokenizer, max_batch_size=8)
+    return tiny_engine(small_tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serving import running
+from serving import running, tiny_engine
 
-from mtnlg.config import ModelConfig
 from mtnlg.generate.engine import Engine, SamplingParams
 from mtnlg.generate.protocol import UNSUPPORTED
 from mtnlg.generate.server import create_app
-from mtnlg.model.gpt import GPT
 
 KEY = "limits-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -30,10 +27,7 @@ BODY_LIMIT = 64 * 1024
 
 @pytest.fixture(scope="module")
 def engine(small_tokenizer) -> Engine:
-    cfg = ModelConfig(vocab_size=small_tokenizer.vocab_size, seq_len=64, n_layers=2, hidden=64, n_heads=4,
-                      padded_vocab_multiple=64, init_std=0.3)
-    torch.manual_seed(0)
-    return Engine(GPT(cfg), small_tokenizer, max_batch_size=8)
+    return tiny_engine(small_tokenizer)
 
 
 @pytest.fixture(scope="module")
