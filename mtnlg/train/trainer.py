@@ -5,7 +5,9 @@ One optimizer step:
 1. The global batch ``B`` (ramped up from a small start, MT-NLG style) is split into
    ``B / (micro_batch_size x dp)`` micro-batches per data-parallel rank. Each runs forward and
    backward under autocast with its loss divided by the micro-batch count, so the accumulated
-   gradient is that of the mean loss over the whole batch.
+   gradient is that of the mean loss over the whole batch. Under FSDP the gradients are reduced
+   over the data-parallel ranks after the last micro-batch only; under pipeline parallelism the
+   schedule (``mtnlg.parallel.pipeline.Pipeline``) runs the same micro-batches through the stages.
 2. The global gradient norm is measured (fp16: after unscaling). A NaN/Inf loss or norm skips the
    step: it is counted and logged, and the weights and optimizer state stay untouched.
 3. Gradients are clipped to ``grad_clip``, the LR is set from the schedule and AdamW steps.
