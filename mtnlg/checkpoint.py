@@ -312,6 +312,7 @@ def resolve_verified(path: str | Path) -> Path:
         directory = resolve(path)
         verify_for_inference(directory)
         return directory
+
     def check(candidate: Path) -> None:
         if not (candidate / CONFIG_FILE).is_file():
             raise CheckpointError(f"{candidate} is missing or incomplete")
@@ -455,10 +456,11 @@ def consolidated_weights(train_state: Path, cfg: Config) -> dict[str, torch.Tens
 def run_layout(cfg: Config) -> dict[str, Any]:
     """The layout of this job as ``layout.json`` records it: the world size and the ``parallel.*``
     sizes and schedule, ``dp = -1`` resolved. For reading only: a checkpoint loads under any layout."""
+    from mtnlg.parallel.dims import ParallelDims  # here: mtnlg.parallel imports this module
+
     world = dist.get_world_size() if _distributed() else 1
     layout = {"world_size": world, **{k: v for k, v in cfg.to_dict()["parallel"].items() if k != "timeout_s"}}
-    if layout["dp"] == -1:
-        layout["dp"] = world // (cfg.parallel.tp * cfg.parallel.pp)
+    layout["dp"] = ParallelDims.from_config(cfg.parallel, world).dp  # dp = -1 resolved as the run resolved it
     return layout
 
 

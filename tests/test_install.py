@@ -62,12 +62,12 @@ def test_the_documented_install_installs_every_extra_and_the_pinned_torch():
     assert torch_version in SpecifierSet(torch_spec.removeprefix("torch"))
 
 
-def test_training_without_matplotlib_says_why_there_is_no_plot(tiny_corpus, tmp_path, monkeypatch, capsys):
+def test_training_without_matplotlib_says_why_there_is_no_plot(train_data_flags, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: importing it fails
-    args = ["train", "--tokenizer", str(tiny_corpus / "tok"), "--data-path", str(tiny_corpus / "data" / "py"),
-            "--out", str(tmp_path / "run"), "--no-progress", "--model.seq_len=16", "--model.n_layers=1",
-            "--model.hidden=32", "--model.n_heads=2", "--train.micro_batch_size=2", "--train.global_batch_size=2",
-            "--train.steps=1", "--train.eval_interval=0", "--train.peak_flops=1e12", "--train.device=cpu"]
+    args = ["train", *train_data_flags, "--out", str(tmp_path / "run"), "--no-progress", "--model.seq_len=16",
+            "--model.n_layers=1", "--model.hidden=32", "--model.n_heads=2", "--train.micro_batch_size=2",
+            "--train.global_batch_size=2", "--train.steps=1", "--train.eval_interval=0", "--train.peak_flops=1e12",
+            "--train.device=cpu"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "no loss.png: this needs the optional package 'matplotlib'" in out and "pip install -e '.[demo]'" in out
