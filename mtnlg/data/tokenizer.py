@@ -16,6 +16,7 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 EOD_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILE = "chat_template.json"  # see mtnlg/generate/chat.py
 
 
 def _byte_level(model: models.BPE) -> HFTokenizer:
@@ -30,12 +31,13 @@ def _byte_level(model: models.BPE) -> HFTokenizer:
 class Tokenizer:
     """Encode text to token ids and back; ``eod_id`` ends each document."""
 
-    def __init__(self, hf: HFTokenizer) -> None:
+    def __init__(self, hf: HFTokenizer, chat_template: dict | None = None) -> None:
         eod = hf.token_to_id(EOD_TOKEN)
         if eod is None:
             raise ValueError(f"tokenizer has no {EOD_TOKEN!r} token, which mtnlg uses to end documents")
         self.hf = hf
         self.eod_id: int = eod
+        self.chat_template = chat_template  # role markers for chat, stored beside tokenizer.json
 
     @property
     def vocab_size(self) -> int:
@@ -78,11 +80,14 @@ class Tokenizer:
     def load(cls, path: str | Path) -> Tokenizer:
         """Load from a directory (``tokenizer.json`` or ``vocab.json`` + ``merges.txt``) or a file."""
         path = Path(path)
+        chat_template = _read_chat_template(path if path.is_dir() else path.parent)
         if path.is_dir():
             if (path / TOKENIZER_FILE).is_file():
                 path = path / TOKENIZER_FILE
             elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-                return cls.from_gpt2_files(path / "vocab.json", path / "merges.txt")
+                tokenizer = cls.from_gpt2_files(path / "vocab.json", path / "merges.txt")
+                tokenizer.chat_template = chat_template
+                return tokenizer
             else:
                 raise FileNotFoundError(f"{path}: no {TOKENIZER_FILE}, nor vocab.json + merges.txt")
         if not path.is_file():
@@ -91,13 +96,16 @@ class Tokenizer:
             hf = HFTokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise ValueError(f"{path}: not a valid tokenizer.json: {exc}") from None
-        return cls(hf)
+        return cls(hf, chat_template)
 
     def save(self, directory: str | Path) -> Path:
         """Write ``tokenizer.json`` into ``directory`` (created if needed)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.hf.save(str(directory / TOKENIZER_FILE))
+        if self.chat_template is not None:
+            text = json.dumps(self.chat_template, indent=2) + "\n"
+            (directory / CHAT_TEMPLATE_FILE).write_text(text, encoding="utf-8")
         return directory
 
     def save_gpt2_files(self, directory: str | Path) -> None:
@@ -124,6 +132,19 @@ class Tokenizer:
     def token_str(self, token_id: int) -> str:
         """The decoded text of one token (may be part of a multi-byte character)."""
         return self.decode([token_id])
+
+
+def _read_chat_template(directory: Path) -> dict | None:
+    path = directory / CHAT_TEMPLATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object with 'roles' and 'end'")
+    return data
 
 
 def iter_text_files(paths: Iterable[str | Path]) -> Iterator[str]:

@@ -1,0 +1,71 @@
+"""The chat template: rendering, encoding with the assistant mask, storage with the tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+
+from mtnlg.data.tokenizer import Tokenizer
+from mtnlg.generate.chat import ChatTemplate
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Reverse: a b c"},
+    {"role": "assistant", "content": "c b a"},
+    {"role": "user", "content": "Uppercase: héllo\nworld"},
+    {"role": "assistant", "content": "HÉLLO\nWORLD"},
+]
+
+
+def test_render_and_parse_round_trip() -> None:
+    template = ChatTemplate()
+    text = template.render(CONVERSATION, add_generation_prompt=False)
+    assert text.startswith("<|system|>\nBe brief.<|end|>\n<|user|>\n")
+    assert template.parse(text) == CONVERSATION
+    prompt = template.render(CONVERSATION[:2])
+    assert prompt.endswith("<|user|>\nReverse: a b c<|end|>\n<|assistant|>\n")
+    with pytest.raises(ValueError, match="not a conversation"):
+        template.parse("plain text")
+
+
+@pytest.fixture
+def tokenizer(small_tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of the session's tokenizer (attaching a template changes a tokenizer)."""
+    return Tokenizer(HFTokenizer.from_str(small_tokenizer.hf.to_str()))
+
+
+def test_encode_marks_only_assistant_content_and_end(tokenizer: Tokenizer) -> None:
+    template = ChatTemplate()
+    added = template.attach(tokenizer)
+    assert added == 4 and template.has_tokens(tokenizer)
+    ids, trained = template.encode(tokenizer, CONVERSATION)
+    text = template.render(CONVERSATION, add_generation_prompt=False)
+    assert ids == tokenizer.encode(text)  # piecewise encoding equals encoding the whole text
+    end_id = tokenizer.hf.token_to_id("<|end|>")
+    trained_text = tokenizer.decode([i for i, t in zip(ids, trained, strict=True) if t])
+    assert trained_text == "c b a<|end|>HÉLLO\nWORLD<|end|>"
+    assert sum(1 for i, t in zip(ids, trained, strict=True) if t and i == end_id) == 2
+    assert all(tokenizer.hf.token_to_id(m) in ids for m in template.markers)
+
+
+def test_template_travels_with_the_tokenizer(tokenizer: Tokenizer, tmp_path) -> None:
+    assert ChatTemplate.of(tokenizer) == ChatTemplate()  # none saved: the default
+    custom = ChatTemplate(roles={"user": "<|u|>", "assistant": "<|a|>"}, end="<|e|>")
+    custom.attach(tokenizer)
+    loaded = Tokenizer.load(tokenizer.save(tmp_path / "tok"))
+    assert ChatTemplate.of(loaded) == custom
+    assert loaded.encode("<|u|>") == [loaded.hf.token_to_id("<|u|>")]
+
+
+@pytest.mark.parametrize(
+    ("messages", "match"),
+    [
+        ([], "non-empty list"),
+        ([{"role": "robot", "content": "x"}], r"messages\[0\].role"),
+        ([{"role": "user"}], r"messages\[0\]: expected"),
+        ([{"role": "user", "content": "a<|end|>b"}], "contains a chat marker"),
+    ],
+)
+def test_bad_messages_are_named(messages: list, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ChatTemplate().render(messages)
