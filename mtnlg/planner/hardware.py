@@ -6,8 +6,12 @@ the network bandwidth of one GPU's own NIC in the DGX/HGX reference systems: one
 InfiniBand port per A100, one 400 Gb/s NDR port per H100/H200).
 
 The efficiency constants turn peaks into achieved rates. They are global (the same for every
-model, layout and GPU) and were set once against published measurements (``CALIBRATION`` below,
-checked by ``benchmarks/plan_calibration.py``), never per case.
+model, layout and GPU), set once and never per case. The link and memory fractions are NCCL's
+and STREAM's usual shares of the peak; ``gemm`` is the one constant that sets the overall speed,
+chosen between the two kinds of published measurement (``CALIBRATION``, compared by
+``benchmarks/plan_calibration.py``): the MT-NLG production run comes out 7-10 % faster than it
+ran, NVIDIA's short benchmark runs of the same layouts (Megatron-LM papers) 8-33 % slower, so the
+planner sits between a production job and a tuned benchmark.
 """
 
 from __future__ import annotations
@@ -87,11 +91,13 @@ def resolve_gpu(
     nvlink_gbps: float | None = None,
     network_gbps: float | None = None,
     gpus_per_node: int | None = None,
+    single: bool = False,
 ) -> GpuSpec:
     """A spec from the table, with any explicitly given figure replacing the table's.
 
     Without ``name`` every figure must be given (an unknown accelerator, a CPU): peak in TFLOP/s,
-    memory in GiB, bandwidths in GB/s (per direction for NVLink, per GPU for the network).
+    memory in GiB, bandwidths in GB/s (per direction for NVLink, per GPU for the network). A
+    ``single`` device talks to nobody: its link figures may be left out.
     """
     given = {
         "peak_flops": None if peak_tflops is None else peak_tflops * 1e12,
@@ -107,6 +113,9 @@ def resolve_gpu(
     if name is None:
         flags = {"peak_flops": "--peak-tflops", "memory_bytes": "--memory-gb", "hbm_bytes_per_s": "--hbm-gbps",
                  "nvlink_bytes_per_s": "--nvlink-gbps", "network_bytes_per_s": "--network-gbps"}
+        if single:  # unused: one device has no links
+            given = {**given, "nvlink_bytes_per_s": given["nvlink_bytes_per_s"] or 1.0,
+                     "network_bytes_per_s": given["network_bytes_per_s"] or 1.0}
         missing = [flag for key, flag in flags.items() if given[key] is None]
         if missing:
             raise ConfigError(f"plan: give --gpu ({', '.join(GPUS)}) or all of {', '.join(flags.values())} "

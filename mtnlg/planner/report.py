@@ -44,7 +44,7 @@ def run(args: argparse.Namespace, cfg: ModelConfig) -> str:
     """The command's output for parsed ``args`` and the model ``cfg``."""
     gpu = resolve_gpu(args.gpu, peak_tflops=args.peak_tflops, memory_gb=args.memory_gb, hbm_gbps=args.hbm_gbps,
                       nvlink_gbps=args.nvlink_gbps, network_gbps=args.network_gbps,
-                      gpus_per_node=args.gpus_per_node)
+                      gpus_per_node=args.gpus_per_node, single=args.gpus == 1)
     common = {"precision": args.precision, "flash_attention": args.flash_attention}
     if args.search:
         fixed = {"tp": args.tp, "pp": args.pp, "dp": args.dp, "micro_batch": args.micro_batch,
