@@ -65,7 +65,7 @@ def test_search_ranks_only_fitting_layouts(capsys: pytest.CaptureFixture[str]) -
     gpu = GPUS["a100-40gb"].__class__(**{**json.loads(out)[0]["gpu"]})
     every = list(candidates(get_preset("gpt3-1.3b"), gpu, 16, 64, {"micro_batch": 1, "zero": 0}))
     assert len(ranked) == sum(p.fits for p in every) < len(every)  # some layouts do not fit and are left out
-    code, text, _ = run_cli(capsys, *args[:-3], "--tp", "2")
+    code, text, _ = run_cli(capsys, *args[:-2], "--tp", "2")
     assert code == 0 and all("tp=2" in line for line in text.splitlines()[1:])
 
 

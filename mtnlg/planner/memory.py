@@ -106,8 +106,8 @@ def activation_bytes(cfg: ModelConfig, lay: Layout, *, first: bool, last: bool) 
     layers = layers_per_rank(cfg, lay)
     flight = in_flight(lay) if first else 1.0
     total = layers * flight * layer_activation_bytes(cfg, lay)
-    if lay.recompute != "none":
-        total += layer_activation_bytes(cfg, lay, "none")
+    if lay.recompute != "none":  # the recomputed part of one layer exists again during its backward
+        total += layer_activation_bytes(cfg, lay, "none") - layer_activation_bytes(cfg, lay, lay.recompute)
     if last:
         total += head_activation_bytes(cfg, lay)
     return total

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace, cfg: ModelConfig) -> str:
         fixed = {"tp": args.tp, "pp": args.pp, "dp": args.dp, "micro_batch": args.micro_batch,
                  "virtual_stages": args.virtual_stages, "zero": args.zero, "sequence_parallel": args.sequence_parallel,
                  "recompute": None if args.recompute in (None, "auto") else args.recompute}
-        plans = search(cfg, gpu, args.gpus, args.global_batch, fixed=fixed, top=args.top, **common)
+        plans = search(cfg, gpu, args.gpus, args.global_batch, fixed=fixed, top=args.top, tokens=args.tokens, **common)
         if args.json:
             return json.dumps([p.to_dict() for p in plans], indent=2)
         return render_search(plans)
@@ -100,8 +100,8 @@ def render(p: Plan) -> str:
 
 def render_search(plans: list[Plan]) -> str:
     """A ranked table of the layouts that fit."""
-    rows = [f"{'#':>2}  {'layout':48s} {'step s':>8s} {'MFU':>6s} {'GiB':>6s} {'days':>8s}"]
+    rows = [f"{'#':>2}  {'layout':52s} {'step s':>8s} {'MFU':>6s} {'GiB':>6s} {'days':>8s}"]
     for i, p in enumerate(plans, 1):
-        rows.append(f"{i:>2}  {_layout_text(p):48s} {p.time.step:8.2f} {p.mfu:6.1%} "
-                    f"{p.memory.total / (1 << 30):6.1f} {p.days:8.1f}")
+        rows.append(f"{i:>2}  {_layout_text(p):52s} {p.time.step:8.2f} {p.mfu:6.1%} "
+                    f"{p.memory.total / (1 << 30):6.1f} {p.days:8.2f}")
     return "\n".join(rows)

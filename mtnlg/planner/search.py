@@ -38,7 +38,7 @@ def _choices(cfg: ModelConfig, gpu: GpuSpec, gpus: int, fixed: dict[str, object]
 
 
 def candidates(cfg: ModelConfig, gpu: GpuSpec, gpus: int, global_batch: int,
-               fixed: dict[str, object], **common: object) -> Iterable[Plan]:
+               fixed: dict[str, object], tokens: float = 0.0, **common: object) -> Iterable[Plan]:
     """Plans of every valid combination (invalid ones, e.g. a batch that does not split, are skipped)."""
     ch = _choices(cfg, gpu, gpus, fixed)
     for tp, pp, mb, v, zero, rec, sp in itertools.product(
@@ -54,15 +54,15 @@ def candidates(cfg: ModelConfig, gpu: GpuSpec, gpus: int, global_batch: int,
             lay = make_layout(gpus, tp, pp, dp, micro_batch=mb, global_batch=global_batch, virtual_stages=v,
                               zero=zero, recompute=rec, sequence_parallel=sp,
                               schedule="interleaved_1f1b" if v > 1 else "1f1b", **common)
-            yield plan(cfg, lay, gpu)
+            yield plan(cfg, lay, gpu, tokens=tokens)
         except ConfigError:
             continue
 
 
 def search(cfg: ModelConfig, gpu: GpuSpec, gpus: int, global_batch: int, *, fixed: dict[str, object] | None = None,
-           top: int = 10, **common: object) -> list[Plan]:
+           top: int = 10, tokens: float = 0.0, **common: object) -> list[Plan]:
     """The ``top`` fitting layouts, fastest first. Raises ConfigError when none fits."""
-    fitting = [p for p in candidates(cfg, gpu, gpus, global_batch, fixed or {}, **common) if p.fits]
+    fitting = [p for p in candidates(cfg, gpu, gpus, global_batch, fixed or {}, tokens, **common) if p.fits]
     if not fitting:
         raise ConfigError(f"plan --search: no layout of {gpus} x {gpu.name} fits this model with global batch "
                           f"{global_batch} (more GPUs, or a bigger --memory-gb)")
