@@ -80,7 +80,7 @@ def render(p: Plan) -> str:
     """The human-readable plan."""
     lay, mem, t, gib = p.layout, p.memory.gib(), p.time, p.gpu.memory_bytes / (1 << 30)
     lines = [
-        f"cluster          {lay.gpus} x {p.gpu.name} ({p.gpu.peak_flops / 1e12:.0f} TFLOP/s, {gib:.0f} GiB)",
+        f"cluster          {lay.gpus} x {p.gpu.name} ({p.gpu.peak_flops / 1e12:.3g} TFLOP/s, {gib:.0f} GiB)",
         f"layout           {_layout_text(p)}; {lay.microbatches} micro-batches of {lay.global_batch} sequences",
         f"parameters       {human(p.parameters)}; FLOPs/token {human(p.model_flops_per_token)} "
         f"(+ recomputation: {human(p.hardware_flops_per_token)})",
@@ -92,7 +92,7 @@ def render(p: Plan) -> str:
         f"({t.bubble / t.step:.1%}), tp comm {t.tensor_parallel_comm:.2f}, pp comm {t.pipeline_comm:.2f}, "
         f"dp comm {t.data_parallel_comm:.2f}, optimizer {t.optimizer:.2f}",
         f"throughput       {human(p.tokens_per_step / t.step)} tokens/s; "
-        f"{p.hfu * p.gpu.peak_flops / 1e12:.0f} TFLOP/s per GPU; MFU {p.mfu:.1%} (HFU {p.hfu:.1%})",
+        f"{p.hfu * p.gpu.peak_flops / 1e12:.3g} TFLOP/s per GPU; MFU {p.mfu:.1%} (HFU {p.hfu:.1%})",
         f"training         {human(p.tokens)} tokens in {p.days:.1f} days",
     ]
     return "\n".join(lines)
