@@ -152,6 +152,29 @@ def _pipeline_summary(cfg: Config) -> str:
             f"{'-'.join(map(str, sizes))} layers; {pc.pp_schedule} with {m} micro-batches: bubble {bubble:.1%}")
 
 
+# -- plan ------------------------------------------------------------------------------------------
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    from mtnlg.planner.report import add_arguments
+
+    _config_args(p)
+    add_arguments(p)
+
+
+@command("plan", _plan_args)
+def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Predict memory per GPU, step time, MFU and days to train of a layout on a cluster (or --search them).
+
+    The model comes from --preset/--config/overrides; the cluster from --gpu (published specs) or the
+    explicit figures; the layout from --tp/--pp/--dp/... Nothing is allocated.
+    """
+    from mtnlg.planner.report import run
+
+    print(run(args, build_config(args.preset or "gpt2-small", args.config, overrides).model))
+    return 0
+
+
 # -- tokenizer -------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,140 @@
+"""Memory per GPU: weights, gradients, optimizer state and activations of the fullest pipeline rank.
+
+Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+Transformer Models", section 4), written per element size so fp32 runs can be checked too. For one
+layer, sequence length s, micro-batch b, hidden h, a heads, tp degree t and e bytes per element:
+
+    e*sbh * (4 + 12/t)       LayerNorm inputs (2), QKV and fc1 inputs (2): replicated over tp
+                             (/t with sequence parallelism); Q K V (3), attention output (1),
+                             GELU input and output (4 + 4): split by tp
+    + 2*sbh (/t with SP)     the two residual dropout masks (1 byte each), when dropout > 0
+    + e*a*s^2*b / t          softmax output (with dropout: + 1-byte mask + e*as^2b dropped copy);
+                             flash attention keeps the fp32 log-sum-exp (4*asb/t) instead
+
+With e = 2 and dropout this is the paper's ``sbh (10 + 24/t + 5as/ht)`` (``34/t`` with sequence
+parallelism). Selective recomputation drops the attention-core terms; full recomputation keeps
+only each layer's input (e*sbh, /t with SP) plus one layer's full activations while it is
+recomputed. The first pipeline rank holds ``in_flight`` micro-batches of its layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from mtnlg.config import ModelConfig
+from mtnlg.plan import parameter_count
+from mtnlg.planner.layout import Layout, in_flight, layers_per_rank
+
+GIB = float(1 << 30)
+
+# Bytes per parameter of each training-state part, by precision: Megatron's mixed precision keeps a
+# 16-bit compute copy, fp32 gradients (main_grad) and fp32 master weights + Adam moments (18 B);
+# fp32 training keeps the weights, their gradients and the two moments (16 B).
+STATE_BYTES = {"bf16": (2, 4, 12), "fp16": (2, 4, 12), "fp32": (4, 4, 8)}
+
+
+@dataclass
+class Memory:
+    """Bytes on the fullest GPU, by part; ``total`` is their sum."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    gathered_weights: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.gathered_weights
+
+    def gib(self) -> dict[str, float]:
+        parts = {k: v / GIB for k, v in asdict(self).items()}
+        return {**parts, "total": self.total / GIB}
+
+
+def rank_parameters(cfg: ModelConfig, lay: Layout, *, first: bool, last: bool) -> float:
+    """Parameters held by one tp rank of a pipeline rank (busiest layer count).
+
+    Column- and row-parallel weights and the column-parallel biases are split by tp; LayerNorms and
+    row-parallel output biases (4C + 2C per layer) are replicated. The first rank holds the
+    vocabulary-parallel embedding (and the replicated position embedding), the last the output
+    layer: a copy of the tied embedding when they are on different ranks.
+    """
+    counts = parameter_count(cfg)
+    replicated = 6 * cfg.hidden
+    per_layer = (counts["per_layer"] - replicated) / lay.tp + replicated
+    params = layers_per_rank(cfg, lay) * per_layer
+    vocab = cfg.padded_vocab_size * cfg.hidden / lay.tp
+    if first:
+        params += vocab + cfg.seq_len * cfg.hidden
+    if last:
+        params += 2 * cfg.hidden  # final LayerNorm
+        if not cfg.tie_embeddings or not first:
+            params += vocab
+    return params
+
+
+def layer_activation_bytes(cfg: ModelConfig, lay: Layout, recompute: str | None = None) -> float:
+    """Bytes one layer saves for backward for one micro-batch (see the module docstring)."""
+    recompute = recompute or lay.recompute
+    s, b, h, a, t, e = cfg.seq_len, lay.micro_batch, cfg.hidden, cfg.n_heads, lay.tp, lay.element_bytes
+    sp = t if lay.sequence_parallel else 1
+    sbh = s * b * h
+    if recompute == "full":
+        return e * sbh / sp
+    masks = 2 * sbh / sp if cfg.dropout > 0 else 0.0
+    total = e * sbh * (4 / sp + 12 / t) + masks
+    if recompute == "selective":
+        return total
+    if lay.flash_attention:
+        return total + 4 * a * s * b / t
+    per_score = (2 * e + 1) if cfg.dropout > 0 else e
+    return total + per_score * a * s * s * b / t
+
+
+def head_activation_bytes(cfg: ModelConfig, lay: Layout) -> float:
+    """The last rank's output end for one micro-batch: final LayerNorm input and output, and the fp32
+    log-softmax the cross-entropy keeps (vocabulary-parallel: split by tp)."""
+    s, b, h, e = cfg.seq_len, lay.micro_batch, cfg.hidden, lay.element_bytes
+    sp = lay.tp if lay.sequence_parallel else 1
+    return 2 * e * s * b * h / sp + 4 * s * b * cfg.padded_vocab_size / lay.tp
+
+
+def activation_bytes(cfg: ModelConfig, lay: Layout, *, first: bool, last: bool) -> float:
+    """Peak activations of a pipeline rank: its layers times the micro-batches in flight (first rank)
+    or one (last rank), plus the working set of one recomputed layer and the output end."""
+    layers = layers_per_rank(cfg, lay)
+    flight = in_flight(lay) if first else 1.0
+    total = layers * flight * layer_activation_bytes(cfg, lay)
+    if lay.recompute != "none":  # the recomputed part of one layer exists again during its backward
+        total += layer_activation_bytes(cfg, lay, "none") - layer_activation_bytes(cfg, lay, lay.recompute)
+    if last:
+        total += head_activation_bytes(cfg, lay)
+    return total
+
+
+def rank_memory(cfg: ModelConfig, lay: Layout, *, first: bool, last: bool) -> Memory:
+    """Memory of one pipeline rank with ZeRO stage ``lay.zero`` over its ``dp`` data-parallel peers."""
+    params = rank_parameters(cfg, lay, first=first, last=last)
+    w, g, o = STATE_BYTES[lay.precision]
+    shard = float(lay.dp)
+    gathered = 0.0
+    if lay.zero >= 3:  # FSDP: the current and the prefetched layer are unsharded while they run
+        per_layer = rank_parameters(cfg, lay, first=False, last=False) / layers_per_rank(cfg, lay)
+        gathered = 2 * per_layer * lay.element_bytes
+    return Memory(
+        weights=params * w / (shard if lay.zero >= 3 else 1.0),
+        gradients=params * g / (shard if lay.zero >= 2 else 1.0),
+        optimizer=params * o / (shard if lay.zero >= 1 else 1.0),
+        activations=activation_bytes(cfg, lay, first=first, last=last),
+        gathered_weights=gathered,
+    )
+
+
+def peak_memory(cfg: ModelConfig, lay: Layout) -> Memory:
+    """The fuller of the first and last pipeline ranks (the same rank when pp = 1)."""
+    if lay.pp == 1:
+        return rank_memory(cfg, lay, first=True, last=True)
+    first = rank_memory(cfg, lay, first=True, last=False)
+    last = rank_memory(cfg, lay, first=False, last=True)
+    return first if first.total >= last.total else last

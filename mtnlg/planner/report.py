@@ -1,0 +1,107 @@
+"""``mtnlg plan``: the command's arguments turned into a plan or a search, and their text rendering."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from mtnlg.config import ModelConfig
+from mtnlg.plan import human
+from mtnlg.planner import Plan, make_layout, plan, plan_auto, resolve_gpu
+from mtnlg.planner.search import search
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The cluster, layout and budget flags (the model comes from --preset/--config/overrides)."""
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in the cluster")
+    p.add_argument("--gpu", help="a100-40gb, a100-80gb, h100-80gb or h200 (published specs)")
+    p.add_argument("--peak-tflops", type=float, help="peak dense TFLOP/s of one GPU (replaces the table's)")
+    p.add_argument("--memory-gb", type=float, help="memory of one GPU in GiB")
+    p.add_argument("--hbm-gbps", type=float, help="memory bandwidth of one GPU in GB/s")
+    p.add_argument("--nvlink-gbps", type=float, help="NVLink bandwidth per GPU and direction in GB/s")
+    p.add_argument("--network-gbps", type=float, help="network bandwidth per GPU in GB/s")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs sharing NVLink (default 8)")
+    p.add_argument("--tp", type=int, help="tensor-parallel size (default 1; --search: varied)")
+    p.add_argument("--pp", type=int, help="pipeline-parallel size (default 1; --search: varied)")
+    p.add_argument("--dp", type=int, help="data-parallel size (default gpus / (tp * pp))")
+    p.add_argument("--virtual-stages", type=int, help="pipeline stages per rank (> 1: interleaved 1F1B)")
+    p.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default 1)")
+    p.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
+    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3],
+                   help="ZeRO sharding over dp: 0 none (default), 1 optimizer, 2 + gradients, 3 FSDP")
+    p.add_argument("--recompute", choices=["auto", "none", "selective", "full"],
+                   help="activation recomputation; auto (default): the least that fits")
+    p.add_argument("--sequence-parallel", action="store_true", default=None, help="shard activations over tp")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="training precision")
+    p.add_argument("--flash-attention", action="store_true", help="fused attention (no s^2 scores kept)")
+    p.add_argument("--tokens", type=float, default=0.0, help="training tokens (default 20 per parameter)")
+    p.add_argument("--search", action="store_true", help="rank the layouts that fit by predicted step time")
+    p.add_argument("--top", type=int, default=10, help="--search: layouts to show")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def run(args: argparse.Namespace, cfg: ModelConfig) -> str:
+    """The command's output for parsed ``args`` and the model ``cfg``."""
+    gpu = resolve_gpu(args.gpu, peak_tflops=args.peak_tflops, memory_gb=args.memory_gb, hbm_gbps=args.hbm_gbps,
+                      nvlink_gbps=args.nvlink_gbps, network_gbps=args.network_gbps,
+                      gpus_per_node=args.gpus_per_node, single=args.gpus == 1)
+    common = {"precision": args.precision, "flash_attention": args.flash_attention}
+    if args.search:
+        fixed = {"tp": args.tp, "pp": args.pp, "dp": args.dp, "micro_batch": args.micro_batch,
+                 "virtual_stages": args.virtual_stages, "zero": args.zero, "sequence_parallel": args.sequence_parallel,
+                 "recompute": None if args.recompute in (None, "auto") else args.recompute}
+        plans = search(cfg, gpu, args.gpus, args.global_batch, fixed=fixed, top=args.top, tokens=args.tokens, **common)
+        if args.json:
+            return json.dumps([p.to_dict() for p in plans], indent=2)
+        return render_search(plans)
+    v = args.virtual_stages or 1
+    layout = make_layout(args.gpus, args.tp or 1, args.pp or 1, args.dp or 0, micro_batch=args.micro_batch or 1,
+                         global_batch=args.global_batch, virtual_stages=v, zero=args.zero or 0,
+                         recompute="none" if args.recompute in (None, "auto") else args.recompute,
+                         sequence_parallel=bool(args.sequence_parallel),
+                         schedule="interleaved_1f1b" if v > 1 else "1f1b", **common)
+    if args.recompute in (None, "auto"):
+        result = plan_auto(cfg, layout, gpu, tokens=args.tokens)
+    else:
+        result = plan(cfg, layout, gpu, tokens=args.tokens)
+    return json.dumps(result.to_dict(), indent=2) if args.json else render(result)
+
+
+def _layout_text(p: Plan) -> str:
+    lay = p.layout
+    extras = [f"v={lay.virtual_stages}"] if lay.virtual_stages > 1 else []
+    extras += [f"zero={lay.zero}"] if lay.zero else []
+    extras += ["sp"] if lay.sequence_parallel else []
+    return " ".join([f"tp={lay.tp} pp={lay.pp} dp={lay.dp} mb={lay.micro_batch}", *extras,
+                     f"recompute={lay.recompute}"])
+
+
+def render(p: Plan) -> str:
+    """The human-readable plan."""
+    lay, mem, t, gib = p.layout, p.memory.gib(), p.time, p.gpu.memory_bytes / (1 << 30)
+    lines = [
+        f"cluster          {lay.gpus} x {p.gpu.name} ({p.gpu.peak_flops / 1e12:.3g} TFLOP/s, {gib:.0f} GiB)",
+        f"layout           {_layout_text(p)}; {lay.microbatches} micro-batches of {lay.global_batch} sequences",
+        f"parameters       {human(p.parameters)}; FLOPs/token {human(p.model_flops_per_token)} "
+        f"(+ recomputation: {human(p.hardware_flops_per_token)})",
+        f"memory per GPU   {mem['total']:.1f} GiB of {gib:.0f}: weights {mem['weights']:.1f}, gradients "
+        f"{mem['gradients']:.1f}, optimizer {mem['optimizer']:.1f}, activations {mem['activations']:.1f}"
+        + (f", gathered weights {mem['gathered_weights']:.1f}" if mem["gathered_weights"] else "")
+        + f" -> {'fits' if p.fits else 'does NOT fit'}",
+        f"step time        {t.step:.2f} s: compute {t.compute:.2f}, bubble {t.bubble:.2f} "
+        f"({t.bubble / t.step:.1%}), tp comm {t.tensor_parallel_comm:.2f}, pp comm {t.pipeline_comm:.2f}, "
+        f"dp comm {t.data_parallel_comm:.2f}, optimizer {t.optimizer:.2f}",
+        f"throughput       {human(p.tokens_per_step / t.step)} tokens/s; "
+        f"{p.hfu * p.gpu.peak_flops / 1e12:.3g} TFLOP/s per GPU; MFU {p.mfu:.1%} (HFU {p.hfu:.1%})",
+        f"training         {human(p.tokens)} tokens in {p.days:.1f} days",
+    ]
+    return "\n".join(lines)
+
+
+def render_search(plans: list[Plan]) -> str:
+    """A ranked table of the layouts that fit."""
+    rows = [f"{'#':>2}  {'layout':52s} {'step s':>8s} {'MFU':>6s} {'GiB':>6s} {'days':>8s}"]
+    for i, p in enumerate(plans, 1):
+        rows.append(f"{i:>2}  {_layout_text(p):52s} {p.time.step:8.2f} {p.mfu:6.1%} "
+                    f"{p.memory.total / (1 << 30):6.1f} {p.days:8.2f}")
+    return "\n".join(rows)

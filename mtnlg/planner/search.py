@@ -1,0 +1,70 @@
+"""``--search``: every layout of a cluster that fits, ranked by predicted step time.
+
+The search varies what the caller did not fix: tp over powers of two within a node that divide
+the heads, pp over the divisors of gpus / tp (at most one stage per layer), micro-batch 1-8,
+interleaving, ZeRO stage, recomputation and sequence parallelism. The global batch is fixed (it
+changes the optimisation, not only the speed).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+from mtnlg.config import ConfigError, ModelConfig
+from mtnlg.planner import Plan, plan
+from mtnlg.planner.hardware import GpuSpec
+from mtnlg.planner.layout import RECOMPUTE, make_layout
+
+FIXABLE = ("tp", "pp", "dp", "micro_batch", "virtual_stages", "zero", "recompute", "sequence_parallel")
+
+
+def _choices(cfg: ModelConfig, gpu: GpuSpec, gpus: int, fixed: dict[str, object]) -> dict[str, list[object]]:
+    """Candidate values of each layout knob; a fixed knob has its one value."""
+    tps = [t for t in (1, 2, 4, 8, 16) if t <= gpu.gpus_per_node and gpus % t == 0 and cfg.n_heads % t == 0]
+    choices: dict[str, list[object]] = {
+        "tp": list(tps),
+        "pp": [p for p in range(1, min(gpus, cfg.n_layers) + 1) if gpus % p == 0],
+        "micro_batch": [1, 2, 4, 8],
+        "virtual_stages": [1, 2, 3, 4],
+        "zero": [0, 1, 3],
+        "recompute": list(RECOMPUTE),
+        "sequence_parallel": [False, True],
+    }
+    for key, value in fixed.items():
+        if value is not None and key in choices:
+            choices[key] = [value]
+    return choices
+
+
+def candidates(cfg: ModelConfig, gpu: GpuSpec, gpus: int, global_batch: int,
+               fixed: dict[str, object], tokens: float = 0.0, **common: object) -> Iterable[Plan]:
+    """Plans of every valid combination (invalid ones, e.g. a batch that does not split, are skipped)."""
+    ch = _choices(cfg, gpu, gpus, fixed)
+    for tp, pp, mb, v, zero, rec, sp in itertools.product(
+        ch["tp"], ch["pp"], ch["micro_batch"], ch["virtual_stages"], ch["zero"], ch["recompute"],
+        ch["sequence_parallel"],
+    ):
+        if (sp and tp == 1) or (v > 1 and (pp == 1 or cfg.n_layers % (pp * v))) or gpus % (tp * pp):
+            continue
+        dp = fixed.get("dp") or gpus // (tp * pp)
+        if tp * pp * dp != gpus or (zero and dp == 1):
+            continue
+        try:
+            lay = make_layout(gpus, tp, pp, dp, micro_batch=mb, global_batch=global_batch, virtual_stages=v,
+                              zero=zero, recompute=rec, sequence_parallel=sp,
+                              schedule="interleaved_1f1b" if v > 1 else "1f1b", **common)
+            yield plan(cfg, lay, gpu, tokens=tokens)
+        except ConfigError:
+            continue
+
+
+def search(cfg: ModelConfig, gpu: GpuSpec, gpus: int, global_batch: int, *, fixed: dict[str, object] | None = None,
+           top: int = 10, tokens: float = 0.0, **common: object) -> list[Plan]:
+    """The ``top`` fitting layouts, fastest first. Raises ConfigError when none fits."""
+    fitting = [p for p in candidates(cfg, gpu, gpus, global_batch, fixed or {}, tokens, **common) if p.fits]
+    if not fitting:
+        raise ConfigError(f"plan --search: no layout of {gpus} x {gpu.name} fits this model with global batch "
+                          f"{global_batch} (more GPUs, or a bigger --memory-gb)")
+    fitting.sort(key=lambda p: (p.time.step, p.memory.total))
+    return fitting[:top]
