@@ -28,6 +28,7 @@ from mtnlg.checkpoint import (
     resolve,
     verify_checksums,
     write_atomically,
+    write_manifest,
     write_model_files,
 )
 from mtnlg.plan import human, model_info
@@ -159,6 +160,7 @@ def export_checkpoint(path: str | Path, out: str | Path, verify: bool = True) ->
         write_model_files(tmp, weights, cfg, tokenizer=None)
         if (directory / TOKENIZER_DIR).is_dir():
             shutil.copytree(directory / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
+        write_manifest(tmp)
 
     if out.exists():
         out.rmdir()  # empty, checked above; write_atomically renames the finished export into place

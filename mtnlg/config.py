@@ -180,7 +180,9 @@ class TrainConfig:
     precision: str = _f("fp32", "fp32, bf16 (autocast) or fp16 (autocast + dynamic loss scaling).")
     seed: int = _f(1234, "Seed of model init and dropout.")
     eval_interval: int = _f(100, "Steps between validation passes; 0 disables.")
-    eval_iters: int = _f(10, "Validation micro-batches per pass, each micro_batch_size x dp samples.")
+    eval_iters: int = _f(
+        10, "Validation micro-batches of micro_batch_size samples per pass, shared by the data-parallel ranks."
+    )
     log_interval: int = _f(10, "Steps between log lines.")
     save_interval: int = _f(500, "Steps between checkpoints; the last step is always saved.")
     keep_last: int = _f(3, "Checkpoints to keep; 0 keeps all.")

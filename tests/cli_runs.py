@@ -65,11 +65,11 @@ def valid_losses(run: Path) -> list[float]:
     return [r["loss"] for r in read_log(run / "log.jsonl") if r["kind"] == "valid"]
 
 
-def at_step_5(run: Path, copy: Path) -> Path:
-    """A copy of ``run`` whose newest checkpoint is step 5."""
+def at_step(run: Path, copy: Path, step: int = 5) -> Path:
+    """A copy of ``run`` whose newest checkpoint is ``step``."""
     shutil.copytree(run, copy)
     for later in copy.glob("step_*"):
-        if int(later.name.split("_")[1]) > 5:
+        if int(later.name.split("_")[1]) > step:
             shutil.rmtree(later)
-    (copy / "latest").write_text("step_00000005", encoding="utf-8")
+    (copy / "latest").write_text(f"step_{step:08d}", encoding="utf-8")
     return copy

@@ -22,12 +22,12 @@ TRAIN = small_run_flags(n_layers=2, micro_batch_size=2, eval_iters=2)
 
 @pytest.fixture(scope="module")
 def run(train_data_flags: list[str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """A 10-step run of which this job did 3 (train.exit_interval=3); its output."""
+    """A 10-step run of which this job did 3 (train.exit_interval=3), saving every 2; its output."""
     out = tmp_path_factory.mktemp("ckpt-cli") / "run"
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         assert main(["train", *train_data_flags, *TRAIN, "--train.steps=10", "--train.exit_interval=3",
-                     "--out", str(out)]) == 0
+                     "--train.save_interval=2", "--out", str(out)]) == 0
     return out, buffer.getvalue()
 
 
@@ -67,6 +67,24 @@ def test_inspect_names_a_corrupted_file_and_fails(run: tuple[Path, str], tmp_pat
     assert not (tmp_path / "w").exists()
 
 
+def test_a_step_saved_mid_run_has_no_weights_file_and_loads_from_train_state(
+    run: tuple[Path, str], tmp_path: Path, capsys
+) -> None:
+    """Consolidated weights are written when a job ends, not at every save; inference on an
+    intermediate step reads (and verifies) its train_state/ instead."""
+    mid, end = run[0] / "step_00000002", run[0] / "step_00000003"
+    assert not (mid / "model.safetensors").exists() and (end / "model.safetensors").is_file()
+    assert main(["generate", "--checkpoint", str(mid), "--prompt", "The", "--max-new-tokens", "8"]) == 0
+    assert len(capsys.readouterr().out.strip()) > 3
+    model = load_model(mid)[0]
+    assert not torch.equal(model.wte.weight, load_model(end)[0].wte.weight)  # a step earlier: other weights
+    broken = shutil.copytree(mid, tmp_path / "broken")
+    shard = next((broken / "train_state").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-1])
+    assert main(["generate", "--checkpoint", str(broken), "--prompt", "The"]) == 2
+    assert f"{shard.name} is corrupted or truncated" in capsys.readouterr().err
+
+
 def test_export_from_train_state_alone_generates_the_same_text(run: tuple[Path, str], tmp_path: Path,
                                                                 capsys) -> None:
     """model.safetensors removed: export rebuilds it from train_state/; generate and convert --to-hf load it."""
@@ -77,7 +95,8 @@ def test_export_from_train_state_alone_generates_the_same_text(run: tuple[Path, 
     exported = load_file(str(tmp_path / "w" / "model.safetensors"))
     assert exported.keys() == original.keys()
     assert all(torch.equal(exported[k], original[k]) for k in original)
-    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["config.json", "model.safetensors", "tokenizer"]
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["checksums.json", "config.json",
+                                                                  "model.safetensors", "tokenizer"]
     texts = []
     for checkpoint in (run[0], tmp_path / "w"):
         capsys.readouterr()

@@ -78,7 +78,7 @@ def test_the_ranks_decide_to_stop_together(tmp_path: Path) -> None:
     """Rank 0's clock says go on, rank 1's says stop: both stop after step 1 and save that step
     (a rank deciding alone would leave the other waiting in a collective until the timeout).
     The checkpoint records the layout that wrote it, and exports in one process from its tp shards
-    to the weights rank 0 gathered."""
+    to the weights the ranks consolidated from their shards."""
     results = run_world(_one_rank_past_its_deadline, 2, str(tmp_path / "run"), timeout=120)
     assert results == [(1, ["step_00000001"])] * 2
     step = tmp_path / "run" / "step_00000001"

@@ -1,8 +1,10 @@
 """``torchrun -m mtnlg train`` under pipeline and data parallelism against one process.
 
-Runs are shared (each ``torchrun`` launch costs seconds on 2 cores): one single-process run, two
-pp=2 runs (1f1b; interleaved 1f1b with 2 stages per rank) and a dp=2 (FSDP) run of 10 steps with
-checkpoints at steps 5 and 10; then resumes of step 5 under other layouts, and a killed rank.
+Runs are shared (each ``torchrun`` launch costs seconds on 2 cores): a single-process run of 20
+steps, two pp=2 runs (1f1b, stopped by ``train.exit_interval=10`` as a cluster job would be;
+interleaved 1f1b with 2 stages per rank) and a dp=2 (FSDP) run of 10 steps, checkpointed every 5;
+then resumes under other layouts (the pp=2 job's rest in one process and under dp=2 must continue
+the 20-step run's loss trace), and a killed rank.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runs import at_step_5, finish, losses, small_run_flags, start_torchrun, torchrun, valid_losses
+from cli_runs import at_step, finish, losses, small_run_flags, start_torchrun, torchrun, valid_losses
 
 from mtnlg.checkpoint import load_model
 from mtnlg.cli import main
@@ -29,8 +31,8 @@ INTERLEAVED = ["--parallel.pp_schedule=interleaved_1f1b", "--parallel.pp_stages_
 def runs(train_data_flags: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pp-runs")
     args = ["train", *train_data_flags, *TRAIN, "--train.steps=10", "--out"]
-    assert main([*args, str(root / "single")]) == 0
-    torchrun([*args, str(root / "pp2"), "--parallel.pp=2"])
+    assert main([*args, str(root / "single"), "--train.steps=20"]) == 0
+    torchrun([*args, str(root / "pp2"), "--parallel.pp=2", "--train.steps=20", "--train.exit_interval=10"])
     torchrun([*args, str(root / "pp2-interleaved"), "--parallel.pp=2", *INTERLEAVED])
     torchrun([*args, str(root / "dp2")])  # two processes and no other axis: dp=2
     return {name: root / name for name in ("single", "pp2", "pp2-interleaved", "dp2")}
@@ -39,42 +41,56 @@ def runs(train_data_flags: list[str], tmp_path_factory: pytest.TempPathFactory) 
 @pytest.mark.parametrize("layout", ["pp2", "pp2-interleaved", "dp2"])
 def test_ten_steps_log_the_single_process_losses(runs: dict[str, Path], layout: str) -> None:
     single, pp = losses(runs["single"]), losses(runs[layout])
-    assert sorted(single) == sorted(pp) == list(range(1, 11))
+    assert sorted(single) == list(range(1, 21)) and sorted(pp) == list(range(1, 11))
     assert [pp[s] for s in range(1, 11)] == pytest.approx([single[s] for s in range(1, 11)], rel=RTOL)
-    if layout != "dp2":  # a validation pass reads eval_iters micro-batches of micro_batch_size x dp samples
-        assert valid_losses(runs[layout]) == pytest.approx(valid_losses(runs["single"]), rel=RTOL)
+    assert valid_losses(runs[layout]) == pytest.approx(valid_losses(runs["single"])[:3], rel=RTOL)  # steps 0, 5, 10
     assert single[10] < single[1]
 
 
 def test_pp2_checkpoint_is_whole_and_generates_in_one_process(runs: dict[str, Path], capsys) -> None:
-    """Every stage's weights reach model.safetensors; `mtnlg generate` on it prints the single run's text."""
-    (pp_model, _, _), (ref_model, _, _) = load_model(runs["pp2"]), load_model(runs["single"])
+    """Every stage's weights reach model.safetensors; `mtnlg generate` on it prints the single run's text
+    (at its step 10, a step saved without model.safetensors: loaded from its train_state/)."""
+    single = runs["single"] / "step_00000010"
+    assert (runs["pp2"] / "step_00000010" / "model.safetensors").is_file()
+    (pp_model, _, _), (ref_model, _, _) = load_model(runs["pp2"]), load_model(single)
     ref = dict(ref_model.named_parameters())
     for name, p in pp_model.named_parameters():
         torch.testing.assert_close(p, ref[name], rtol=1e-4, atol=1e-5)
     for sampling in (["--temperature", "0"], ["--temperature", "1", "--seed", "7"]):  # greedy, seeded
         texts = []
-        for run in ("pp2", "single"):
-            args = ["generate", "--checkpoint", str(runs[run]), "--prompt", "The", "--max-new-tokens", "24"]
+        for checkpoint in (runs["pp2"], single):
+            args = ["generate", "--checkpoint", str(checkpoint), "--prompt", "The", "--max-new-tokens", "24"]
             assert main([*args, *sampling]) == 0
             texts.append(capsys.readouterr().out)
         assert texts[0] == texts[1]
     assert len(set(texts[0].strip())) > 5  # the seeded sample is a real continuation, not only newlines
 
 
-def test_pp2_resumes_its_checkpoint_bitwise_and_one_process_continues_it(
-    runs: dict[str, Path], train_data_flags: list[str], tmp_path: Path
-) -> None:
-    resume = ["train", *train_data_flags, *TRAIN, "--train.steps=10", "--resume", "--out"]
-    again = at_step_5(runs["pp2"], tmp_path / "pp2-again")
-    out = torchrun([*resume, str(again), "--parallel.pp=2"])
-    assert f"resuming from {again / 'step_00000005'}" in out
+def test_pp2_resumes_its_checkpoint_bitwise(runs: dict[str, Path], train_data_flags: list[str], tmp_path: Path) -> None:
+    again = at_step(runs["pp2"], tmp_path / "pp2-again")
+    out = torchrun(["train", *train_data_flags, "--resume", "--train.exit_interval=5", "--out", str(again)])
+    assert f"resuming from {again / 'step_00000005'}" in out  # the saved config brings pp=2 and the rest back
     got, want = losses(again), losses(runs["pp2"])
+    assert sorted(got) == list(range(1, 11))
     assert [got[s] for s in range(6, 11)] == [want[s] for s in range(6, 11)]  # exact
-    single = at_step_5(runs["pp2"], tmp_path / "into-single")
-    assert main([*resume, str(single)]) == 0
-    got = losses(single)
-    assert [got[s] for s in range(6, 11)] == pytest.approx([want[s] for s in range(6, 11)], rel=RTOL)
+
+
+@pytest.mark.parametrize("layout", ["one process", "dp2"])
+def test_the_pp2_job_continued_under_another_layout_equals_the_straight_run(
+    runs: dict[str, Path], train_data_flags: list[str], tmp_path: Path, layout: str
+) -> None:
+    """20 steps in one process == 10 steps as a pp=2 job stopped by exit_interval + the other 10 steps
+    in one process, or under dp=2 (each job resumes the last one's checkpoint, resharded)."""
+    rest = at_step(runs["pp2"], tmp_path / "rest", step=10)
+    resume = ["train", *train_data_flags, "--resume", "--out", str(rest), "--parallel.pp=1"]
+    if layout == "dp2":
+        torchrun([*resume, "--parallel.dp=2"])
+    else:
+        assert main(resume) == 0
+    got, want = losses(rest), losses(runs["single"])
+    assert sorted(got) == list(range(1, 21))
+    assert [got[s] for s in range(11, 21)] == pytest.approx([want[s] for s in range(11, 21)], rel=RTOL)
+    assert valid_losses(rest)[-1] == pytest.approx(valid_losses(runs["single"])[-1], rel=RTOL)
 
 
 def test_a_killed_rank_ends_the_job_with_its_name(train_data_flags: list[str], tmp_path: Path) -> None:
@@ -100,16 +116,10 @@ def test_a_killed_rank_ends_the_job_with_its_name(train_data_flags: list[str], t
     assert re.search(r"rank\s*: 1 .*SIGKILL", root_cause, re.S), out[-3000:]
 
 
-def test_checkpoints_reshard_between_pp2_one_process_and_dp2(
+def test_a_dp2_checkpoint_continues_in_one_process(
     runs: dict[str, Path], train_data_flags: list[str], tmp_path: Path
 ) -> None:
-    """pp=2's step 5 continues under dp=2, dp=2's in one process, as if the layout had not changed."""
-    resume = ["train", *train_data_flags, *TRAIN, "--train.steps=7", "--resume", "--out"]
-    into_dp = at_step_5(runs["pp2"], tmp_path / "into-dp2")
-    torchrun([*resume, str(into_dp)])
-    into_single = at_step_5(runs["dp2"], tmp_path / "into-single")
-    assert main([*resume, str(into_single)]) == 0
-    want = losses(runs["single"])
-    for resumed in (into_dp, into_single):
-        got = losses(resumed)
-        assert [got[6], got[7]] == pytest.approx([want[6], want[7]], rel=RTOL)
+    into_single = at_step(runs["dp2"], tmp_path / "into-single")
+    assert main(["train", *train_data_flags, "--resume", "--train.exit_interval=2", "--out", str(into_single)]) == 0
+    got, want = losses(into_single), losses(runs["single"])
+    assert [got[6], got[7]] == pytest.approx([want[6], want[7]], rel=RTOL)

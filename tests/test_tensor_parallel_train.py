@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runs import at_step_5, losses, small_run_flags, torchrun, valid_losses
+from cli_runs import at_step, losses, small_run_flags, torchrun, valid_losses
 
 from mtnlg.checkpoint import load_model
 from mtnlg.cli import main
@@ -52,11 +52,11 @@ def test_checkpoints_reshard_between_one_process_and_tp2(
     Step 6's loss checks the weights and the data position; step 7's, taken after an AdamW
     update from the loaded moments, checks the optimizer state.
     """
-    into_tp = at_step_5(runs["single"], tmp_path / "into_tp")
+    into_tp = at_step(runs["single"], tmp_path / "into_tp")
     resume = ["train", *train_data_flags, *TRAIN, "--train.steps=7", "--resume", "--out"]
     out = torchrun([*resume, str(into_tp), "--parallel.tp=2"])
     assert f"resuming from {into_tp / 'step_00000005'}" in out
-    into_single = at_step_5(runs["tp2"], tmp_path / "into_single")
+    into_single = at_step(runs["tp2"], tmp_path / "into_single")
     assert main([*resume, str(into_single)]) == 0
     for resumed, uninterrupted in ((into_tp, runs["single"]), (into_single, runs["tp2"])):
         got, want = losses(resumed), losses(uninterrupted)

@@ -16,6 +16,8 @@ parameters are already DTensors over the ``tp`` mesh; FSDP shards them again ove
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -23,7 +25,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from mtnlg.config import Config, ConfigError
 from mtnlg.model.gpt import GPT
 from mtnlg.parallel.dims import ParallelDims
-from mtnlg.parallel.pipeline import V_SHAPED
+
+V_SHAPED = ("zbv", "dualpipev")  # schedules that place a rank's two stages in a V (see pipeline.py)
 
 
 def fsdp_mixed_precision(cfg: Config, dims: ParallelDims) -> bool:
@@ -32,26 +35,43 @@ def fsdp_mixed_precision(cfg: Config, dims: ParallelDims) -> bool:
     return dims.dp > 1 and dims.device.type == "cuda" and cfg.train.precision == "bf16"
 
 
-def apply_data_parallel(model: GPT, dims: ParallelDims, cfg: Config) -> GPT:
-    """Shard ``model`` (this rank's part, after tensor parallelism) over the data-parallel mesh in place."""
-    if dims.pp > 1 and cfg.parallel.pp_schedule in V_SHAPED:
-        raise ConfigError(
-            f"parallel.pp_schedule={cfg.parallel.pp_schedule} splits backward into input- and weight-gradient "
-            "passes, which FSDP's gradient reduction here does not follow: use 1f1b or interleaved_1f1b with "
-            "parallel.dp > 1"
-        )
+def fsdp_options(cfg: Config, dims: ParallelDims) -> dict[str, Any]:
+    """``fully_shard``'s arguments for this run: the dp mesh, resharding, the mixed-precision policy."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if fsdp_mixed_precision(cfg, dims) else MixedPrecisionPolicy()
-    options = dict(mesh=dims.fsdp_mesh, reshard_after_forward=cfg.parallel.reshard_after_forward, mp_policy=policy)
+    return dict(mesh=dims.fsdp_mesh, reshard_after_forward=cfg.parallel.reshard_after_forward, mp_policy=policy)
+
+
+def apply_data_parallel(model: GPT, dims: ParallelDims, cfg: Config) -> GPT:
+    """Shard ``model`` (this rank's part, after tensor parallelism) over the data-parallel mesh in place.
+
+    Under a pipeline the stages call the end modules directly, never the model: each is a unit of
+    its own, and each stage is made a root by ``shard_stage`` so that the schedule reduces
+    gradients once per step.
+    """
+    if dims.pp > 1 and cfg.parallel.pp_schedule in V_SHAPED:
+        raise ConfigError(
+            f"parallel.pp_schedule={cfg.parallel.pp_schedule} with parallel.dp > 1 is not supported: its split "
+            "backward (input- then weight-gradient passes) does not give FSDP's gradient reduction the right "
+            "gradients in torch 2.13; use 1f1b or interleaved_1f1b with data parallelism"
+        )
+    options = fsdp_options(cfg, dims)
     for block in model.blocks.values():
         fully_shard(block, **options)
-    if dims.pp > 1:  # pipeline stages call these modules directly, never the model: each is its own unit
-        for end in (model.wte, model.wpe, model.ln_f, model.lm_head):
-            if end is not None:
-                fully_shard(end, **options)
-    else:
+    if dims.pp == 1:
         fully_shard(model, **options)
+        return model
+    for end in (model.wte, model.wpe, model.ln_f, model.lm_head):
+        if end is not None:
+            fully_shard(end, **options)
     return model
+
+
+def shard_stage(stage: nn.Module, cfg: Config, dims: ParallelDims) -> nn.Module:
+    """Make a pipeline stage (a view over already-sharded units) an FSDP root: the schedule then turns
+    gradient reduction off during its backward passes and reduce-scatters once, after the last one
+    (also when zero-bubble schedules split backward into input- and weight-gradient passes)."""
+    return fully_shard(stage, **fsdp_options(cfg, dims))
 
 
 def set_gradient_sync(model: nn.Module, sync: bool) -> None:

@@ -4,11 +4,12 @@ Transformations apply in a fixed order, each taking the previous one's module:
 
 1. pipeline parallelism: keep only the parts of this rank's stages (``pipeline.py``); it comes
    first because it decides which parameters exist on this rank at all;
-2. materialise: a model built on the meta device (``mtnlg.train.trainer.build_model``) is
-   allocated on the rank's device and initialised from ``train.seed``, each weight from a stream
-   of its own, so every layout starts from the single-process weights and no rank ever holds
-   more than its part;
-3. tensor (+ sequence) parallelism: shard every remaining layer over the ``tp`` mesh (``tensor.py``);
+2. tensor (+ sequence) parallelism: shard every remaining layer over the ``tp`` mesh (``tensor.py``);
+3. materialise: a model built on the meta device (``mtnlg.train.trainer.build_model``) has only
+   its tensor-parallel shards allocated on the rank's device, each filled with its slice of the
+   single-process initial value (made from ``train.seed`` and the weight's name, one block at a
+   time), so every layout starts from the single-process weights and no rank ever holds more
+   than its shards and one block;
 4. activation checkpointing: the model's own ``model.activation_checkpointing`` flag;
 5. compile (``train.compile``): each block in place, so parameter names stay those of the plain model;
 6. data parallelism (FSDP2, ``data.py``), outermost, so it shards the already tensor-parallel
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from mtnlg.checkpoint import load_model
@@ -49,8 +52,6 @@ def parallelize(model: GPT, dims: ParallelDims, cfg: Config, *, inference: bool 
             raise ConfigError("generation runs on tensor-parallel ranks only: use --tp, not a pipeline")
         check_pipeline(cfg, dims)
         keep_rank_stages(model, dims, cfg)
-    if any(p.is_meta for p in model.parameters()):
-        model.materialize(dims.device, cfg.train.seed)
     if dims.tp_enabled:
         apply_tensor_parallel(
             model,
@@ -58,12 +59,38 @@ def parallelize(model: GPT, dims: ParallelDims, cfg: Config, *, inference: bool 
             sequence_parallel=cfg.parallel.sequence_parallel and not inference,
             loss_parallel=not inference,
         )
+    if any(p.is_meta for p in model.parameters()):
+        materialize(model, dims.device, cfg.train.seed)
     if cfg.train.compile and not inference:
         for block in model.blocks.values():
             block.compile()
     if dims.dp > 1:
         apply_data_parallel(model, dims, cfg)
     return model
+
+
+@torch.no_grad()
+def materialize(model: GPT, device: torch.device, seed: int) -> None:
+    """Allocate ``model`` (this rank's part, built on meta, maybe tensor-parallel) on ``device`` and
+    give every parameter, or its shard, the single-process initial value.
+
+    The values come from a plain model of one block (then of the embeddings and output end)
+    initialised on the CPU by ``GPT.reset_parameters``, whose per-weight streams make them
+    independent of what else is built; each rank copies the slice its shard holds.
+    """
+    model.to_empty(device=device)
+    model.tie_weights()  # to_empty gave each holder of the shared weight its own tensor
+    mine = dict(model.named_parameters())
+    parts = [([int(i)], False, False) for i in model.blocks] + [([], model.wte is not None, model.lm_head is not None)]
+    for layers, embeddings, head in parts:
+        with torch.device("meta"):
+            reference = GPT(model.cfg).keep_only(layers, embeddings=embeddings, head=head)
+        for name, value in reference.materialize("cpu", seed).named_parameters():
+            param = mine[name]
+            if isinstance(param, DTensor):
+                value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None).to_local()
+                param = param.to_local()
+            param.copy_(value)
 
 
 def loss_context(dims: ParallelDims) -> contextlib.AbstractContextManager:

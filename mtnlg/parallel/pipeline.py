@@ -50,6 +50,7 @@ from torch.distributed.tensor import DTensor
 from mtnlg.config import Config, ConfigError
 from mtnlg.model.gpt import GPT
 from mtnlg.model.loss import cross_entropy_loss
+from mtnlg.parallel.data import V_SHAPED, shard_stage
 from mtnlg.parallel.dims import ParallelDims
 from mtnlg.train.optim import batch_sizes
 
@@ -61,7 +62,6 @@ SCHEDULES: dict[str, Any] = {
     "dualpipev": ScheduleDualPipeV,
 }
 SINGLE_STAGE = ("gpipe", "1f1b")
-V_SHAPED = ("zbv", "dualpipev")
 
 
 # -- the split ------------------------------------------------------------------------------------
@@ -187,6 +187,8 @@ class Pipeline:
         self.views = [
             model.view(split[s], embeddings=s == 0, head=s == self.num_stages - 1) for s in self.stage_ids
         ]
+        if dims.dp > 1:
+            self.views = [shard_stage(view, cfg, dims) for view in self.views]
         self.has_first, self.has_last = 0 in self.stage_ids, self.num_stages - 1 in self.stage_ids
         self._schedules: dict[tuple[int, bool], Any] = {}
         self._tied = _TiedEmbeddingGrads(model, dims) if cfg.model.tie_embeddings and pc.pp_schedule not in V_SHAPED \

@@ -242,33 +242,40 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean validation loss over the first ``eval_iters`` micro-batches (the same ones every time)."""
+        """Mean validation loss over the first ``eval_iters`` micro-batches of ``micro_batch_size`` samples.
+
+        The micro-batches are dealt round-robin to the data-parallel ranks, so every layout scores
+        the same samples (the same ones every time) and reports the same loss.
+        """
         if self.valid_data is None or len(self.valid_data) == 0:
             return None
-        iters = min(self.tc.eval_iters, max(1, len(self.valid_data) // self.micro))
-        loader = SampleLoader(self.valid_data, self.micro, self.dp_rank, self.dp_size)
+        size = self.tc.micro_batch_size
+        iters = min(self.tc.eval_iters, max(1, len(self.valid_data) // size))
+        loader = SampleLoader(self.valid_data, size)
+        batches = [loader.next_batch().to(self.device) for _ in range(iters)][self.dp_rank :: self.dp_size]
+        total = torch.zeros((), device=self.device)
         self.model.eval()
-        batches = [loader.next_batch().to(self.device) for _ in range(iters)]
         with self._autocast(), loss_context(self.dims):
-            if self.pipeline is not None:
+            if self.pipeline is not None and batches:
                 batch = torch.cat(batches)
-                loss = self.pipeline.evaluate(batch[:, :-1], batch[:, 1:], iters)
-            else:
-                loss = sum(self.model(b[:, :-1], b[:, 1:]).float() for b in batches) / iters
+                total = self.pipeline.evaluate(batch[:, :-1], batch[:, 1:], len(batches)).float() * len(batches)
+            elif batches:
+                total = sum(self.model(b[:, :-1], b[:, 1:]).float() for b in batches)
         self.model.train()
-        return float(self._all_reduce(loss, dist.ReduceOp.SUM, self.dims.dp_group) / self.dp_size)
+        return float(self._all_reduce(total, dist.ReduceOp.SUM, self.dims.dp_group) / iters)
 
     # -- checkpoints -------------------------------------------------------------------------------
 
-    def save(self) -> Path:
-        """Checkpoint everything the next step depends on into ``out/step_XXXXXXXX``."""
+    def save(self, weights: bool = True) -> Path:
+        """Checkpoint everything the next step depends on into ``out/step_XXXXXXXX``; ``weights``: with
+        the consolidated ``model.safetensors`` too (a run writes it when it ends)."""
         trainer_state = {
             "state": asdict(self.state),
             "loader": self.loader.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
         path = save_training_checkpoint(self.out, self.state.step, self.model, self.optimizer, self.cfg,
-                                        self.tokenizer, trainer_state, self.tc.keep_last)
+                                        self.tokenizer, trainer_state, self.tc.keep_last, weights)
         self.last_saved_step = self.state.step
         return path
 
@@ -336,7 +343,7 @@ class Trainer:
             reporter.validation(self.evaluate())
         due = (tc.save_interval and step % tc.save_interval == 0) or last or stopping
         if due and step != self.last_saved_step:
-            self.save()
+            self.save(weights=last or stopping)
 
 
 class _JobLimits:

@@ -1,0 +1,31 @@
+"""benchmarks/gpu.py runs only on a CUDA machine; here: it imports, its peak table and its CPU exit."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import gpu  # noqa: E402
+
+
+def test_peak_is_looked_up_by_device_name_or_given() -> None:
+    assert gpu.peak_flops("NVIDIA H200") == 989e12
+    assert gpu.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpu.peak_flops("Some GPU", override_tflops=100) == 100e12
+    with pytest.raises(SystemExit, match="--peak-tflops"):
+        gpu.peak_flops("Some GPU")
+
+
+@pytest.mark.skipif(gpu.torch.cuda.is_available(), reason="a CUDA machine runs the benchmark itself")
+def test_without_cuda_it_measures_nothing_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    assert gpu.main(["--out", str(tmp_path / "gpu.json")]) == 0
+    assert "needs a CUDA GPU" in capsys.readouterr().out
+    assert not (tmp_path / "gpu.json").exists()
+
+
+def test_random_tokens_have_the_sample_shape() -> None:
+    data = gpu.RandomTokens(4, seq_len=16, vocab=100)
+    assert len(data) == 4 and data[0].shape == (17,) and data[0].max() < 100
