@@ -67,8 +67,10 @@ class ServerState:
             return await asyncio.to_thread(self._requests, prompts, params)
         except ValueError as exc:  # messages start with the field: SamplingParams' name, or the prompt's
             field = str(exc).split(" ", 1)[0]
-            param = _API_NAMES.get(field, field if field in LIMITS else prompt_field)
-            raise APIError(400, str(exc), param=param) from None
+            if field in LIMITS or field in _API_NAMES:
+                raise APIError(400, str(exc), param=_API_NAMES.get(field, field)) from None
+            about = "" if prompt_field == "prompt" else f"{prompt_field} (rendered with the chat template): "
+            raise APIError(400, about + str(exc), param=prompt_field) from None
 
     def _requests(self, prompts: Sequence[str | list[int]], params: list[SamplingParams]) -> list[EngineRequest]:
         out = []

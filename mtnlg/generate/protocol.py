@@ -105,7 +105,8 @@ class _SamplingBody(_Body):
         }
 
     def unsupported(self) -> tuple[str, str] | None:
-        """The first OpenAI option set to something this server does not implement: (field, reason)."""
+        """The first option set to something this server does not implement or a combination it
+        refuses: (field, reason)."""
         return next(((name, UNSUPPORTED[name]) for name, on in self._used().items() if on), None)
 
 
@@ -160,13 +161,12 @@ class ChatCompletionRequest(_SamplingBody):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
-    @model_validator(mode="after")
-    def _logprobs_flag(self) -> ChatCompletionRequest:
+    def unsupported(self) -> tuple[str, str] | None:
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
+            return "top_logprobs", "top_logprobs needs logprobs: true"
         if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
-            raise ValueError("max_tokens and max_completion_tokens differ: give one of them")
-        return self
+            return "max_completion_tokens", "max_tokens and max_completion_tokens differ: give one of them"
+        return super().unsupported()
 
     @property
     def limit(self) -> int | None:

@@ -61,8 +61,8 @@ def _error(
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        err = _most_telling(exc.errors())
+        loc = [str(p) for p in err.get("loc", ()) if p != "body" and _is_field(p)]
         if err.get("type") == "json_invalid":
             return _error(400, f"request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
         where = ".".join(loc) or "body"
@@ -83,6 +83,21 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:  # a bug: still JSON, never plain text
         return _error(500, f"internal error: {type(exc).__name__}", kind="server_error")
+
+
+def _is_field(part: object) -> bool:
+    """A field name or list index in a pydantic error location (not the tag of a union's branch,
+    such as ``list[...]`` or ``function-after[...]``)."""
+    return isinstance(part, int) or str(part).isidentifier()
+
+
+def _most_telling(errors: list) -> dict:
+    """The error to report. A value that fails every branch of a union (``stop``: a string or a list)
+    gets one error per branch; one that is not about the type (a list too long) says more than
+    "should be a string"."""
+    if not errors:
+        return {"loc": (), "msg": "invalid request"}
+    return next((e for e in errors if not str(e.get("type", "")).endswith("_type")), errors[0])
 
 
 class _DeclaredSize:
