@@ -14,8 +14,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 import torch
-from serving import running, tiny_engine
-from tokenizers import Tokenizer as HFTokenizer
+from serving import running, tiny_engine, with_chat_markers
 
 from mtnlg.checkpoint import save_model
 from mtnlg.cli import main
@@ -37,10 +36,7 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 
 @pytest.fixture(scope="module")
 def chat_tokenizer(small_tokenizer: Tokenizer) -> Tokenizer:
-    """The session's tokenizer with the chat markers as special tokens (as a fine-tuned checkpoint has)."""
-    tok = Tokenizer(HFTokenizer.from_str(small_tokenizer.hf.to_str()))
-    TEMPLATE.attach(tok)
-    return tok
+    return with_chat_markers(small_tokenizer)
 
 
 @pytest.fixture(scope="module")
