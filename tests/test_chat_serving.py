@@ -10,6 +10,8 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator
+from fnmatch import fnmatch
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,7 +24,7 @@ from mtnlg.config import Config, ModelConfig
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.generate.chat import ChatTemplate
 from mtnlg.generate.engine import Engine, SamplingParams
-from mtnlg.generate.server import create_app
+from mtnlg.generate.server import PLAYGROUND, create_app
 from mtnlg.model.gpt import GPT
 
 openai = pytest.importorskip("openai")
@@ -198,6 +200,18 @@ def test_playground_page_is_public_and_self_contained(url: str) -> None:
     assert 'id="api-key"' in html and "/v1/chat/completions" in html and "Authorization" in html
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html), "the page fetches nothing external"
     assert not re.search(r"""(url|import)\s*\(\s*["']?(https?:)?//""", html)
+
+
+def test_the_page_ships_in_the_package() -> None:
+    """setuptools only packs the page as package data: the wheel would serve a 500 without it."""
+    root = Path(__file__).resolve().parent.parent
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    page = PLAYGROUND.relative_to(root / "mtnlg" / "generate").as_posix()
+    assert any(fnmatch(page, pattern) for pattern in globs["mtnlg.generate"]) and PLAYGROUND.is_file()
 
 
 def test_mtnlg_chat_with_piped_stdin(tmp_path, chat_tokenizer: Tokenizer, monkeypatch, capsys) -> None:
