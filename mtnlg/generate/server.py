@@ -4,9 +4,9 @@
 Concurrent requests are decoded together (continuous batching, ``mtnlg.generate.batcher``).
 The event loop only checks, parses and streams, and tokenizes in a worker thread, so it keeps
 answering (health, bad requests) while a batch runs. Before a body is read, the API key is
-checked (every path but ``/health`` and the page at ``/``, whose own API calls carry the key)
-and its size limited; the body's fields are range-checked
-(``protocol``), so only an internal failure is a 500, and it fails only the request concerned.
+checked (every path but ``/health`` and the page at ``/``, whose own API calls carry the key) and
+its size limited; the body's fields are range-checked (``protocol``), so only an internal failure
+is a 500, and it fails only the request concerned.
 
 Errors are JSON in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for
 malformed or out-of-range requests, 401 without the right ``Authorization: Bearer`` key, 404
