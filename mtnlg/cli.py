@@ -422,6 +422,14 @@ def _cli_tokenizer(args: argparse.Namespace, found: object, vocab_size: int) -> 
 def _generate_args(p: argparse.ArgumentParser) -> None:
     _checkpoint_args(p)
     p.add_argument("--prompt", help="text to continue; without it, prompts are read from stdin, one per line")
+    _sampling_args(p)
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens if it is too long")
+    p.add_argument("--tp", type=_int_in(1), default=1,
+                   help="tensor-parallel size; launch with torchrun --nproc_per_node=TP (needs --prompt)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=_int_in(0), help="tokens to generate (default: generate.max_new_tokens)")
     p.add_argument("--temperature", type=_finite, help="softmax temperature in [0, 100]; 0 means greedy")
     p.add_argument("--top-k", type=_int_in(0), help="sample among the k most likely tokens; 0 disables")
@@ -429,10 +437,6 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=_finite, help="CTRL repetition penalty in [0.01, 100]; 1 disables")
     p.add_argument("--seed", type=_int_in(0, 2**63 - 1), help="sampler seed >= 0 (same seed, same text)")
     p.add_argument("--stop", action="append", help="stop string (repeatable); it is not printed")
-    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    p.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens if it is too long")
-    p.add_argument("--tp", type=_int_in(1), default=1,
-                   help="tensor-parallel size; launch with torchrun --nproc_per_node=TP (needs --prompt)")
 
 
 @command("generate", _generate_args)
@@ -454,6 +458,30 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     engine = _load_engine(checkpoint, args, max_batch_size=1)  # prompts run one at a time
     prompts = [args.prompt] if args.prompt is not None else read_prompts(sys.stdin)
     run_prompts(engine, prompts, params, stream=args.stream, truncate=args.truncate)
+    return 0
+
+
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    _checkpoint_args(p)
+    p.add_argument("--system", help="system prompt: instructions the whole conversation starts with")
+    _sampling_args(p)
+
+
+@command("chat", _chat_args)
+def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Chat with a checkpoint in the terminal: each line you type is a message, the answer streams.
+
+    /reset starts a new conversation, /exit (or end of input) quits; input may be piped. Messages
+    are rendered with the checkpoint's chat template (or the default one); sampling defaults come
+    from its [generate] section, as for generate.
+    """
+    from mtnlg.checkpoint import load_config, resolve_verified
+    from mtnlg.generate.console import chat, read_prompts
+
+    checkpoint = resolve_verified(args.checkpoint)
+    params = _sampling_params(args, load_config(checkpoint), overrides)
+    engine = _load_engine(checkpoint, args, max_batch_size=1)
+    chat(engine, params, read_prompts(sys.stdin), system=args.system)
     return 0
 
 

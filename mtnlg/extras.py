@@ -12,7 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 # The optional package a command may import -> the extra of pyproject.toml that installs it.
 OPTIONAL_PACKAGES: dict[str, str | None] = {
-    "fastapi": "serve", "uvicorn": "serve", "httpx": "serve", "matplotlib": "demo",
+    "fastapi": "serve", "uvicorn": "serve", "httpx": "serve", "prometheus_client": "serve", "matplotlib": "demo",
     "transformers": "dev", "yaml": None, "tensorboard": None,
 }
 PIP_NAMES = {"yaml": "pyyaml"}

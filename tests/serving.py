@@ -10,8 +10,11 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from tokenizers import Tokenizer as HFTokenizer
 
 from mtnlg.config import ModelConfig
+from mtnlg.data.tokenizer import Tokenizer
+from mtnlg.generate.chat import ChatTemplate
 from mtnlg.generate.engine import Engine
 from mtnlg.model.gpt import GPT
 
@@ -36,6 +39,14 @@ def running(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(15)
         sock.close()
+
+
+def with_chat_markers(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of ``tokenizer`` with the default chat template's markers as special tokens (as a
+    fine-tuned checkpoint's tokenizer has them)."""
+    copy = Tokenizer(HFTokenizer.from_str(tokenizer.hf.to_str()))
+    ChatTemplate().attach(copy)
+    return copy
 
 
 def tiny_engine(tokenizer) -> Engine:

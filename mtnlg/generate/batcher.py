@@ -4,7 +4,9 @@ Each handler puts its sequences on a queue; the worker starts a batch with what 
 (after the first arrival it waits ``batch_wait_s`` for more, up to the engine's
 ``max_batch_size`` sequences), and between decode steps lets queued sequences join the running
 batch while it has free rows and their prompt and budget fit; finished sequences leave it at
-once. Every event goes back to its handler's asyncio queue.
+once. Every event goes back to its handler's asyncio queue. A ``BatchObserver`` is told, from
+the worker thread, the time to each sequence's first token and between its next ones, and the
+size of each decoded batch (the server's metrics).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     stopped: threading.Event = field(default_factory=threading.Event)
     pending: list[tuple[int, TokenEvent]] = field(default_factory=list)  # the worker thread's, until handed over
+    submitted: float = field(default_factory=time.monotonic)
+    generated: int = 0  # tokens generated so far, all sequences together (counted by the worker thread)
+    last_token: dict[int, float] = field(default_factory=dict)  # sequence -> when its latest token came
 
     def deliver(self, item: tuple[int, TokenEvent]) -> None:
         """Called from the worker thread."""
@@ -52,6 +57,17 @@ class Job:
 Slot = tuple[Job, int]  # a job and one of its sequences
 
 
+class BatchObserver:
+    """What the worker thread reports (this base ignores it; the server's metrics record it)."""
+
+    def token(self, seconds: float, first: bool) -> None:
+        """A sequence made a token, ``seconds`` after its request was queued (``first``) or after its
+        previous token."""
+
+    def step(self, batch_size: int) -> None:
+        """A decode step ran over ``batch_size`` sequences."""
+
+
 class Batcher:
     """A worker thread that runs queued sequences through the engine, continuously batched.
 
@@ -59,8 +75,9 @@ class Batcher:
     to jobs; handlers only queue slots and read their job's events.
     """
 
-    def __init__(self, engine: Engine, batch_wait_s: float = 0.005) -> None:
+    def __init__(self, engine: Engine, batch_wait_s: float = 0.005, observer: BatchObserver | None = None) -> None:
         self.engine, self.batch_wait_s = engine, batch_wait_s
+        self.observer = observer or BatchObserver()
         self._queue: Queue[Slot | None] = Queue()  # None: stop after the running batch
         self._held: Slot | None = None  # taken, but did not fit the running batch: goes first next time
         self._stopping = False
@@ -68,6 +85,11 @@ class Batcher:
         self.batches = 0  # batches started so far
         self.largest_batch = 0  # the most sequences one batch has decoded at once
         self.admitted = 0  # sequences that joined a batch already running
+        self.running = 0  # sequences in the running batch now
+
+    def waiting(self) -> int:
+        """Sequences queued and not yet in a batch (approximate while the worker takes them)."""
+        return self._queue.qsize() + (self._held is not None)
 
     def start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -128,6 +150,8 @@ class Batcher:
             except Exception as exc:  # a bug, not a request's fault: end this batch's sequences, keep serving
                 for index, (job, i) in owners.items():
                     job.deliver((i, TokenEvent(index, None, "", finish_reason="error", error=repr(exc))))
+            finally:
+                self.running = 0
 
     def _run(self, decoder: Decoder, owners: dict[int, Slot]) -> None:
         """One batch: start it with what is waiting, then step it, letting sequences join and leave."""
@@ -141,6 +165,8 @@ class Batcher:
         self.batches += 1
         self._add(decoder, owners, slots)
         while len(decoder):
+            self.running = len(decoder)
+            self.observer.step(self.running)
             self._deliver(owners, decoder.step())
             gone = {index for index in decoder.live() if owners[index][0].stopped.is_set()}
             self._deliver(owners, decoder.cancel(gone))
@@ -157,8 +183,12 @@ class Batcher:
         self._deliver(owners, events)
         self.largest_batch = max(self.largest_batch, len(decoder))
 
-    @staticmethod
-    def _deliver(owners: dict[int, Slot], events: list[TokenEvent]) -> None:
+    def _deliver(self, owners: dict[int, Slot], events: list[TokenEvent]) -> None:
+        now = time.monotonic()
         for event in events:
             job, i = owners[event.index] if event.finish_reason is None else owners.pop(event.index)
+            if event.token is not None:
+                previous = job.last_token.get(i)
+                self.observer.token(now - (job.submitted if previous is None else previous), previous is None)
+                job.last_token[i], job.generated = now, job.generated + 1
             job.deliver((i, event))

@@ -1,4 +1,4 @@
-"""Request bodies of the HTTP API: OpenAI's completions and Megatron-LM's ``PUT /api``.
+"""Request bodies of the HTTP API: OpenAI's completions and chat completions, Megatron-LM's ``PUT /api``.
 
 Strict JSON: wrong types and unknown fields are errors (400, naming the field), not silently
 coerced or ignored. Every field is range-checked here, at the edge, so that nothing a client can
@@ -11,7 +11,7 @@ does not implement are refused by name, each with its own reason (``unsupported`
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -64,26 +64,22 @@ UNSUPPORTED = {
 }
 
 
-class CompletionRequest(_Body):
-    """OpenAI's ``POST /v1/completions`` body, plus top_k, repetition_penalty and ignore_eos."""
+StopString = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
+class _SamplingBody(_Body):
+    """The fields OpenAI's completions and chat completions share, plus top_k, repetition_penalty
+    and ignore_eos."""
 
     model: Text | None = None
-    prompt: Text | TokenIds | Annotated[list[Text], Field(max_length=MAX_PROMPTS)] | Annotated[
-        list[TokenIds], Field(max_length=MAX_PROMPTS)] = ""
-    max_tokens: int = _limit("max_new_tokens", 16)
+    max_tokens: int | None = _limit("max_new_tokens", 16)
     temperature: float = Field(1.0, ge=0, le=LIMITS["temperature"][1])
     top_p: float = _limit("top_p", 1.0, exclusive_low=True)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    stop: Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)] | Annotated[
-        list[Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP_STRINGS)
-    ] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: int | None = Field(None, ge=0, lt=2**62)  # choice j uses seed + j
-    echo: bool = False
-    suffix: Text | None = None
-    best_of: int | None = Field(None, ge=1, le=16)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[Text, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=300)
@@ -92,17 +88,94 @@ class CompletionRequest(_Body):
     repetition_penalty: float = _limit("repetition_penalty", 1.0)
     ignore_eos: bool = False
 
-    def unsupported(self) -> tuple[str, str] | None:
-        """The first OpenAI option set to something this server does not implement: (field, reason)."""
-        used = {
-            "echo": self.echo,
-            "suffix": self.suffix is not None,
-            "best_of": self.best_of not in (None, self.n),
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def alternatives(self) -> int | None:
+        """How many alternatives to report per token (None: no log-probs at all)."""
+        return None
+
+    def _used(self) -> dict[str, bool]:
+        return {
             "presence_penalty": self.presence_penalty != 0,
             "frequency_penalty": self.frequency_penalty != 0,
             "logit_bias": bool(self.logit_bias),
         }
-        return next(((name, UNSUPPORTED[name]) for name, on in used.items() if on), None)
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """The first option set to something this server does not implement or a combination it
+        refuses: (field, reason)."""
+        return next(((name, UNSUPPORTED[name]) for name, on in self._used().items() if on), None)
+
+
+class CompletionRequest(_SamplingBody):
+    """OpenAI's ``POST /v1/completions`` body."""
+
+    prompt: Text | TokenIds | Annotated[list[Text], Field(max_length=MAX_PROMPTS)] | Annotated[
+        list[TokenIds], Field(max_length=MAX_PROMPTS)] = ""
+    max_tokens: int = _limit("max_new_tokens", 16)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    suffix: Text | None = None
+    best_of: int | None = Field(None, ge=1, le=16)
+
+    @property
+    def alternatives(self) -> int | None:
+        return self.logprobs
+
+    def _used(self) -> dict[str, bool]:
+        own = {"echo": self.echo, "suffix": self.suffix is not None, "best_of": self.best_of not in (None, self.n)}
+        return {**own, **super()._used()}
+
+
+class TextPart(_Body):
+    """A part of a message's content; only text parts (no images or audio: the model reads text)."""
+
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(_Body):
+    """One turn. The role is checked against the chat template (``developer`` is OpenAI's newer
+    name for ``system``); content is a string or a list of text parts, joined."""
+
+    role: Text
+    content: Text | Annotated[list[TextPart], Field(max_length=MAX_PROMPTS)]
+
+    def plain(self) -> dict[str, str]:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class ChatCompletionRequest(_SamplingBody):
+    """OpenAI's ``POST /v1/chat/completions`` body. Without ``max_tokens`` (or its newer name
+    ``max_completion_tokens``) the answer may fill the rest of the context; the assistant's turn
+    ends at the template's end marker, which takes one of the stop strings (so three are left)."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
+    max_tokens: int | None = _limit("max_new_tokens", None)
+    max_completion_tokens: int | None = _limit("max_new_tokens", None)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS - 1)] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
+        if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
+            return "max_completion_tokens", "max_tokens and max_completion_tokens differ: give one of them"
+        return super().unsupported()
+
+    @property
+    def limit(self) -> int | None:
+        """Tokens to generate at most (None: the rest of the context)."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class MegatronRequest(_Body):

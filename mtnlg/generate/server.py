@@ -1,34 +1,33 @@
-"""HTTP serving over one Engine: OpenAI-compatible completions, Megatron's ``PUT /api``, health.
+"""HTTP serving over one Engine: OpenAI-compatible completions and chat completions, Megatron's
+``PUT /api``, health, Prometheus metrics, and the playground page at ``/``.
 
 Concurrent requests are decoded together (continuous batching, ``mtnlg.generate.batcher``).
 The event loop only checks, parses and streams, and tokenizes in a worker thread, so it keeps
 answering (health, bad requests) while a batch runs. Before a body is read, the API key is
-checked (every path but ``/health``) and its size limited; the body's fields are range-checked
-(``protocol``), so only an internal failure is a 500, and it fails only the request concerned.
+checked (every path but ``/health`` and the page at ``/``, whose own API calls carry the key) and
+its size limited; the body's fields are range-checked (``protocol``), so only an internal failure
+is a 500, and it fails only the request concerned.
 
 Errors are JSON in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for
 malformed or out-of-range requests, 401 without the right ``Authorization: Bearer`` key, 404
-``model_not_found`` for another model's name, 413 for a body over the size limit.
+``model_not_found`` for another model's name, 413 for a body over the size limit. The routes'
+work is in ``handlers``; metrics and access logs in ``metrics``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
-import dataclasses
 import hashlib
 import hmac
-import json
 import socket
-import time
-import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.resources import files
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
 from starlette.exceptions import HTTPException
 from starlette.middleware.authentication import AuthenticationMiddleware
@@ -36,15 +35,13 @@ from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mtnlg.generate.batcher import Batcher, Job
-from mtnlg.generate.engine import Completion, Engine, SamplingParams, TokenEvent
-from mtnlg.generate.engine import Request as EngineRequest
-from mtnlg.generate.protocol import CompletionRequest, MegatronRequest
-from mtnlg.generate.sequence import LIMITS
+from mtnlg.generate import handlers
+from mtnlg.generate.engine import Engine
+from mtnlg.generate.handlers import APIError, ServerState
+from mtnlg.generate.metrics import AccessLog, ServerMetrics, log_to_stderr
+from mtnlg.generate.protocol import ChatCompletionRequest, CompletionRequest, MegatronRequest
 
 API_KEY_ENV = "MTNLG_API_KEY"
-MAX_SEQUENCES = 64  # prompts x n in one request
-_API_NAMES = {"max_new_tokens": "max_tokens", "ignore_eod": "ignore_eos", "stop": "stop"}
 MAX_BODY_BYTES = 1 << 20  # default limit of a request body (mtnlg serve --max-body-bytes)
 
 
@@ -61,17 +58,11 @@ def _error(
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        err = _most_telling(exc.errors())
+        loc = [str(p) for p in err.get("loc", ()) if p != "body" and _is_field(p)]
         if err.get("type") == "json_invalid":
             return _error(400, f"request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
         where = ".".join(loc) or "body"
@@ -94,6 +85,21 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, f"internal error: {type(exc).__name__}", kind="server_error")
 
 
+def _is_field(part: object) -> bool:
+    """A field name or list index in a pydantic error location (not the tag of a union's branch,
+    such as ``list[...]`` or ``function-after[...]``)."""
+    return isinstance(part, int) or str(part).isidentifier()
+
+
+def _most_telling(errors: list) -> dict:
+    """The error to report. A value that fails every branch of a union (``stop``: a string or a list)
+    gets one error per branch; one that is not about the type (a list too long) says more than
+    "should be a string"."""
+    if not errors:
+        return {"loc": (), "msg": "invalid request"}
+    return next((e for e in errors if not str(e.get("type", "")).endswith("_type")), errors[0])
+
+
 class _DeclaredSize:
     """Refuses a body whose declared ``Content-Length`` exceeds the limit before reading any of it,
     with the API's JSON error. Starlette's ``RequestBodyLimitMiddleware`` (inside this one) counts the
@@ -113,7 +119,7 @@ class _DeclaredSize:
         await self.app(scope, receive, send)
 
 
-OPEN_PATHS = frozenset({"/health"})  # everything else needs the key, the API docs included
+OPEN_PATHS = frozenset({"/health", "/"})  # everything else needs the key, the API docs and /metrics included
 
 
 class _BearerKey(AuthenticationBackend):
@@ -131,176 +137,6 @@ class _BearerKey(AuthenticationBackend):
         if not hmac.compare_digest(given, self.digest) or scheme.lower() != "bearer":
             raise AuthenticationError("missing or wrong API key: send 'Authorization: Bearer <key>'")
         return AuthCredentials(["api"]), SimpleUser("client")
-
-
-# -- request handling ------------------------------------------------------------------------------
-
-
-class _Server:
-    """The state behind the routes: engine, batcher, model name."""
-
-    def __init__(self, engine: Engine, model_name: str, batch_wait_s: float) -> None:
-        self.engine, self.model_name = engine, model_name
-        self.batcher = Batcher(engine, batch_wait_s)
-        self.created = int(time.time())
-
-    async def build(self, prompts: Sequence[str | list[int]], params: list[SamplingParams]) -> list[EngineRequest]:
-        """Validated engine requests, prompt-major. The count is checked before anything is tokenized;
-        each prompt is tokenized once (not once per choice), in a worker thread, so the event loop
-        keeps answering meanwhile."""
-        if len(prompts) * len(params) > MAX_SEQUENCES:
-            raise APIError(400, f"{len(prompts)} prompts x n={len(params)} sequences requested; "
-                                f"at most {MAX_SEQUENCES} per request", param="n")
-        try:
-            return await asyncio.to_thread(self._requests, prompts, params)
-        except ValueError as exc:  # messages start with the field: SamplingParams' name, or the prompt's
-            field = str(exc).split(" ", 1)[0]
-            raise APIError(400, str(exc), param=_API_NAMES.get(field, field if field in LIMITS else "prompt")) from None
-
-    def _requests(self, prompts: Sequence[str | list[int]], params: list[SamplingParams]) -> list[EngineRequest]:
-        out = []
-        for prompt in prompts:
-            first = self.engine.request(prompt, params[0])
-            out += [first] + [self.engine.request(first.prompt, sp) for sp in params[1:]]
-        return out
-
-    async def collect(self, job: Job) -> list[Completion]:
-        out = [Completion(r.prompt) for r in job.requests]
-        async for i, event in self.events(job):
-            out[i].add(event)
-        return out
-
-    async def events(self, job: Job) -> AsyncIterator[tuple[int, TokenEvent]]:
-        """A job's events until all its sequences finish; stops the job if the consumer leaves."""
-        remaining = len(job.requests)
-        try:
-            while remaining:
-                for item in await job.events.get():
-                    if item[1].finish_reason == "error":
-                        raise APIError(500, f"generation failed: {item[1].error}")
-                    remaining -= item[1].finish_reason is not None
-                    yield item
-        finally:
-            job.stopped.set()
-
-    def check(self, body: CompletionRequest) -> None:
-        """What the body's own validation cannot know: the served model, the options not implemented."""
-        if body.model and body.model != self.model_name:
-            raise APIError(404, f"The model '{body.model}' does not exist; this server serves "
-                                f"'{self.model_name}' (GET /v1/models)", param="model", code="model_not_found")
-        refused = body.unsupported()
-        if refused is not None:
-            raise APIError(400, refused[1], param=refused[0])
-
-    def token_strings(self, ids: list[int]) -> list[str]:
-        tok = self.engine.tokenizer
-        return [tok.token_str(i) if tok is not None else "" for i in ids]
-
-    def openai_logprobs(self, tokens: list[int], logprobs: list[float] | None, tops: list[dict] | None) -> dict:
-        strs = self.token_strings(tokens)
-        offsets = [sum(len(s) for s in strs[:i]) for i in range(len(strs))]
-        top = [{self.token_strings([t])[0]: v for t, v in d.items()} for d in tops or []]
-        return {"tokens": strs, "token_logprobs": logprobs or [], "top_logprobs": top, "text_offset": offsets}
-
-
-def _completion_params(body: CompletionRequest) -> list[SamplingParams]:
-    """One SamplingParams per choice; choice j of a seeded request uses seed + j."""
-    base = SamplingParams(
-        max_new_tokens=body.max_tokens,
-        temperature=body.temperature,
-        top_k=body.top_k,
-        top_p=body.top_p,
-        repetition_penalty=body.repetition_penalty,
-        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
-        logprobs=body.logprobs,
-        ignore_eod=body.ignore_eos,
-    )
-    return [dataclasses.replace(base, seed=None if body.seed is None else body.seed + j) for j in range(body.n)]
-
-
-def _prompts(prompt: str | list) -> list[str | list[int]]:
-    """OpenAI's prompt forms: a string, a list of strings, a token list, or a list of token lists."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if prompt and all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
-    return list(prompt) if prompt else [""]
-
-
-async def _openai_completion(server: _Server, body: CompletionRequest) -> JSONResponse | StreamingResponse:
-    prompts = _prompts(body.prompt)
-    params = _completion_params(body)
-    requests = await server.build(prompts, params)
-    job = server.batcher.submit(requests, stream=body.stream)
-    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    head = {"id": cid, "object": "text_completion", "created": created, "model": server.model_name}
-    if body.stream:
-        return StreamingResponse(_sse(server, job, head, body), media_type="text/event-stream")
-    completions = await server.collect(job)
-    choices = [
-        {
-            "index": i,
-            "text": c.text,
-            "logprobs": None if body.logprobs is None else server.openai_logprobs(c.tokens, c.logprobs, c.top_logprobs),
-            "finish_reason": c.finish_reason,
-        }
-        for i, c in enumerate(completions)
-    ]
-    return JSONResponse({**head, "choices": choices, "usage": _usage(requests, completions, body.n)})
-
-
-def _usage(requests: list[EngineRequest], completions: list[Completion], n: int) -> dict:
-    """Token counts; each prompt counts once, however many choices (``n``) it has."""
-    prompt = sum(len(r.prompt) for r in requests[::n])
-    done = sum(len(c.tokens) for c in completions)
-    return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
-
-
-async def _sse(server: _Server, job: Job, head: dict, body: CompletionRequest) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per released piece of text, then ``[DONE]``."""
-    completions = [Completion(r.prompt) for r in job.requests]
-    try:
-        async for i, ev in server.events(job):
-            completions[i].add(ev)
-            if not ev.text and ev.finish_reason is None and ev.logprob is None:
-                continue
-            logprobs = None
-            if body.logprobs is not None and ev.token is not None:
-                tops = [ev.top_logprobs or {}]
-                logprobs = server.openai_logprobs([ev.token], [ev.logprob or 0.0], tops)
-            choice = {"index": i, "text": ev.text, "logprobs": logprobs, "finish_reason": ev.finish_reason}
-            yield _event({**head, "choices": [choice]})
-    except APIError as exc:
-        yield _event({"error": {"message": exc.message, "type": "server_error", "param": None, "code": None}})
-    if body.stream_options is not None and body.stream_options.include_usage:
-        yield _event({**head, "choices": [], "usage": _usage(job.requests, completions, body.n)})
-    yield "data: [DONE]\n\n"
-
-
-def _event(data: dict) -> str:
-    """One server-sent event; strict JSON (a non-finite number is an error here, never ``NaN`` on the wire)."""
-    return f"data: {json.dumps(data, allow_nan=False)}\n\n"
-
-
-async def _megatron(server: _Server, body: MegatronRequest) -> dict:
-    """Megatron-LM's text generation server shape: completions include their prompts."""
-    params = SamplingParams(
-        max_new_tokens=body.tokens_to_generate,
-        temperature=body.temperature,
-        top_k=body.top_k,
-        top_p=body.top_p if body.top_p > 0 else 1.0,
-        logprobs=0 if body.logprobs else None,
-        seed=None if body.random_seed < 0 else body.random_seed,
-        stop=["\n\n"] if body.stop_on_double_eol else ["\n"] if body.stop_on_eol else [],
-    )
-    requests = await server.build(body.prompts, [params])
-    completions = await server.collect(server.batcher.submit(requests))
-    texts = [p + c.text for p, c in zip(body.prompts, completions, strict=True)]
-    segments = [server.token_strings(r.prompt + c.tokens) for r, c in zip(requests, completions, strict=True)]
-    out: dict = {"text": texts, "segments": segments}
-    if body.logprobs:
-        out["logprobs"] = [c.logprobs or [] for c in completions]
-    return out
 
 
 # -- the app ---------------------------------------------------------------------------------------
@@ -330,7 +166,9 @@ def create_app(
     else:
         engine = Engine.from_checkpoint(engine_or_checkpoint, quantize=quantize, max_batch_size=max_batch_size)
         name = model_name or Path(engine_or_checkpoint).resolve().name
-    server = _Server(engine, name, batch_wait_s)
+    metrics = ServerMetrics()
+    server = ServerState(engine, name, batch_wait_s, metrics)
+    metrics.watch(server.batcher)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -339,13 +177,25 @@ def create_app(
         server.batcher.stop()
 
     app = FastAPI(title="mtnlg", lifespan=lifespan)
-    app.state.server, app.state.max_body_bytes = server, max_body_bytes
+    app.state.server, app.state.metrics, app.state.max_body_bytes = server, metrics, max_body_bytes
     _install_error_handlers(app)
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=max_body_bytes)
     app.add_middleware(_DeclaredSize, max_body_bytes=max_body_bytes)
-    if api_key is not None:  # added last: runs first
+    if api_key is not None:
         app.add_middleware(AuthenticationMiddleware, backend=_BearerKey(api_key),
                            on_error=lambda _, exc: _error(401, str(exc)))
+    app.add_middleware(AccessLog, metrics=metrics)  # added last: runs first, so refusals are counted too
+    _add_routes(app, server, metrics)
+    return app
+
+
+PLAYGROUND = files("mtnlg.generate").joinpath("static", "playground.html")
+
+
+def _add_routes(app: FastAPI, server: ServerState, metrics: ServerMetrics) -> None:
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
 
     @app.get("/health")
     async def health() -> dict:
@@ -353,21 +203,26 @@ def create_app(
         stats = {"batches": b.batches, "largest_batch": b.largest_batch, "admitted": b.admitted}
         return {"status": "ok", "model": server.model_name, **stats}
 
+    @app.get("/metrics", response_class=Response)
+    async def prometheus() -> Response:
+        return metrics.response()
+
     @app.get("/v1/models")
     async def models() -> dict:
         card = {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "mtnlg"}
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest) -> JSONResponse | StreamingResponse:
-        server.check(body)
-        return await _openai_completion(server, body)
+    async def completions(request: Request, body: CompletionRequest) -> JSONResponse | StreamingResponse:
+        return await handlers.completion(server, request, body)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request, body: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+        return await handlers.chat_completion(server, request, body)
 
     @app.put("/api")
-    async def megatron(body: MegatronRequest) -> dict:
-        return await _megatron(server, body)
-
-    return app
+    async def megatron(request: Request, body: MegatronRequest) -> dict:
+        return await handlers.megatron(server, request, body)
 
 
 def return_freed_memory() -> None:
@@ -390,5 +245,6 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, sock: socket.
     """Run the app with uvicorn until interrupted (on ``sock`` if given: bound before the model loaded)."""
     import uvicorn
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="info")
+    log_to_stderr()  # one JSON line per request, instead of uvicorn's access lines
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False)
     uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)

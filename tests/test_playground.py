@@ -1,0 +1,129 @@
+"""The playground page at / in a real headless browser: Debian's chromium and chromedriver, driven
+through selenium (nothing is downloaded: both come from the system's packages)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+
+import pytest
+from serving import running, tiny_engine, with_chat_markers
+
+from mtnlg.generate.chat import ChatTemplate
+from mtnlg.generate.engine import Engine, SamplingParams
+from mtnlg.generate.server import create_app
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="the playground's browser test needs chromium and chromedriver on PATH "
+           "(Debian: apt-get install chromium chromium-driver; .ci/run installs them)",
+)
+webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install -e '.[dev]')")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+KEY = "page-key"
+PROMPT = "The quick"
+
+
+@pytest.fixture(scope="module")
+def engine(small_tokenizer) -> Engine:
+    return tiny_engine(with_chat_markers(small_tokenizer))
+
+
+@pytest.fixture(scope="module")
+def url(engine: Engine) -> Iterator[str]:
+    with running(create_app(engine, api_key=KEY, model_name="tiny")) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1200,800"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _fill(browser, element_id: str, value: str) -> None:
+    field = browser.find_element(By.ID, element_id)
+    field.clear()
+    field.send_keys(value)
+
+
+def _open(browser, url: str, max_tokens: int) -> None:
+    """Load the page, give it the API key, and set greedy decoding."""
+    browser.get(f"{url}/")
+    browser.execute_script("sessionStorage.clear()")  # the page keeps the key for the browser tab's session
+    browser.refresh()
+    status = browser.find_element(By.ID, "status")
+    WebDriverWait(browser, 20).until(lambda _: "needs an API key" in status.text)  # the page is public, the API not
+    _fill(browser, "api-key", KEY)
+    browser.find_element(By.ID, "max-tokens").click()  # leaving the key field sends its change event
+    WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "model").text == "model: tiny")
+    for element_id, value in (("max-tokens", str(max_tokens)), ("temperature", "0"), ("top-p", "1")):
+        _fill(browser, element_id, value)
+
+
+def _done(browser) -> str:
+    WebDriverWait(browser, 60).until(lambda b: "tokens in" in b.find_element(By.ID, "status").text)
+    return browser.find_element(By.ID, "status").text
+
+
+def test_completion_streams_into_the_page(browser, url: str, engine: Engine) -> None:
+    expected = engine.generate([PROMPT], SamplingParams(max_new_tokens=10, temperature=0))[0]
+    assert len(expected.tokens) >= 4  # enough tokens to see some arrive before the others
+    _open(browser, url, max_tokens=10)
+    _fill(browser, "prompt", PROMPT)
+    slow = engine.model.register_forward_pre_hook(lambda *_: time.sleep(0.15))  # each token takes >= 0.15 s
+    partial = []
+    try:
+        browser.find_element(By.ID, "generate").click()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            text, running_now = browser.execute_script(
+                "const g = document.querySelector('#output .generated');"
+                "return [g ? g.textContent : '', !document.getElementById('stop').disabled];")
+            if not running_now and "tokens in" in browser.find_element(By.ID, "status").text:
+                break
+            if running_now and text:
+                partial.append(text)
+            time.sleep(0.03)
+        status = _done(browser)
+    finally:
+        slow.remove()
+    shown = browser.find_element(By.CSS_SELECTOR, "#output .generated").get_attribute("textContent")
+    assert shown == expected.text
+    assert browser.find_element(By.ID, "output").get_attribute("textContent") == PROMPT + expected.text
+    assert any(len(p) < len(expected.text) for p in partial), "text appeared only once complete: not streamed"
+    assert status.startswith(f"{len(expected.tokens)} tokens in")
+
+
+def test_chat_mode_keeps_the_conversation(browser, url: str, engine: Engine) -> None:
+    _open(browser, url, max_tokens=6)
+    browser.find_element(By.ID, "mode-chat").click()
+    _fill(browser, "system", "Be brief.")
+    template = ChatTemplate()
+    messages = [{"role": "system", "content": "Be brief."}]
+    for turn, question in enumerate(("Pack my box", "The quick"), start=1):
+        _fill(browser, "prompt", question)
+        browser.find_element(By.ID, "generate").click()
+        WebDriverWait(browser, 60).until(lambda b, n=turn: len(b.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == n)
+        _done(browser)
+        messages.append({"role": "user", "content": question})
+        params = SamplingParams(max_new_tokens=6, temperature=0, stop=[template.end])
+        expected = engine.generate([template.render(messages)], params)[0].text
+        answers = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant .content")
+        assert answers[-1].get_attribute("textContent") == expected  # the second answer saw the first exchange
+        messages.append({"role": "assistant", "content": expected})
+    users = [e.get_attribute("textContent") for e in browser.find_elements(By.CSS_SELECTOR, ".msg.user .content")]
+    assert users == ["Pack my box", "The quick"]
