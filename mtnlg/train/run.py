@@ -183,7 +183,8 @@ def run_training(cfg: Config, resume: bool = False, progress: bool = True) -> Ru
     trainer = Trainer(cfg, model, train_data, valid_data, tokenizer=tokenizer, dims=dims, progress=progress)
     if resume:
         step_dir = trainer.resume()
-        print(f"resuming from {step_dir}" if step_dir else f"no checkpoint in {trainer.out}: starting from step 0")
+        if trainer.is_main:
+            print(f"resuming from {step_dir}" if step_dir else f"no checkpoint in {trainer.out}: starting from step 0")
     trainer.fit(started)
     destroy_distributed()  # the collectives are over; what follows is per process
     valid = [r["loss"] for r in read_log(trainer.out / LOG_FILE) if r["kind"] == "valid"]

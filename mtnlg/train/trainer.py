@@ -313,7 +313,8 @@ class Trainer:
                     reporter.validation(self.evaluate())
                 while self.state.step < self.tc.steps and reason is None:
                     reporter.step(self.train_step())
-                    reason = self._stop_reason(stop.requested, limits)
+                    if self.state.step < self.tc.steps:  # a job limit reached at the last step ends nothing early
+                        reason = self._stop_reason(stop.requested, limits)
                     self._on_interval(reporter, last=self.state.step == self.tc.steps, stopping=reason is not None)
         finally:
             reporter.close()
