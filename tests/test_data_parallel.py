@@ -2,18 +2,24 @@
 
 Each layout trains 5 steps of the real ``Trainer`` on a global batch of 8; the test process runs
 the same 5 steps in one process and compares the initial weights (bit for bit), every step's
-loss and the final weights.
+loss and the final weights. The 4-rank world then checks that checkpoints reshard: saved under
+one layout (or by one process), loaded under another, the model and optimizer states are the
+saver's, entry by entry.
 """
 
 from __future__ import annotations
 
 import functools
+import re
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from dist_harness import run_world
 from test_trainer import RandomTokens
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 from torch.distributed.tensor import DTensor
 
 from mtnlg.config import Config, ModelConfig, ParallelConfig, TrainConfig
@@ -61,19 +67,66 @@ LAYOUTS = {
 }
 
 
-def _world(world_size: int) -> dict[str, dict[str, Any]]:
-    out = {}
-    for name, layout in LAYOUTS[world_size].items():
-        cfg = _config(**layout)
-        dims = ParallelDims.from_config(cfg.parallel, world_size)
-        dims.build_mesh()
-        out[name] = _train(cfg, dims)
+def _dims(cfg: Config, world_size: int) -> ParallelDims:
+    dims = ParallelDims.from_config(cfg.parallel, world_size)
+    dims.build_mesh()
+    return dims
+
+
+def _world(world_size: int, checkpoints: str) -> dict[str, dict[str, Any]]:
+    out = {name: _train(_config(**layout), _dims(_config(**layout), world_size))
+           for name, layout in LAYOUTS[world_size].items()}
+    if world_size == 4:
+        out |= _reshard_world(Path(checkpoints))
     return out
+
+
+# (saved by, loaded under): "one process" saves in the test process, before the world starts.
+RESHARDS = [("one process", "dp2 x pp2"), ("dp2 x pp2", "dp2 x tp2"), ("dp2 x tp2", "dp2 x pp2")]
+
+
+def _full_states(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Model and optimizer state by flattened name, every entry whole (collective)."""
+    options = StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)
+    model, optim = get_state_dict(trainer.model, trainer.optimizer, options=options)
+    states = {f"model.{k}": v for k, v in model.items()} | {f"optim.{k}": v for k, v in optim.items()}
+    return {k: v for k, v in states.items() if isinstance(v, torch.Tensor)}
+
+
+def _trainer(layout: str, out: Path, world_size: int) -> Trainer:
+    cfg = _config(**LAYOUTS[4].get(layout, {}))
+    cfg.train.out = str(out)
+    dims = _dims(cfg, world_size) if world_size > 1 else ParallelDims(dp=1, pp=1, tp=1, world_size=1)
+    data = RandomTokens(64, cfg.model.seq_len, cfg.model.vocab_size)
+    return Trainer(cfg, build_model(cfg, torch.device("cpu"), dims), data, dims=dims, progress=False)
+
+
+def _save_after_one_step(layout: str, checkpoints: Path, world_size: int) -> dict[str, torch.Tensor]:
+    trainer = _trainer(layout, checkpoints / layout, world_size)
+    trainer.train_step()
+    trainer.save()
+    return _full_states(trainer)
+
+
+def _reshard_world(checkpoints: Path) -> dict[str, dict[str, Any]]:
+    saved = {saver: _save_after_one_step(saver, checkpoints, 4) for saver, _ in RESHARDS if saver != "one process"}
+    loaded = {}
+    for saver, loader in RESHARDS:
+        trainer = _trainer(loader, checkpoints / saver, 4)
+        assert trainer.resume() is not None
+        loaded[f"{saver} -> {loader}"] = {"saved": saved.get(saver), "loaded": _full_states(trainer)}
+    return loaded
 
 
 @functools.cache
 def _results(world_size: int) -> list[dict[str, dict[str, Any]]]:
-    return run_world(_world, world_size, world_size, timeout=240)
+    checkpoints = Path(tempfile.mkdtemp(prefix="mtnlg-reshard-"))
+    if world_size == 4:
+        _single_saved[:] = [_save_after_one_step("one process", checkpoints, 1)]
+    return run_world(_world, world_size, world_size, str(checkpoints), timeout=300)
+
+
+_single_saved: list[dict[str, torch.Tensor]] = []
 
 
 @functools.cache
@@ -97,3 +150,26 @@ def test_five_steps_match_one_process(world_size: int, layout: str) -> None:
             torch.testing.assert_close(value, ref["final"][ref_name], rtol=1e-5, atol=1e-5, msg=f"rank {rank} {name}")
         seen |= set(got["final"])
     assert {n for n in ref["final"]} <= seen  # every parameter was compared on some rank
+
+
+def _saver_name(name: str, saved: dict[str, torch.Tensor]) -> str:
+    """A pipeline stage's tied copy of the embedding holds what the saver kept as ``wte.weight``."""
+    return name if name in saved else name.replace("lm_head.weight", "wte.weight")
+
+
+@pytest.mark.parametrize(("saver", "loader"), RESHARDS)
+def test_checkpoints_reshard_with_the_savers_model_and_optimizer_state(saver: str, loader: str) -> None:
+    results = _results(4)
+    seen: set[str] = set()
+    for rank, result in enumerate(results):
+        got = result[f"{saver} -> {loader}"]
+        saved = _single_saved[0] if saver == "one process" else {}
+        if not saved:  # a parallel saver: the union of its ranks' entries (pipeline ranks hold different ones)
+            for other in results:
+                saved |= other[f"{saver} -> {loader}"]["saved"]
+        for name, value in got["loaded"].items():
+            assert torch.equal(value, saved[_saver_name(name, saved)]), (rank, name)
+        seen |= set(got["loaded"])
+    # Every entry came back (the output layer is tied: a pipeline's copy and the embedding are one entry).
+    tied = functools.partial(re.sub, r"\blm_head\.weight\b", "wte.weight")
+    assert {tied(n) for n in seen} >= {tied(n) for n in saved if n.startswith(("model.", "optim.state."))}
