@@ -25,12 +25,20 @@ import logging
 import sys
 from collections.abc import Sequence
 
-import lm_eval.models  # noqa: F401  (lm_eval's own models: the registry skips them once it holds ours)
 import torch
-from lm_eval import utils as lm_utils
-from lm_eval.api.instance import Instance
-from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
+
+from mtnlg.extras import missing_package_message
+
+try:
+    import lm_eval.models  # noqa: F401  (lm_eval's own models: the registry skips them once it holds ours)
+    from lm_eval import utils as lm_utils
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ModuleNotFoundError as exc:
+    if exc.name != "lm_eval":
+        raise
+    raise ModuleNotFoundError(missing_package_message("lm_eval"), name="lm_eval") from None
 
 from mtnlg.evaluate import Scorer
 from mtnlg.generate.engine import Engine

@@ -2,10 +2,11 @@
 
 Every task reduces to one operation, ``Scorer.score``: for windows of token ids, the
 log-probability of each of a window's last ``n`` tokens given the tokens before it, and whether
-each was the model's greedy choice. Windows are batched longest first and right-padded; the
-attention mask marks the padding (the causal mask already hides it from every real token, which
-only sees keys before it), and the output layer runs only on the positions scored, so memory does
-not grow with the vocabulary times the batch's length.
+each was the model's greedy choice. Windows are batched longest first and right-padded, the
+padding marked by the attention mask (a batch without padding, e.g. full perplexity windows,
+takes attention's faster causal-only path: with right padding the causal mask alone already
+keeps every real token from seeing padding, which only follows it); the output layer runs only
+on the positions scored, so memory does not grow with the vocabulary times the batch's length.
 
 - ``perplexity``: each document is scored on its own, every token after the first given those
   before it (what ``GPT2LMHeadModel(labels=ids)`` averages); ``prepend_eod`` puts the
@@ -118,8 +119,10 @@ class Scorer:
         x = torch.zeros(len(windows), max(lengths), dtype=torch.long)
         for row, (w, n) in enumerate(zip(windows, lengths, strict=True)):
             x[row, :n] = torch.tensor(w.ids[:-1])
-        mask = torch.arange(x.shape[1]).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)  # (B, T), right padding
-        h = self.model.hidden_states(x.to(self.device), attention_mask=mask.to(self.device))  # (B, T, C)
+        mask = None
+        if min(lengths) < x.shape[1]:  # right padding: (B, T), True on real tokens
+            mask = (torch.arange(x.shape[1]).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).to(self.device)
+        h = self.model.hidden_states(x.to(self.device), attention_mask=mask)  # (B, T, C)
         # Position p predicts token p + 1: a window's last n tokens come from its positions [T_w - n, T_w).
         rows = torch.cat([h[r, n - w.n_scored : n] for r, (w, n) in enumerate(zip(windows, lengths, strict=True))])
         targets = torch.tensor([t for w in windows for t in w.ids[-w.n_scored :]], device=self.device)

@@ -220,3 +220,22 @@ def test_cli_reports_results_and_bad_data(hf_checkpoint, tmp_path, capsys):
         data.write_text(text, encoding="utf-8")
         assert main(["evaluate", "--checkpoint", str(ckpt), "--task", "choice", "--data", str(data)]) == 2
         assert f"mtnlg evaluate: error: {data}{message}" in capsys.readouterr().err
+
+
+def test_indexed_split_and_int8(hf_checkpoint, small_tokenizer, tmp_path):
+    """An indexed dataset's split is scored document by document (each ending in <|endoftext|>, as
+    preprocessing stored it); an int8 load scores within quantization error of fp32."""
+    from mtnlg.data.preprocess import preprocess
+    from mtnlg.evaluate import EvalSpec, evaluate
+
+    _, ckpt = hf_checkpoint
+    texts = [f"{d} number {i}" for i, d in enumerate(DOCS * 2)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    preprocess([tmp_path / "docs.jsonl"], ckpt / "tokenizer", tmp_path / "docs", progress=False)
+    scorer = Scorer.from_checkpoint(ckpt, batch_size=4)
+    got = evaluate(scorer, EvalSpec("perplexity", str(tmp_path / "docs"), split="6,0,2", split_name="test"))
+    test_docs = [small_tokenizer.encode(t) + [small_tokenizer.eod_id] for t in texts[6:]]
+    assert got["documents"] == 2 and got["split"] == "test of 6,0,2"
+    assert got["nll"] == pytest.approx(perplexity(scorer, test_docs)["nll"], rel=1e-9)
+    int8 = perplexity(Scorer.from_checkpoint(ckpt, quantize="int8"), test_docs)
+    assert int8["nll"] != got["nll"] and int8["nll"] == pytest.approx(got["nll"], rel=0.02)
