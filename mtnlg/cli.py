@@ -540,7 +540,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fewshot-data", metavar="FILE", help="JSONL file the few-shot examples are drawn from")
     p.add_argument("--seed", type=_int_in(0), default=0, help="seed of the few-shot draws")
     p.add_argument("--stride", type=_int_in(1), help="perplexity: tokens between window starts "
-                   "(default: the context length - 1, windows that do not overlap)")
+                   "(default: the context length - 1, which reads each token once)")
     p.add_argument("--prepend-eod", action="store_true",
                    help="perplexity: score each document's first token too, given <|endoftext|>")
     p.add_argument("--json-key", default="text", help="perplexity: JSON key holding the text (default 'text')")
