@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
 TORCH_VERSION ?= 2.13.0
-# The extras the README uses: dev (tests, lint, transformers), serve (HTTP server), demo (loss plot).
-EXTRAS := dev,serve,demo
+# The extras the README uses: dev (tests, lint, transformers), serve (HTTP server), demo (loss plot),
+# eval (lm-evaluation-harness).
+EXTRAS := dev,serve,demo,eval
 
 .PHONY: demo test lint clean
 

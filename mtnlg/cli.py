@@ -578,6 +578,52 @@ def cmd_quantize(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+# -- evaluate --------------------------------------------------------------------------------------
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    _checkpoint_args(p)
+    p.add_argument("--task", required=True, choices=["perplexity", "cloze", "choice"],
+                   help="perplexity of documents; cloze: predict a passage's last word; choice: multiple choice")
+    p.add_argument("--data", required=True, help="JSONL file (formats: README, 'Evaluating a checkpoint'); "
+                   "perplexity also takes a plain-text file or an indexed dataset prefix")
+    p.add_argument("--shots", type=_int_in(0), default=0, help="solved examples before each item (cloze, choice)")
+    p.add_argument("--fewshot-data", metavar="FILE", help="JSONL file the few-shot examples are drawn from")
+    p.add_argument("--seed", type=_int_in(0), default=0, help="seed of the few-shot draws")
+    p.add_argument("--stride", type=_int_in(1), help="perplexity: tokens between window starts "
+                   "(default: the context length - 1, which reads each token once)")
+    p.add_argument("--prepend-eod", action="store_true",
+                   help="perplexity: score each document's first token too, given <|endoftext|>")
+    p.add_argument("--json-key", default="text", help="perplexity: JSON key holding the text (default 'text')")
+    p.add_argument("--split", default="949,50,1", help="indexed dataset: train/valid/test proportions")
+    p.add_argument("--split-name", choices=["train", "valid", "test"], default="valid",
+                   help="indexed dataset: the split to score (default valid)")
+    p.add_argument("--batch-size", type=_int_in(1), default=8, help="sequences scored together (default 8)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument("--out", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+@command("evaluate", _evaluate_args)
+def cmd_evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Evaluate a checkpoint: perplexity (token NLL, bits per byte), cloze accuracy or multiple choice, few-shot."""
+    from mtnlg.evaluate import EvalSpec, Scorer, evaluate, format_table, read_task
+
+    _no_overrides(overrides)
+    spec = EvalSpec(args.task, args.data, args.shots, args.fewshot_data, args.seed, args.stride, args.prepend_eod,
+                    args.json_key, args.split, args.split_name)
+    data = read_task(spec)  # bad data fails before the model loads
+    scorer = Scorer.from_checkpoint(args.checkpoint, args.quantize, args.device, args.batch_size, args.tokenizer,
+                                    progress=not args.quiet)
+    results = {"checkpoint": args.checkpoint, **evaluate(scorer, spec, data)}
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+    print(json.dumps(results, indent=2) if args.json else format_table(results))
+    return 0
+
+
 # -- plumbing --------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """What is installed: mtnlg's version line, and what to install when an optional part is missing.
 
 The core (training, generation, conversion) needs only the base dependencies; the HTTP server,
-the loss plot, YAML configs and TensorBoard need packages that the extras of pyproject.toml
+the loss plot, YAML configs, TensorBoard and lm-evaluation-harness need packages that the extras of pyproject.toml
 install. A command that reaches one of them without it says which package and how to get it.
 """
 
@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 # The optional package a command may import -> the extra of pyproject.toml that installs it.
 OPTIONAL_PACKAGES: dict[str, str | None] = {
     "fastapi": "serve", "uvicorn": "serve", "httpx": "serve", "prometheus_client": "serve", "matplotlib": "demo",
-    "transformers": "dev", "yaml": None, "tensorboard": None,
+    "transformers": "dev", "yaml": None, "tensorboard": None, "lm_eval": "eval",
 }
 PIP_NAMES = {"yaml": "pyyaml"}
 

@@ -81,7 +81,8 @@ def test_serve_without_fastapi_names_the_extra(monkeypatch, capsys):
     assert "optional package 'fastapi', which is not installed: pip install -e '.[serve]'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("module, expected", [("yaml.constructor", "pip install pyyaml"), ("numpy", None)])
+@pytest.mark.parametrize("module, expected", [("yaml.constructor", "pip install pyyaml"), ("numpy", None),
+                                              ("lm_eval.api", "pip install -e '.[eval]'")])
 def test_missing_package_messages(module, expected):
     from mtnlg.extras import missing_package_message
 
