@@ -127,14 +127,14 @@ class InstructionReport:
                             + "; ".join(self.examples))
 
     def summary(self) -> str:
-        lines = [f"read {self.records:,} records ({self.truncated:,} cut to the context)", *self.layout]
+        lines = [f"read {self.records:,} records ({self.truncated:,} cut to the context)"]
         if self.skipped:
             kinds = ", ".join(f"{k}: {v}" for k, v in self.skipped.most_common())
             lines.append(f"skipped {sum(self.skipped.values())} records ({kinds}); first ones:")
             lines += [f"  {e}" for e in self.examples]
         if self.blank_lines:
             lines.append(f"ignored {self.blank_lines} blank lines")
-        return "\n".join(lines)
+        return "\n".join(lines + self.layout)
 
 
 def read_records(
