@@ -56,10 +56,10 @@ finetune-demo: $(STAMP)
 	rm -rf $(DEMO_DIR)/sft-run
 	$(PY) -m mtnlg finetune --checkpoint $(DEMO_DIR)/run --data $(DEMO_DIR)/sft.jsonl \
 		--config configs/finetune-demo.toml --out $(DEMO_DIR)/sft-run
-	@for prompt in $(SFT_PROMPTS); do \
+	@nl="$$(printf '\nx')"; nl="$${nl%x}"; for prompt in $(SFT_PROMPTS); do \
 		echo "----- $$prompt"; \
 		$(PY) -m mtnlg generate --checkpoint $(DEMO_DIR)/sft-run --temperature 0 --max-new-tokens 16 \
-			--stop "<|end|>" --prompt "$$(printf '<|user|>\n%s<|end|>\n<|assistant|>\n' "$$prompt")" || exit 1; \
+			--stop "<|end|>" --prompt "<|user|>$${nl}$$prompt<|end|>$${nl}<|assistant|>$${nl}" || exit 1; \
 	done
 
 clean:

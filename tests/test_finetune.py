@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,16 @@ def _tokenizer_text() -> list[str]:
     lines = [" ".join(rng.choice(WORDS) for _ in range(3)) for _ in range(400)]
     return ["reverse: uppercase:\n" + "\n".join(lines[i:i + 8] + [w.upper() for w in lines[i:i + 8]])
             for i in range(0, 400, 8)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """These models are 32-64 wide: their matmuls gain nothing from a second thread, and on a busy
+    machine two spin-waiting threads make the training runs here several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -171,16 +182,10 @@ def test_the_vocabulary_grows_for_the_chat_markers(sft_root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def learned_run(sft_root: Path) -> Path:
-    """The base model fine-tuned on ``train.jsonl`` (one thread: a 64-wide model's matmuls gain nothing
-    from a second one, and on a busy machine two spin-waiting threads make it many times slower)."""
+    """The base model fine-tuned on ``train.jsonl``."""
     out = sft_root / "learned"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["finetune", "--checkpoint", str(sft_root / "base"), "--data", str(sft_root / "train.jsonl"),
-                     "--out", str(out), *LEARN_FLAGS]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert main(["finetune", "--checkpoint", str(sft_root / "base"), "--data", str(sft_root / "train.jsonl"),
+                 "--out", str(out), *LEARN_FLAGS]) == 0
     return out
 
 
