@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 # eval (lm-evaluation-harness).
 EXTRAS := dev,serve,demo,eval
 
-.PHONY: demo test lint clean
+.PHONY: demo finetune-demo test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,23 @@ demo: $(STAMP)
 			--max-new-tokens 40 --temperature 0.7 --top-k 40 --seed 1 || exit 1; \
 	done
 	@echo "loss curve: $(DEMO_DIR)/run/loss.png, training log: $(DEMO_DIR)/run/log.jsonl"
+
+# The demo's model fine-tuned to follow two instructions, then asked prompts it never saw (see
+# README, "Fine-tuning"); a few minutes on a 2-core CPU. Runs `make demo` first if its checkpoint is missing.
+SFT_PROMPTS := "reverse: file list value" "uppercase: name path" "reverse: error time data line" \
+	"uppercase: string type line"
+
+finetune-demo: $(STAMP)
+	test -f $(DEMO_DIR)/run/latest || $(MAKE) demo
+	$(PY) -m mtnlg corpus --instructions 3000 --exclude $(SFT_PROMPTS) --out $(DEMO_DIR)/sft.jsonl
+	rm -rf $(DEMO_DIR)/sft-run
+	$(PY) -m mtnlg finetune --checkpoint $(DEMO_DIR)/run --data $(DEMO_DIR)/sft.jsonl \
+		--config configs/finetune-demo.toml --out $(DEMO_DIR)/sft-run
+	@nl="$$(printf '\nx')"; nl="$${nl%x}"; for prompt in $(SFT_PROMPTS); do \
+		echo "----- $$prompt"; \
+		$(PY) -m mtnlg generate --checkpoint $(DEMO_DIR)/sft-run --temperature 0 --max-new-tokens 16 \
+			--stop "<|end|>" --prompt "<|user|>$${nl}$$prompt<|end|>$${nl}<|assistant|>$${nl}" || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -61,8 +61,9 @@ def _finite(text: str) -> float:
 _finite.__name__ = "number"
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help="model preset: tiny, gpt2-small, ..., mt-nlg-530b (see `mtnlg info --list`)")
+def _config_args(p: argparse.ArgumentParser, preset: bool = True) -> None:
+    if preset:
+        p.add_argument("--preset", help="model preset: tiny, gpt2-small, ..., mt-nlg-530b (see `mtnlg info --list`)")
     p.add_argument("--config", help="TOML (or YAML) file with [model], [train], [data], ... tables")
     p.epilog = overrides_help()
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -242,14 +243,24 @@ def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
 def _corpus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output JSONL file ({'text': ..., 'source': ...} per line)")
     p.add_argument("--from-dir", metavar="DIR", help="build from the .txt/.md files of DIR instead")
+    p.add_argument("--instructions", type=_int_in(1), metavar="N",
+                   help="write N synthetic instruction records (reverse / uppercase a few words) for "
+                        "`mtnlg finetune` instead")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="PROMPT",
+                   help="--instructions: prompts to hold out (never written), e.g. those a demo asks")
 
 
 @command("corpus", _corpus_args)
 def cmd_corpus(args: argparse.Namespace, overrides: list[str]) -> int:
     """Write the embedded default corpus (Python's own documentation, PSF license) as JSONL."""
     from mtnlg.data.corpus import build_corpus
+    from mtnlg.data.instructions import instruction_items, write_instructions
 
     _no_overrides(overrides)
+    if args.instructions:
+        path = write_instructions(args.out, instruction_items(args.instructions, exclude=args.exclude))
+        print(f"wrote {args.instructions} instruction records -> {path}")
+        return 0
     print(build_corpus(args.out, from_dir=args.from_dir).summary())
     return 0
 
@@ -310,15 +321,20 @@ def cmd_dedup(args: argparse.Namespace, overrides: list[str]) -> int:
 # -- train -----------------------------------------------------------------------------------------
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
-    _config_args(p)
-    p.add_argument("--data-path", nargs="+", help="indexed dataset prefix(es), optionally weighted: 0.3 a 0.7 b")
-    p.add_argument("--tokenizer", help="tokenizer directory; the model's vocabulary size follows it")
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a training run (train, finetune)."""
     p.add_argument("--out", help="run directory for checkpoints, log.jsonl and loss.png (train.out)")
     p.add_argument("--resume", action="store_true",
                    help="continue exactly from the newest good checkpoint in --out, with its saved config; "
                         "the options given change it (each change is printed)")
     p.add_argument("--no-progress", action="store_true", help="print log lines instead of a progress bar")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--data-path", nargs="+", help="indexed dataset prefix(es), optionally weighted: 0.3 a 0.7 b")
+    p.add_argument("--tokenizer", help="tokenizer directory; the model's vocabulary size follows it")
+    _run_args(p)
 
 
 @command("train", _train_args)
@@ -327,18 +343,60 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
     Ctrl-C stops after the current step and saves a checkpoint; --resume continues from it.
     """
+    from mtnlg.train.run import run_training
+
+    return _run(args, overrides, run_training, {"data.data_path": args.data_path, "data.tokenizer": args.tokenizer})
+
+
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p, preset=False)
+    p.add_argument("--checkpoint", help="model to start from: run directory, step, export or HF conversion")
+    p.add_argument("--data", nargs="+", help="JSONL files of {prompt, completion} or {messages: [...]} records")
+    p.add_argument("--tokenizer", help="tokenizer directory, for a checkpoint that has none")
+    _run_args(p)
+
+
+@command("finetune", _finetune_args)
+def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Fine-tune a checkpoint on instructions or chats: loss on the answers only, packed samples.
+
+    The tokenizer gets the chat template's markers (and the model embedding rows for them); the
+    training recipe is [train] as for `mtnlg train`, with the same checkpoints, logs and --resume.
+    """
+    from mtnlg.train.run import finetune_base, run_finetune
+
+    flags = {"finetune.checkpoint": args.checkpoint, "finetune.data": args.data, "data.tokenizer": args.tokenizer}
+    return _run(args, overrides, run_finetune, flags, finetune_base)
+
+
+def _run(
+    args: argparse.Namespace,
+    overrides: list[str],
+    run: Callable[..., object],
+    flags: dict[str, object],
+    base: Callable[[Config], Config] | None = None,
+) -> int:
+    """A training run's config (on --resume the checkpoint's, else on ``base`` of the settings given)
+    with the command's ``flags`` (``section.field``: value) set, then ``run`` and its summary."""
     from mtnlg.checkpoint import CheckpointError
-    from mtnlg.config import Config, apply_settings
-    from mtnlg.train.run import resume_base, run_training
+    from mtnlg.config import apply_settings, set_field
+    from mtnlg.train.run import resume_base
+
+    def with_flags(cfg: Config) -> Config:
+        for dotted, value in flags.items():
+            if value:
+                set_field(cfg, dotted, value, f"--{dotted}")
+        return cfg
 
     try:
-        run_dir = args.out or apply_settings(Config(), None, args.config, overrides).train.out
-        cfg = build_config(args.preset, args.config, overrides, base=resume_base(run_dir) if args.resume else None)
-        for flag, field in ((args.data_path, "data_path"), (args.tokenizer, "tokenizer")):
-            if flag:
-                setattr(cfg.data, field, flag)
+        given = with_flags(apply_settings(Config(), None, args.config, overrides))
+        run_dir = args.out or given.train.out
+        start = resume_base(run_dir) if args.resume else None
+        if start is None and base is not None:
+            start = base(given)
+        cfg = with_flags(build_config(getattr(args, "preset", None), args.config, overrides, base=start))
         cfg.train.out = run_dir
-        summary = run_training(cfg.validate(), resume=args.resume, progress=not args.no_progress)
+        summary = run(cfg.validate(), resume=args.resume, progress=not args.no_progress)
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
     if int(os.environ.get("RANK", "0")) != 0:
@@ -348,7 +406,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     print(f"trained {summary.steps} steps ({summary.skipped_steps} skipped) -> {summary.out}"
           + (f"; loss curve {summary.plot}" if summary.plot else ""))
     if not summary.finished:
-        print(f"the run continues to train.steps={cfg.train.steps}: mtnlg train --resume --out {run_dir}")
+        print(f"the run continues to train.steps={cfg.train.steps}: mtnlg {args.command} --resume --out {run_dir}")
     return 0
 
 

@@ -221,6 +221,27 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Supervised fine-tuning (``mtnlg finetune``): the checkpoint it starts from and the instruction data."""
+
+    checkpoint: str = _f(
+        "", "Checkpoint to start from (--checkpoint): a run directory, a step, an export, an HF conversion."
+    )
+    data: list[str] = _f(
+        [], "JSONL files (--data) of {'prompt', 'completion'} or {'messages': [{'role', 'content'}, ...]} records."
+    )
+    pack: bool = _f(True, "Pack records into full sequences (no attention across them); false pads one per sequence.")
+    valid_fraction: float = _f(0.05, "Share of the records held out for the validation loss.")
+    max_bad_records: int = _f(100, "Stop with an error when more records than this are bad; 0: at the first one.")
+
+    def validate(self) -> None:
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ConfigError(f"finetune.valid_fraction must be in [0, 1), got {self.valid_fraction}")
+        if self.max_bad_records < 0:
+            raise ConfigError(f"finetune.max_bad_records must be >= 0, got {self.max_bad_records}")
+
+
+@dataclass
 class GenerateConfig:
     """Sampling defaults for generation and serving."""
 
@@ -249,6 +270,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> Config:
         for section in dataclasses.fields(self):

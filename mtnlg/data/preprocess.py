@@ -46,8 +46,8 @@ class BadLine(ValueError):
         self.kind = kind
 
 
-def parse_json_line(raw: bytes, json_key: str) -> str:
-    """The document text of one JSONL line, or :class:`BadLine` saying why there is none."""
+def parse_json_object(raw: bytes) -> dict:
+    """The JSON object of one JSONL line, or :class:`BadLine` saying why it is not one."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -58,6 +58,12 @@ def parse_json_line(raw: bytes, json_key: str) -> str:
         raise BadLine("malformed JSON", f"{exc.msg.removesuffix(' at')} at column {exc.colno}") from None
     if not isinstance(obj, dict):
         raise BadLine("not a JSON object", type(obj).__name__)
+    return obj
+
+
+def parse_json_line(raw: bytes, json_key: str) -> str:
+    """The document text of one JSONL line, or :class:`BadLine` saying why there is none."""
+    obj = parse_json_object(raw)
     if json_key not in obj:
         raise BadLine(f"missing key {json_key!r}", f"keys: {', '.join(list(obj)[:5])}")
     text = obj[json_key]

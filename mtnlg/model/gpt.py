@@ -190,6 +190,7 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V_padded) for token ids ``x`` (B, T), or the mean loss given ``targets``.
 
@@ -197,9 +198,12 @@ class GPT(nn.Module):
         ``kv_cache`` continues a sequence from ``kv_cache.length``. ``attention_mask``
         (B, S) marks real (True) versus padding (False) keys over cached + new tokens, for
         batched prompts of different lengths; ``position_ids`` (B, T) then gives each row's
-        own positions. A stage without the output layer returns hidden states (B, T, C).
+        own positions. ``document_ids`` (B, T) numbers the documents packed into each row (runs
+        of equal ids): a token attends only to earlier tokens of its own document and positions
+        restart at each one, so every document is computed as if it ran alone (fine-tuning's
+        packed samples). A stage without the output layer returns hidden states (B, T, C).
         """
-        h = self.hidden_states(x, kv_cache, attention_mask, position_ids)
+        h = self.hidden_states(x, kv_cache, attention_mask, position_ids, document_ids)
         if self.lm_head is None:
             return h
         logits = self.lm_head(h)  # (B, T, V)
@@ -211,6 +215,7 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The final LayerNorm's output (B, T, C): what the output layer turns into logits.
 
@@ -221,11 +226,18 @@ class GPT(nn.Module):
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.cfg.seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.cfg.seq_len}")
+        if document_ids is not None:
+            if kv_cache is not None or attention_mask is not None or position_ids is not None:
+                raise ValueError("document_ids replace kv_cache, attention_mask and position_ids: give it alone")
+            position_ids = _document_positions(document_ids)
         if self.wte is not None and self.wpe is not None:
             if position_ids is None:
                 position_ids = torch.arange(start, start + T, device=x.device).unsqueeze(0)  # (1, T)
             x = self.drop(self.wte(x) + self.wpe(position_ids))  # (B, T, C)
-        attn_mask = self._attention_mask(B, T, start, attention_mask, x.device)
+        if document_ids is not None:
+            attn_mask = _document_mask(document_ids)
+        else:
+            attn_mask = self._attention_mask(B, T, start, attention_mask, x.device)
         for block in self.blocks.values():
             if self.cfg.activation_checkpointing and self.training and kv_cache is None:
                 x = checkpoint(block, x, None, attn_mask, use_reentrant=False)
@@ -260,6 +272,23 @@ class GPT(nn.Module):
     def num_parameters(self) -> int:
         """Distinct parameters (the tied output layer counted once)."""
         return sum(p.numel() for p in self.parameters())
+
+
+def _document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """Position ids (B, T) counting from 0 at the first token of each run of equal document ids."""
+    index = torch.arange(document_ids.shape[1], device=document_ids.device).expand_as(document_ids)  # (B, T)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first = torch.where(starts, index, 0).cummax(dim=1).values  # index of the current document's first token
+    return index - first
+
+
+def _document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, T, T) block-diagonal causal mask: query i sees key j <= i of the same document."""
+    T = document_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()  # (T, T)
+    same = document_ids.unsqueeze(2) == document_ids.unsqueeze(1)  # (B, T, T)
+    return (same & causal).unsqueeze(1)
 
 
 def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:

@@ -1,7 +1,8 @@
 """A whole training run from a ``Config``: data, tokenizer, device, parallel layout, trainer, summary.
 
-``mtnlg train`` is ``run_training(build_config(...))``. Everything here happens once per run;
-the loop itself is ``mtnlg.train.trainer.Trainer``.
+``mtnlg train`` is ``run_training(build_config(...))``, ``mtnlg finetune`` ``run_finetune``: they
+differ in where the data, tokenizer and first weights come from, and share the rest (``_train``).
+Everything here happens once per run; the loop itself is ``mtnlg.train.trainer.Trainer``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import ctypes
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +20,12 @@ import torch
 from mtnlg.checkpoint import CheckpointError, find_training_checkpoint, load_config, resolve
 from mtnlg.config import Config, ConfigError, ParallelConfig, changes
 from mtnlg.config_text import toml_value
-from mtnlg.data.gpt_dataset import build_datasets
+from mtnlg.data.gpt_dataset import Dataset, build_datasets
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.extras import missing_package_message
-from mtnlg.parallel import destroy_distributed, init_distributed
+from mtnlg.model.gpt import GPT
+from mtnlg.parallel import ParallelDims, destroy_distributed, init_distributed, parallelize
+from mtnlg.train.finetune import build_instruction_data, load_base_model
 from mtnlg.train.metrics import LOG_FILE, plot_loss_curve, precision_warning, read_log
 from mtnlg.train.trainer import Trainer, build_model
 
@@ -87,6 +91,9 @@ def _record_absolute_paths(cfg: Config) -> None:
     for name in ("tokenizer", "cache_dir"):
         if value := getattr(cfg.data, name):
             setattr(cfg.data, name, os.path.abspath(value))
+    cfg.finetune.data = [os.path.abspath(p) for p in cfg.finetune.data]
+    if cfg.finetune.checkpoint:
+        cfg.finetune.checkpoint = os.path.abspath(cfg.finetune.checkpoint)
 
 
 def _is_weight(text: str) -> bool:
@@ -165,21 +172,72 @@ def run_training(cfg: Config, resume: bool = False, progress: bool = True) -> Ru
     tc = cfg.train
     _record_absolute_paths(cfg)
     tokenizer = _load_tokenizer(cfg)
-    saved = saved_config(tc.out) if resume else None
-    if saved is not None:
-        report_changes(saved, cfg)
+    _report_resume(cfg, resume)
     sizes = (tc.steps * tc.global_batch_size, tc.eval_iters * tc.micro_batch_size, 0)
     train_data, valid_data, _ = build_datasets(cfg.data, cfg.model.seq_len, sizes)
     if tc.eval_interval and len(valid_data) == 0:
         warnings.warn(f"the validation split of data.split={cfg.data.split} has no documents: "
                       "no validation loss will be reported", stacklevel=2)
+    return _train(cfg, train_data, valid_data, tokenizer, build_model, resume, progress, started)
+
+
+def finetune_base(given: Config) -> Config:
+    """What a new fine-tuning run's config builds on: the model and sampling defaults of
+    ``finetune.checkpoint``, every other section at its defaults (a pretraining recipe is no
+    fine-tuning one)."""
+    if not given.finetune.checkpoint:
+        raise ConfigError("finetune needs a model to start from: --checkpoint DIR (finetune.checkpoint)")
+    saved = load_config(given.finetune.checkpoint)
+    return Config(model=saved.model, generate=saved.generate)
+
+
+def run_finetune(cfg: Config, resume: bool = False, progress: bool = True) -> RunSummary:
+    """``mtnlg finetune``: the model of ``finetune.checkpoint`` (its vocabulary grown for the chat
+    markers) trained on ``finetune.data`` by the same loop, with the same checkpoints, logs and resume."""
+    started = time.monotonic()
+    _record_absolute_paths(cfg)
+    if cfg.finetune.pack and cfg.parallel.pp > 1:
+        raise ConfigError("packed fine-tuning samples cannot run through a pipeline (parallel.pp > 1): "
+                          "use --finetune.pack=false")
+    base, tokenizer = load_base_model(cfg)
+    _report_resume(cfg, resume)
+    num_samples = cfg.train.steps * cfg.train.global_batch_size
+    train_data, valid_data, report = build_instruction_data(cfg, tokenizer, num_samples)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(report.summary())
+
+    def make_model(cfg: Config, device: torch.device, dims: ParallelDims) -> GPT:
+        torch.manual_seed(cfg.train.seed)  # dropout draws from it
+        return parallelize(base.to(device), dims, cfg)
+
+    return _train(cfg, train_data, valid_data, tokenizer, make_model, resume, progress, started)
+
+
+def _report_resume(cfg: Config, resume: bool) -> None:
+    saved = saved_config(cfg.train.out) if resume else None
+    if saved is not None:
+        report_changes(saved, cfg)
+
+
+def _train(
+    cfg: Config,
+    train_data: Dataset,
+    valid_data: Dataset,
+    tokenizer: Tokenizer | None,
+    make_model: Callable[[Config, torch.device, ParallelDims], GPT],
+    resume: bool,
+    progress: bool,
+    started: float,
+) -> RunSummary:
+    """What every run does once its data are ready: device, processes, model, trainer, resume, fit, summary."""
+    tc = cfg.train
     device = resolve_device(tc.device)
     if (slow := precision_warning(device, tc.precision)) is not None:
-        warnings.warn(slow, stacklevel=2)
+        warnings.warn(slow, stacklevel=3)
     if device.type == "cpu":
         reuse_freed_cpu_memory()
     dims = init_distributed(cfg.parallel, device)  # torchrun: one process per device
-    model = build_model(cfg, dims.device, dims)
+    model = make_model(cfg, dims.device, dims)
     trainer = Trainer(cfg, model, train_data, valid_data, tokenizer=tokenizer, dims=dims, progress=progress)
     if resume:
         step_dir = trainer.resume()

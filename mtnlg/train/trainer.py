@@ -42,6 +42,7 @@ from mtnlg.parallel import ParallelDims, loss_context, parallelize
 from mtnlg.parallel.data import fsdp_mixed_precision, set_gradient_sync
 from mtnlg.parallel.pipeline import Pipeline, microbatches
 from mtnlg.plan import flops_per_token
+from mtnlg.train.finetune import split_batch
 from mtnlg.train.metrics import MetricsLog, format_flops, measure_matmul_flops
 from mtnlg.train.optim import build_optimizer, global_batch_size, learning_rate, validate_batch_sizes
 
@@ -113,7 +114,8 @@ class _StopRequest(contextlib.AbstractContextManager):
 
 
 class Trainer:
-    """Trains ``model`` on ``train_data`` (any object with ``len`` and int64 samples of seq_len + 1).
+    """Trains ``model`` on ``train_data`` (any object with ``len`` and int64 samples of seq_len + 1 tokens,
+    or fine-tuning's stacked token / label / document rows: ``mtnlg.train.finetune``).
 
     ``dims`` (the run's ``ParallelDims``; default: one process) places this process among the
     data-parallel replicas: each replica draws its share of every global batch, and its tensor-
@@ -192,11 +194,16 @@ class Trainer:
             if self.dims.dp > 1:  # reduce gradients over data-parallel ranks once, after the last micro-batch
                 set_gradient_sync(self.model, i == micro_batches - 1)
             with self._autocast():
-                loss = self.model(batch[:, :-1], batch[:, 1:])
+                loss = self._loss(batch)
             scaled = loss / micro_batches
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total += loss.detach().float()
         return total / micro_batches
+
+    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """The model's mean loss on one micro-batch (pretraining tokens or fine-tuning samples)."""
+        inputs, targets, extra = split_batch(batch)
+        return self.model(inputs, targets, **extra)
 
     def _next_batch(self, micro_batches: int) -> torch.Tensor:
         """This rank's share of ``micro_batches`` consecutive micro-batches, as one (b, T + 1) tensor."""
@@ -206,9 +213,9 @@ class Trainer:
     def _pipeline_step(self, batch_size: int) -> torch.Tensor:
         """The same batch as ``_forward_backward`` reads, run through the pipeline schedule."""
         assert self.pipeline is not None
-        batch = self._next_batch(batch_size // self.micro)
+        inputs, targets, _ = split_batch(self._next_batch(batch_size // self.micro), pipeline=True)
         with self._autocast():
-            return self.pipeline.step(batch[:, :-1], batch[:, 1:], microbatches(self.cfg, self.dp_size, batch_size))
+            return self.pipeline.step(inputs, targets, microbatches(self.cfg, self.dp_size, batch_size))
 
     def _grad_norm(self) -> torch.Tensor:
         """Global L2 norm of all gradients (sharded DTensor gradients and pipeline stages reduced to the full norm)."""
@@ -257,10 +264,10 @@ class Trainer:
         self.model.eval()
         with self._autocast(), loss_context(self.dims):
             if self.pipeline is not None and batches:
-                batch = torch.cat(batches)
-                total = self.pipeline.evaluate(batch[:, :-1], batch[:, 1:], len(batches)).float() * len(batches)
+                inputs, targets, _ = split_batch(torch.cat(batches), pipeline=True)
+                total = self.pipeline.evaluate(inputs, targets, len(batches)).float() * len(batches)
             elif batches:
-                total = sum(self.model(b[:, :-1], b[:, 1:]).float() for b in batches)
+                total = sum(self._loss(b).float() for b in batches)
         self.model.train()
         return float(self._all_reduce(total, dist.ReduceOp.SUM, self.dims.dp_group) / iters)
 
