@@ -129,6 +129,9 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
     print(f"vocabulary       {m.vocab_size} (padded to {info.padded_vocab_size})")
     print(f"parameters       {human(info.parameters)} ({info.parameters:,}); "
           f"non-embedding {human(info.non_embedding_parameters)}")
+    if m.moe_experts:
+        print(f"experts          {m.moe_experts} x ffn {m.expert_ffn_size}, top-{m.moe_top_k}, in {m.moe_layers} of "
+              f"{m.n_layers} blocks; active parameters {human(info.active_parameters)} per token")
     print(f"FLOPs/token      forward {human(info.forward_flops_per_token)}, "
           f"training {human(info.train_flops_per_token)} (at seq {m.seq_len})")
     print(f"memory           weights {info.weights_gib_bf16:.1f} GiB in bf16; "
