@@ -199,7 +199,8 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, V_padded) for token ids ``x`` (B, T), or the mean loss given ``targets``.
 
-        ``targets`` (B, T) holds the next token of each position; -100 is ignored.
+        ``targets`` (B, T) holds the next token of each position; -100 is ignored. In training, the
+        gradient of the loss also carries the MoE layers' weighted auxiliary losses (``aux_loss``).
         ``kv_cache`` continues a sequence from ``kv_cache.length``. ``attention_mask``
         (B, S) marks real (True) versus padding (False) keys over cached + new tokens, for
         batched prompts of different lengths; ``position_ids`` (B, T) then gives each row's
@@ -212,7 +213,9 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         loss, aux = cross_entropy_loss(logits, targets), self.aux_loss()
-        return loss if aux is None else loss + aux
+        # MoE: the value stays the language-model loss (comparable with a dense model's, and the same under a
+        # pipeline, where the auxiliary losses of other stages cannot be added); the gradient includes them.
+        return loss if aux is None else loss + (aux - aux.detach())
 
     def aux_loss(self) -> torch.Tensor | None:
         """The weighted auxiliary losses (load balancing, router z-loss) that this instance's MoE layers

@@ -26,10 +26,12 @@ Load balancing
     bias: b_e += rate * sign(mean load - load_e) before each optimizer step (``update_expert_bias``,
     from the token counts of the step); z-loss: mean(logsumexp(logits)^2) keeps logits small.
 
-The weighted auxiliary losses reach the training loss through ``GPT.forward``, which adds the
-ones its MoE layers computed (``take_aux_loss``). A pipeline stage cannot add a loss computed on
-another stage, so there each layer attaches its loss to its output instead (``aux_grad_scale``):
-the output is unchanged and backward gives the auxiliary loss the micro-batch's gradient weight.
+The weighted auxiliary losses reach the training gradient through ``GPT.forward``, which adds the
+ones its MoE layers computed (``take_aux_loss``) to the loss's gradient, not to its value: the
+loss reported stays the language-model loss, comparable with a dense model's. A pipeline stage
+cannot add a loss computed on another stage, so there each layer attaches its loss to its output
+instead (``aux_grad_scale``): the output is unchanged and backward gives the auxiliary loss the
+micro-batch's gradient weight. The training log reports the balance loss separately.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from mtnlg.config import Config, ConfigError
 from mtnlg.model.gpt import GPT
 from mtnlg.parallel.dims import ParallelDims
+from mtnlg.parallel.expert import shard_experts_over_dp
 from mtnlg.parallel.pipeline import V_SHAPED
 
 
@@ -43,6 +44,8 @@ def apply_data_parallel(model: GPT, dims: ParallelDims, cfg: Config) -> GPT:
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if fsdp_mixed_precision(cfg, dims) else MixedPrecisionPolicy()
     options = dict(mesh=dims.fsdp_mesh, reshard_after_forward=cfg.parallel.reshard_after_forward, mp_policy=policy)
+    if dims.ep > 1:  # expert-parallel weights: units of their own over the ranks holding the same experts
+        shard_experts_over_dp(model, dims, policy, cfg.parallel.reshard_after_forward)
     for block in model.blocks.values():
         fully_shard(block, **options)
     if dims.pp > 1:  # pipeline stages call these modules directly, never the model: each is its own unit

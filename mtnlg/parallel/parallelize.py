@@ -9,6 +9,7 @@ Transformations apply in a fixed order, each taking the previous one's module:
    of its own, so every layout starts from the single-process weights and no rank ever holds
    more than its part;
 3. tensor (+ sequence) parallelism: shard every remaining layer over the ``tp`` mesh (``tensor.py``);
+   expert parallelism: split each MoE layer's experts over the ``ep`` mesh (``expert.py``);
 4. activation checkpointing: the model's own ``model.activation_checkpointing`` flag;
 5. compile (``train.compile``): each block in place, so parameter names stay those of the plain model;
 6. data parallelism (FSDP2, ``data.py``), outermost, so it shards the already tensor-parallel
@@ -30,6 +31,7 @@ from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.model.gpt import GPT
 from mtnlg.parallel.data import apply_data_parallel
 from mtnlg.parallel.dims import ParallelDims, init_distributed
+from mtnlg.parallel.expert import apply_expert_parallel, check_expert_parallel
 from mtnlg.parallel.pipeline import check_pipeline, keep_rank_stages
 from mtnlg.parallel.tensor import apply_tensor_parallel
 
@@ -49,6 +51,7 @@ def parallelize(model: GPT, dims: ParallelDims, cfg: Config, *, inference: bool 
             raise ConfigError("generation runs on tensor-parallel ranks only: use --tp, not a pipeline")
         check_pipeline(cfg, dims)
         keep_rank_stages(model, dims, cfg)
+    check_expert_parallel(cfg, dims)
     if any(p.is_meta for p in model.parameters()):
         model.materialize(dims.device, cfg.train.seed)
     if dims.tp_enabled:
@@ -58,6 +61,8 @@ def parallelize(model: GPT, dims: ParallelDims, cfg: Config, *, inference: bool 
             sequence_parallel=cfg.parallel.sequence_parallel and not inference,
             loss_parallel=not inference,
         )
+    if dims.ep > 1:
+        apply_expert_parallel(model, dims)
     if cfg.train.compile and not inference:
         for block in model.blocks.values():
             block.compile()
