@@ -117,7 +117,7 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
 
     if args.list:
         for name, m in PRESETS.items():
-            print(f"{name:14s} {human(model_info(m).parameters):>8s}  L={m.n_layers} C={m.hidden} H={m.n_heads}")
+            print(f"{name:15s} {human(model_info(m).parameters):>8s}  L={m.n_layers} C={m.hidden} H={m.n_heads}")
         return 0
     cfg = build_config(args.preset or "gpt2-small", args.config, overrides)
     info = model_info(cfg.model)

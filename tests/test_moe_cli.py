@@ -5,6 +5,7 @@ int8 generation, `mtnlg convert --upcycle` and `mtnlg info`."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,19 @@ def test_ep2_logs_the_single_process_losses_and_the_loss_falls(runs: dict[str, P
     record = [json.loads(line) for line in (runs["ep2"] / "log.jsonl").read_text().splitlines()][-2]
     assert len(record["moe_load"]["blocks.1"]) == 4 and sum(record["moe_load"]["blocks.1"]) == pytest.approx(1, 1e-3)
     assert record["moe_balance_loss"] >= 1.0 - 1e-6 and record["moe_dropped"] == 0  # dropless
+
+
+def test_ep2_checkpoint_resumes_in_one_process_as_the_single_run_does(
+    runs: dict[str, Path], train_data_flags: list[str], tmp_path: Path
+) -> None:
+    """DCP reshards the expert-parallel training state (experts split over 2 ranks) into one process."""
+    got = {}
+    for run in ("ep2", "single"):
+        shutil.copytree(runs[run], tmp_path / run)
+        assert main(["train", *train_data_flags, *TRAIN, "--train.steps=12", "--resume", "--out",
+                     str(tmp_path / run)]) == 0
+        got[run] = losses(tmp_path / run)
+    assert [got["ep2"][11], got["ep2"][12]] == pytest.approx([got["single"][11], got["single"][12]], rel=1e-5)
 
 
 def test_ep2_checkpoint_generates_in_one_process_fp32_and_int8(runs: dict[str, Path], capsys, tmp_path: Path) -> None:
