@@ -118,7 +118,7 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
 
     if args.list:
         for name, m in PRESETS.items():
-            print(f"{name:14s} {human(model_info(m).parameters):>8s}  L={m.n_layers} C={m.hidden} H={m.n_heads}")
+            print(f"{name:15s} {human(model_info(m).parameters):>8s}  L={m.n_layers} C={m.hidden} H={m.n_heads}")
         return 0
     cfg = build_config(args.preset or "gpt2-small", args.config, overrides)
     info = model_info(cfg.model)
@@ -130,6 +130,9 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
     print(f"vocabulary       {m.vocab_size} (padded to {info.padded_vocab_size})")
     print(f"parameters       {human(info.parameters)} ({info.parameters:,}); "
           f"non-embedding {human(info.non_embedding_parameters)}")
+    if m.moe_experts:
+        print(f"experts          {m.moe_experts} x ffn {m.expert_ffn_size}, top-{m.moe_top_k}, in {m.moe_layers} of "
+              f"{m.n_layers} blocks; active parameters {human(info.active_parameters)} per token")
     print(f"FLOPs/token      forward {human(info.forward_flops_per_token)}, "
           f"training {human(info.train_flops_per_token)} (at seq {m.seq_len})")
     print(f"memory           weights {info.weights_gib_bf16:.1f} GiB in bf16; "
@@ -217,6 +220,9 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-hf", metavar="HF_DIR", help="local Hugging Face GPT-2 directory to import")
     src.add_argument("--to-hf", metavar="CKPT", help="mtnlg checkpoint (or run directory) to export")
+    src.add_argument("--upcycle", metavar="CKPT", help="dense mtnlg checkpoint to turn into a mixture of experts "
+                     "(each expert a copy of the dense MLP; --model.moe_* overrides set the rest)")
+    p.add_argument("--upcycle-experts", type=int, default=8, metavar="N", help="experts per MoE block (--upcycle)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="tokenizer to store with the weights (tokenizer.json, or GPT-2's vocab.json + merges.txt); "
@@ -225,9 +231,13 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 
 @command("convert", _convert_args)
 def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Convert weights between Hugging Face GPT-2 directories and mtnlg checkpoints."""
-    from mtnlg.convert import from_hf, to_hf
+    """Convert weights between Hugging Face GPT-2 directories and mtnlg checkpoints, or upcycle a dense
+    checkpoint into a mixture of experts."""
+    from mtnlg.convert import from_hf, to_hf, upcycle
 
+    if args.upcycle:
+        print(f"wrote {upcycle(args.upcycle, args.out, args.upcycle_experts, overrides)}")
+        return 0
     _no_overrides(overrides)
     out = (from_hf if args.from_hf else to_hf)(args.from_hf or args.to_hf, args.out, args.tokenizer)
     print(f"wrote {out}")

@@ -35,6 +35,9 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kwargs)
 
 
+MOE_BALANCE = ("aux", "bias", "aux+bias", "none")
+
+
 @dataclass
 class ModelConfig:
     """Shape of the decoder-only Transformer (GPT-2 / MT-NLG architecture)."""
@@ -54,10 +57,39 @@ class ModelConfig:
     )
     activation: str = _f("gelu_tanh", "MLP activation: gelu_tanh (GPT-2) or gelu (exact erf).")
     activation_checkpointing: bool = _f(False, "Recompute each block's activations in backward to save memory.")
+    moe_experts: int = _f(0, "Mixture of experts: expert MLPs per MoE block; 0 keeps every MLP dense.")
+    moe_top_k: int = _f(2, "Experts each token is routed to (gates renormalised over them when > 1).")
+    moe_every: int = _f(1, "Every k-th block is a MoE block (blocks k-1, 2k-1, ...); 2 = every other block.")
+    moe_ffn_hidden: int = _f(0, "Inner width of each expert MLP; 0 means the dense MLP's (model.ffn_hidden).")
+    moe_capacity_factor: float = _f(
+        0.0, "Tokens an expert takes per batch, as a multiple of the even share (N k / E); 0 = dropless."
+    )
+    moe_score: str = _f("softmax", "Router scores: softmax (Switch, GShard) or sigmoid (DeepSeek-V3).")
+    moe_balance: str = _f(
+        "aux", "Load balancing: aux (auxiliary loss), bias (auxiliary-loss-free expert bias), aux+bias or none."
+    )
+    moe_aux_loss_coef: float = _f(0.01, "Weight of the Switch/GShard load-balancing loss (moe_balance aux).")
+    moe_bias_update_rate: float = _f(
+        1e-3, "Step of the expert-bias update, bias += rate * sign(mean load - load), before each optimizer step."
+    )
+    moe_z_loss_coef: float = _f(0.0, "Weight of the router z-loss, mean(logsumexp(logits)^2) (ST-MoE: 1e-3).")
+    moe_shared_expert: bool = _f(False, "Add an always-on dense expert beside the routed ones (DeepSeek-MoE).")
 
     @property
     def ffn_size(self) -> int:
         return self.ffn_hidden or 4 * self.hidden
+
+    @property
+    def expert_ffn_size(self) -> int:
+        return self.moe_ffn_hidden or self.ffn_size
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block ``layer`` has a mixture-of-experts MLP: every ``moe_every``-th block, the last of each run."""
+        return self.moe_experts > 0 and (layer + 1) % self.moe_every == 0
+
+    @property
+    def moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
 
     @property
     def head_dim(self) -> int:
@@ -85,6 +117,23 @@ class ModelConfig:
             raise ConfigError("model.layernorm_eps and model.init_std must be positive")
         if self.activation not in ("gelu_tanh", "gelu"):
             raise ConfigError(f"model.activation must be 'gelu_tanh' or 'gelu', got {self.activation!r}")
+        if self.moe_experts:
+            self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        if self.moe_experts < 0 or not 1 <= self.moe_top_k <= self.moe_experts:
+            raise ConfigError(f"model.moe_top_k={self.moe_top_k} must be between 1 and model.moe_experts="
+                              f"{self.moe_experts}")
+        if self.moe_every < 1 or self.moe_every > self.n_layers:
+            raise ConfigError(f"model.moe_every={self.moe_every} must be between 1 and model.n_layers={self.n_layers}")
+        if self.moe_ffn_hidden < 0 or self.moe_capacity_factor < 0:
+            raise ConfigError("model.moe_ffn_hidden and model.moe_capacity_factor must be >= 0 (0: default / dropless)")
+        if self.moe_score not in ("softmax", "sigmoid"):
+            raise ConfigError(f"model.moe_score must be softmax or sigmoid, got {self.moe_score!r}")
+        if self.moe_balance not in MOE_BALANCE:
+            raise ConfigError(f"model.moe_balance must be one of {', '.join(MOE_BALANCE)}, got {self.moe_balance!r}")
+        if min(self.moe_aux_loss_coef, self.moe_z_loss_coef, self.moe_bias_update_rate) < 0:
+            raise ConfigError("model.moe_aux_loss_coef, moe_z_loss_coef and moe_bias_update_rate must be >= 0")
 
 
 PP_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", "zbv", "dualpipev")
@@ -96,6 +145,7 @@ class ParallelConfig:
 
     tp: int = _f(1, "Tensor-parallel size: each layer's weights are split across this many ranks.")
     pp: int = _f(1, "Pipeline-parallel size: the layers are split into this many stages.")
+    ep: int = _f(1, "Expert-parallel size: MoE experts split over this many of the data-parallel ranks.")
     dp: int = _f(-1, "Data-parallel size; -1 means world_size / (tp * pp).")
     dp_replicate: int = _f(
         1, "HSDP: model replicas among the dp ranks, each sharded over dp / dp_replicate ranks (1: fully sharded)."
@@ -122,7 +172,7 @@ class ParallelConfig:
     def validate(self) -> None:
         if self.dp_shard == 0 or self.dp_shard < -1:
             raise ConfigError(f"parallel.dp_shard must be >= 1 or -1 (derive), got {self.dp_shard}")
-        for name in ("tp", "pp", "pp_stages_per_rank", "dp_replicate"):
+        for name in ("tp", "pp", "ep", "pp_stages_per_rank", "dp_replicate"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         if self.pp_microbatches < 0:

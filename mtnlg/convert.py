@@ -5,10 +5,13 @@ Differences handled here, and only here:
 - HF's fused ``c_attn`` output is [all q | all k | all v]; mtnlg groups rows per head
   ([q_h; k_h; v_h] for each head h) so tensor parallelism can split whole heads: permute.
 - mtnlg may pad the vocabulary; export drops the padding rows.
+
+It also turns a dense mtnlg checkpoint into a mixture-of-experts one (``upcycle``).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mtnlg.checkpoint import load_model, save_model
-from mtnlg.config import Config, ModelConfig
+from mtnlg.config import Config, ConfigError, ModelConfig, apply_settings
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.model.gpt import GPT
 
@@ -138,6 +141,8 @@ def to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | Non
     """Export an mtnlg checkpoint as an HF directory that ``GPT2LMHeadModel.from_pretrained`` loads,
     with its tokenizer (that of ``tokenizer_dir`` when given)."""
     model, cfg, tokenizer = load_model(ckpt)
+    if cfg.model.moe_experts:
+        raise ValueError(f"{ckpt} is a mixture-of-experts model, which GPT-2 directories cannot hold")
     if tokenizer_dir is not None:
         tokenizer = load_tokenizer(tokenizer_dir, cfg.model.vocab_size)
     m = cfg.model
@@ -189,3 +194,39 @@ def to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | Non
         tokenizer.save(out_dir)
         tokenizer.save_gpt2_files(out_dir)
     return out_dir
+
+
+def upcycle(ckpt: str | Path, out_dir: str | Path, experts: int, overrides: list[str] | None = None) -> Path:
+    """Sparse upcycling (Komatsuzaki et al. 2023): a MoE checkpoint from a dense one, every expert of a MoE
+    block a copy of that block's dense MLP, the router freshly initialised (from ``train.seed``).
+
+    ``overrides`` set the other ``model.moe_*`` fields (``--model.moe_top_k=1``, ...). With gates that sum
+    to 1 (top-k > 1, or sigmoid scores) and dropless routing, the first forward equals the dense model's.
+    """
+    dense, cfg, tokenizer = load_model(ckpt)
+    if cfg.model.moe_experts:
+        raise ConfigError(f"{ckpt} is already a mixture-of-experts model (model.moe_experts={cfg.model.moe_experts})")
+    bad = [o for o in overrides or [] if not o.startswith("--model.moe_")]
+    if bad:
+        raise ConfigError(f"upcycling takes only --model.moe_* settings, got {bad}")
+    new = apply_settings(copy.deepcopy(cfg), overrides=[f"--model.moe_experts={experts}", *(overrides or [])])
+    m = new.validate().model
+    if m.expert_ffn_size != m.ffn_size or m.moe_shared_expert:
+        raise ConfigError("upcycled experts are copies of the dense MLP: leave model.moe_ffn_hidden at 0 and "
+                          "model.moe_shared_expert off")
+    with torch.device("meta"):
+        model = GPT(m)
+    model.materialize("cpu", new.train.seed)
+    state, dense_state = model.state_dict(), dense.state_dict()
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if name in dense_state:
+                tensor.copy_(dense_state[name])
+        for i in range(m.n_layers):
+            if m.is_moe_layer(i):
+                mlp, grouped = dense.blocks[str(i)].mlp, model.blocks[str(i)].mlp.experts
+                for part in ("fc_in", "fc_out"):
+                    layer = getattr(mlp, part)
+                    getattr(grouped, f"{part}_weight").copy_(layer.weight.expand(experts, -1, -1))
+                    getattr(grouped, f"{part}_bias").copy_(layer.bias.expand(experts, -1))
+    return save_model(out_dir, model, new, tokenizer)

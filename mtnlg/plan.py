@@ -11,18 +11,27 @@ from dataclasses import asdict, dataclass
 from mtnlg.config import ModelConfig
 
 
+def _mlp_params(C: int, F: int) -> int:
+    return (C * F + F) + (F * C + C)
+
+
 def parameter_count(cfg: ModelConfig) -> dict[str, int]:
-    """Parameters by part. ``total`` counts the tied output layer once."""
+    """Parameters by part. ``total`` counts the tied output layer once; ``active`` is what one token
+    uses (a MoE layer's router, shared expert and k of its E experts); ``per_layer`` is a dense block."""
     C, F, L = cfg.hidden, cfg.ffn_size, cfg.n_layers
     attention = (C * 3 * C + 3 * C) + (C * C + C)
-    mlp = (C * F + F) + (F * C + C)
     layernorms = 2 * 2 * C
-    per_layer = attention + mlp + layernorms
+    per_layer = attention + _mlp_params(C, F) + layernorms
+    expert = _mlp_params(C, cfg.expert_ffn_size)
+    shared = _mlp_params(C, F) if cfg.moe_shared_expert else 0
+    moe_layer = attention + layernorms + C * cfg.moe_experts + cfg.moe_experts * expert + shared
+    n_moe = cfg.moe_layers
     embedding = cfg.padded_vocab_size * C + cfg.seq_len * C
     output = 0 if cfg.tie_embeddings else cfg.padded_vocab_size * C
-    total = embedding + L * per_layer + 2 * C + output
+    total = embedding + (L - n_moe) * per_layer + n_moe * moe_layer + 2 * C + output
     return {
         "total": total,
+        "active": total - n_moe * (cfg.moe_experts - cfg.moe_top_k) * expert,
         "embedding": embedding,
         "per_layer": per_layer,
         "non_embedding": total - embedding - output,
@@ -39,7 +48,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, f
     """
     T = seq_len or cfg.seq_len
     C, F, L, V = cfg.hidden, cfg.ffn_size, cfg.n_layers, cfg.padded_vocab_size
-    matmul_params = L * (4 * C * C + 2 * C * F) + V * C
+    n_moe = cfg.moe_layers  # a MoE layer: router, k experts and the shared expert instead of the dense MLP
+    moe_mlp = C * cfg.moe_experts + cfg.moe_top_k * 2 * C * cfg.expert_ffn_size + cfg.moe_shared_expert * 2 * C * F
+    matmul_params = L * 4 * C * C + (L - n_moe) * 2 * C * F + n_moe * moe_mlp + V * C
     forward = 2 * matmul_params + 4 * L * T * C
     return {"forward": float(forward), "train": 3.0 * forward}
 
@@ -49,6 +60,7 @@ class ModelInfo:
     """What ``mtnlg info`` prints."""
 
     parameters: int
+    active_parameters: int
     non_embedding_parameters: int
     padded_vocab_size: int
     forward_flops_per_token: float
@@ -68,6 +80,7 @@ def model_info(cfg: ModelConfig) -> ModelInfo:
     gib = float(1 << 30)
     return ModelInfo(
         parameters=params["total"],
+        active_parameters=params["active"],
         non_embedding_parameters=params["non_embedding"],
         padded_vocab_size=cfg.padded_vocab_size,
         forward_flops_per_token=flops["forward"],

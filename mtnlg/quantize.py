@@ -68,7 +68,9 @@ from mtnlg.checkpoint import (
 from mtnlg.config import Config
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.model.gpt import GPT
+from mtnlg.model.moe import GroupedExperts
 
+ROUTER = "router.gate"  # a MoE router's Linear: kept fp32
 INT8_WEIGHTS_FILE = "model-int8.safetensors"
 QUANTIZATIONS = ("int8",)
 
@@ -134,6 +136,29 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Experts(nn.Module):
+    """A MoE layer's experts in int8: expert e's two Linears as ``Int8Linear``s (``fc_in.e``, ``fc_out.e``),
+    run on the rows routed to it; a drop-in for ``GroupedExperts`` (same inputs and output)."""
+
+    def __init__(self, fc_in: list[Int8Linear], fc_out: list[Int8Linear], approximate: str) -> None:
+        super().__init__()
+        self.fc_in, self.fc_out = nn.ModuleList(fc_in), nn.ModuleList(fc_out)
+        self.approximate = approximate
+
+    @classmethod
+    def from_grouped(cls, experts: GroupedExperts) -> Int8Experts:
+        def layers(part: str) -> list[Int8Linear]:
+            weight, bias = getattr(experts, f"{part}_weight"), getattr(experts, f"{part}_bias")
+            return [Int8Linear(*quantize_weight(w), b) for w, b in zip(weight, bias, strict=True)]
+
+        return cls(layers("fc_in"), layers("fc_out"), experts.approximate)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        chunks = x.split(counts.tolist())
+        return torch.cat([self.fc_out[e](torch.nn.functional.gelu(self.fc_in[e](chunk), approximate=self.approximate))
+                          if len(chunk) else chunk for e, chunk in enumerate(chunks)])
 
 
 @functools.cache
@@ -214,8 +239,9 @@ def row_bucket(rows: int) -> int:
 
 
 def _replace_linears(model: GPT, convert: Callable[[nn.Linear], nn.Module]) -> GPT:
+    """Every nn.Linear but a MoE router's (it routes in fp32 and is small) converted, in place."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and not name.endswith(ROUTER):
             model.set_submodule(name, convert(module))
     return model.eval()
 
@@ -239,8 +265,12 @@ def prepare_for_inference(model: GPT, quantize: str | None = None, max_batch_siz
 
 def quantize_model(model: GPT) -> GPT:
     """Replace every nn.Linear (including the tied output layer, which gets its own int8 copy;
-    the embedding stays fp32) by an Int8Linear, in place; returns the model in eval mode."""
+    the embedding and MoE routers stay fp32) by an Int8Linear, and MoE experts by Int8Experts, in
+    place; returns the model in eval mode."""
     _check_backend(next(model.parameters()).device)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GroupedExperts):
+            model.set_submodule(name, Int8Experts.from_grouped(module))
     return _replace_linears(model, Int8Linear.from_linear)
 
 
@@ -264,6 +294,10 @@ def save_quantized(directory: str | Path, model: GPT, cfg: Config, tokenizer: To
     return write_atomically(Path(directory), fill)
 
 
+def _stored_int8_linear(state: dict[str, torch.Tensor], name: str) -> Int8Linear:
+    return Int8Linear(state[f"{name}.weight_int8"], state[f"{name}.weight_scale"], state.get(f"{name}.bias"))
+
+
 def load_quantized(path: str | Path) -> tuple[GPT, Config, Tokenizer | None]:
     """Model, config and tokenizer of an int8 checkpoint written by ``save_quantized`` (verified)."""
     directory = resolve_verified(path)
@@ -275,14 +309,17 @@ def load_quantized(path: str | Path) -> tuple[GPT, Config, Tokenizer | None]:
     state = read_safetensors(weights)
     with torch.device("meta"):
         model = GPT(cfg.model)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear):
-            try:
-                q, scale = state[f"{name}.weight_int8"], state[f"{name}.weight_scale"]
-                layer = Int8Linear(q, scale, state.get(f"{name}.bias"))
-            except KeyError as exc:
-                raise CheckpointError(f"{weights}: missing {exc.args[0]} (does it fit config.json?)") from None
-            model.set_submodule(name, layer)
+    try:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.Linear) and not name.endswith(ROUTER):
+                model.set_submodule(name, _stored_int8_linear(state, name))
+            if isinstance(module, GroupedExperts):
+                E = cfg.model.moe_experts
+                fc_in, fc_out = ([_stored_int8_linear(state, f"{name}.{part}.{e}") for e in range(E)]
+                                 for part in ("fc_in", "fc_out"))
+                model.set_submodule(name, Int8Experts(fc_in, fc_out, module.approximate))
+    except KeyError as exc:
+        raise CheckpointError(f"{weights}: missing {exc.args[0]} (does it fit config.json?)") from None
     try:
         model.load_state_dict(state, assign=True, strict=True)
     except RuntimeError as exc:

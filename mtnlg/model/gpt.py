@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from mtnlg.config import ModelConfig
 from mtnlg.model.kv_cache import KVCache
 from mtnlg.model.loss import cross_entropy_loss
+from mtnlg.model.moe import MoE, moe_layers
 
 
 class CausalSelfAttention(nn.Module):
@@ -81,7 +82,8 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
-        self.mlp = MLP(cfg)
+        moe = cfg.is_moe_layer(layer)
+        self.mlp: MLP | MoE = MoE(cfg, MLP(cfg) if cfg.moe_shared_expert else None) if moe else MLP(cfg)
 
     def forward(
         self, x: torch.Tensor, kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None
@@ -132,12 +134,16 @@ class GPT(nn.Module):
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), device="cpu"))
         std, n_layers = self.cfg.init_std, self.cfg.n_layers
+        out_std = std / math.sqrt(2 * n_layers)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 key = "wte" if name == "lm_head" and self.cfg.tie_embeddings else name
-                is_output = name.endswith(("attn.out_proj", "mlp.fc_out"))
+                is_output = name.endswith(("attn.out_proj", "fc_out"))  # a shared expert's too
                 generator = _generator(seed, key, module.weight.device)
-                nn.init.normal_(module.weight, 0.0, std / math.sqrt(2 * n_layers) if is_output else std, generator)
+                nn.init.normal_(module.weight, 0.0, out_std if is_output else std, generator)
+            if isinstance(module, MoE):
+                device = module.router.gate.weight.device
+                module.reset_parameters(lambda key, n=name, d=device: _generator(seed, f"{n}.{key}", d), std, out_std)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
             if isinstance(module, nn.LayerNorm):
@@ -194,7 +200,8 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, V_padded) for token ids ``x`` (B, T), or the mean loss given ``targets``.
 
-        ``targets`` (B, T) holds the next token of each position; -100 is ignored.
+        ``targets`` (B, T) holds the next token of each position; -100 is ignored. In training, the
+        gradient of the loss also carries the MoE layers' weighted auxiliary losses (``aux_loss``).
         ``kv_cache`` continues a sequence from ``kv_cache.length``. ``attention_mask``
         (B, S) marks real (True) versus padding (False) keys over cached + new tokens, for
         batched prompts of different lengths; ``position_ids`` (B, T) then gives each row's
@@ -207,7 +214,18 @@ class GPT(nn.Module):
         if self.lm_head is None:
             return h
         logits = self.lm_head(h)  # (B, T, V)
-        return logits if targets is None else cross_entropy_loss(logits, targets)
+        if targets is None:
+            return logits
+        loss, aux = cross_entropy_loss(logits, targets), self.aux_loss()
+        # MoE: the value stays the language-model loss (comparable with a dense model's, and the same under a
+        # pipeline, where the auxiliary losses of other stages cannot be added); the gradient includes them.
+        return loss if aux is None else loss + (aux - aux.detach())
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The weighted auxiliary losses (load balancing, router z-loss) that this instance's MoE layers
+        computed in the forward just run; None for a dense model or in eval mode."""
+        losses = [aux for _, moe in moe_layers(self.blocks) if (aux := moe.take_aux_loss()) is not None]
+        return torch.stack(losses).sum() if losses else None
 
     def hidden_states(
         self,

@@ -25,6 +25,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from mtnlg.config import Config, ConfigError
 from mtnlg.model.gpt import GPT
 from mtnlg.parallel.dims import ParallelDims
+from mtnlg.parallel.expert import shard_experts_over_dp
 
 V_SHAPED = ("zbv", "dualpipev")  # schedules that place a rank's two stages in a V (see pipeline.py)
 
@@ -56,6 +57,8 @@ def apply_data_parallel(model: GPT, dims: ParallelDims, cfg: Config) -> GPT:
             "gradients in torch 2.13; use 1f1b or interleaved_1f1b with data parallelism"
         )
     options = fsdp_options(cfg, dims)
+    if dims.ep > 1:  # expert-parallel weights: units of their own over the ranks holding the same experts
+        shard_experts_over_dp(model, dims, options["mp_policy"], cfg.parallel.reshard_after_forward)
     for block in model.blocks.values():
         fully_shard(block, **options)
     if dims.pp == 1:

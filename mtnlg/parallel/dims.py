@@ -11,6 +11,11 @@ one node when ``tp <= gpus_per_node``, as in MT-NLG's 8-way tensor slicing insid
 Pipeline stages, which only pass activations at stage boundaries, vary slowest (across
 nodes); this is DeepSpeed's ``PipeModelDataParallelTopology`` (axes pipe, data, model).
 
+Expert parallelism borrows its ranks from data parallelism (torchtitan, Megatron-Core): ``ep``
+consecutive ranks of ``dp_shard`` split each MoE layer's experts between them and exchange tokens
+by all-to-all; the mesh then names ``dp_shard = dp_shard_mod_ep x ep``, and the experts are
+sharded by FSDP over ``dp_shard_mod_ep`` (with ``dp_replicate``) only.
+
 A ``ParallelDims`` is the only distributed state in mtnlg: it is built once per process and
 passed explicitly; nothing reads process groups from globals.
 """
@@ -28,6 +33,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from mtnlg.config import ConfigError, ParallelConfig
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+EP_MESH_DIMS = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")
 
 
 @dataclass
@@ -39,6 +45,7 @@ class ParallelDims:
     tp: int
     world_size: int
     dp_replicate: int = 1
+    ep: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     mesh: DeviceMesh | None = field(default=None, repr=False)
     dp_mesh: DeviceMesh | None = field(default=None, repr=False)  # dp_replicate x dp_shard, flattened
@@ -47,6 +54,9 @@ class ParallelDims:
         for name in ("dp", "pp", "tp", "world_size", "dp_replicate"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dp_shard % self.ep:
+            raise ConfigError(f"parallel.ep={self.ep} must divide the data-parallel shard size {self.dp_shard} "
+                              "(dp / dp_replicate): expert parallelism borrows its ranks from data parallelism")
         if self.dp % self.dp_replicate:
             raise ConfigError(f"parallel.dp_replicate={self.dp_replicate} does not divide the data-parallel size "
                               f"{self.dp}: dp = dp_replicate x dp_shard")
@@ -74,7 +84,7 @@ class ParallelDims:
         if cfg.dp_shard != -1 and cfg.dp_replicate * cfg.dp_shard != dp:
             raise ConfigError(f"parallel.dp_replicate={cfg.dp_replicate} x parallel.dp_shard={cfg.dp_shard} must "
                               f"equal the data-parallel size {dp}")
-        return cls(dp=dp, pp=cfg.pp, tp=cfg.tp, world_size=world_size, dp_replicate=cfg.dp_replicate,
+        return cls(dp=dp, pp=cfg.pp, tp=cfg.tp, world_size=world_size, dp_replicate=cfg.dp_replicate, ep=cfg.ep,
                    device=torch.device(device))
 
     def build_mesh(self) -> DeviceMesh:
@@ -83,8 +93,16 @@ class ParallelDims:
             raise RuntimeError(
                 "ParallelDims.build_mesh needs torch.distributed initialized (see init_distributed)"
             )
-        shape = (self.pp, self.dp_replicate, self.dp_shard, self.tp)
-        self.mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=MESH_DIMS)
+        if self.ep > 1:  # dp_shard = dp_shard_mod_ep x ep, ep minor
+            shape = (self.pp, self.dp_replicate, self.dp_shard // self.ep, self.ep, self.tp)
+            self.mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=EP_MESH_DIMS)
+            self.mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
+            if self.dp_replicate == 1:  # kept, not sliced from the root again (torch deprecates that)
+                self.dp_mesh = self.mesh["dp_shard_mod_ep", "ep"]._flatten("dp")
+                return self.mesh
+        else:
+            shape = (self.pp, self.dp_replicate, self.dp_shard, self.tp)
+            self.mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=MESH_DIMS)
         self.dp_mesh = self.mesh["dp_replicate", "dp_shard"]._flatten("dp")
         return self.mesh
 
@@ -97,7 +115,23 @@ class ParallelDims:
         """The mesh FSDP shards over: 1-D ``dp_shard``, or 2-D ``(dp_replicate, dp_shard)`` for HSDP."""
         if self.mesh is None:
             raise RuntimeError("no device mesh: this ParallelDims was built without init_distributed")
-        return self.mesh["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else self.mesh["dp_shard"]
+        if self.dp_replicate > 1:
+            return self.mesh["dp_replicate", "dp_shard"]
+        return self.dp_mesh if self.ep > 1 else self.mesh["dp_shard"]  # under ep: dp_shard, flattened and kept
+
+    @property
+    def ep_mesh(self) -> DeviceMesh:
+        """The 1-D mesh of the ranks that split each MoE layer's experts between them."""
+        if self.mesh is None or self.ep == 1:
+            raise RuntimeError("no expert-parallel mesh: parallel.ep is 1 or torch.distributed is not initialized")
+        return self.mesh["ep"]
+
+    @property
+    def expert_fsdp_mesh(self) -> DeviceMesh:
+        """The mesh FSDP shards expert-parallel weights over: the data-parallel ranks holding the same experts."""
+        if self.mesh is None or self.ep == 1:
+            raise RuntimeError("no expert-parallel mesh: parallel.ep is 1 or torch.distributed is not initialized")
+        return self.mesh["dp_replicate", "dp_shard_mod_ep"] if self.dp_replicate > 1 else self.mesh["dp_shard_mod_ep"]
 
     @property
     def tp_enabled(self) -> bool:

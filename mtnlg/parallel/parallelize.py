@@ -9,7 +9,8 @@ Transformations apply in a fixed order, each taking the previous one's module:
    its tensor-parallel shards allocated on the rank's device, each filled with its slice of the
    single-process initial value (made from ``train.seed`` and the weight's name, one block at a
    time), so every layout starts from the single-process weights and no rank ever holds more
-   than its shards and one block;
+   than its shards and one block; then expert parallelism splits each MoE layer's experts over
+   the ``ep`` mesh (``expert.py``; tp and ep are not combined);
 4. activation checkpointing: the model's own ``model.activation_checkpointing`` flag;
 5. compile (``train.compile``): each block in place, so parameter names stay those of the plain model;
 6. data parallelism (FSDP2, ``data.py``), outermost, so it shards the already tensor-parallel
@@ -33,6 +34,7 @@ from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.model.gpt import GPT
 from mtnlg.parallel.data import apply_data_parallel
 from mtnlg.parallel.dims import ParallelDims, init_distributed
+from mtnlg.parallel.expert import apply_expert_parallel, check_expert_parallel
 from mtnlg.parallel.pipeline import check_pipeline, keep_rank_stages
 from mtnlg.parallel.tensor import apply_tensor_parallel
 
@@ -52,6 +54,7 @@ def parallelize(model: GPT, dims: ParallelDims, cfg: Config, *, inference: bool 
             raise ConfigError("generation runs on tensor-parallel ranks only: use --tp, not a pipeline")
         check_pipeline(cfg, dims)
         keep_rank_stages(model, dims, cfg)
+    check_expert_parallel(cfg, dims)
     if dims.tp_enabled:
         apply_tensor_parallel(
             model,
@@ -61,6 +64,8 @@ def parallelize(model: GPT, dims: ParallelDims, cfg: Config, *, inference: bool 
         )
     if any(p.is_meta for p in model.parameters()):
         materialize(model, dims.device, cfg.train.seed)
+    if dims.ep > 1:
+        apply_expert_parallel(model, dims)
     if cfg.train.compile and not inference:
         for block in model.blocks.values():
             block.compile()

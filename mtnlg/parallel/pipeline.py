@@ -52,6 +52,7 @@ from mtnlg.model.gpt import GPT
 from mtnlg.model.loss import cross_entropy_loss
 from mtnlg.parallel.data import V_SHAPED, shard_stage
 from mtnlg.parallel.dims import ParallelDims
+from mtnlg.parallel.expert import set_aux_grad_scale
 from mtnlg.train.optim import batch_sizes
 
 SCHEDULES: dict[str, Any] = {
@@ -219,6 +220,7 @@ class Pipeline:
         for view in self.views:  # views share the modules, not the module's own mode flag
             view.train(self.model.training)
         schedule = self._schedule(m, training)
+        set_aux_grad_scale(self.model, 1.0 / m)  # a stage's MoE losses join the loss with the micro-batch weight
         losses: list[torch.Tensor] | None = [] if self.has_last else None
         args = (inputs,) if self.has_first else ()
         target = targets if self.has_last else None

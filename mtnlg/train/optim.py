@@ -17,7 +17,7 @@ from mtnlg.config import ConfigError, TrainConfig
 def parameter_groups(
     model: nn.Module, weight_decay: float, decay_position_embedding: bool = True
 ) -> list[dict[str, object]]:
-    """Two AdamW groups: matrices decay; biases and LayerNorm (every 1-D parameter) do not.
+    """Two AdamW groups: matrices decay; biases (a MoE layer's stacked ones too) and LayerNorm do not.
 
     Decaying a LayerNorm gain pulls it towards 0 instead of its natural value 1, and biases are too
     few to overfit with, hence Megatron's split. Position embeddings may optionally join the
@@ -28,7 +28,7 @@ def parameter_groups(
         if not param.requires_grad:
             continue
         is_position = name.endswith("wpe.weight")
-        if param.dim() < 2 or (is_position and not decay_position_embedding):
+        if param.dim() < 2 or name.endswith("bias") or (is_position and not decay_position_embedding):
             no_decay.append(param)
         else:
             decay.append(param)

@@ -40,6 +40,7 @@ from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.model.gpt import GPT
 from mtnlg.parallel import ParallelDims, loss_context, parallelize
 from mtnlg.parallel.data import fsdp_mixed_precision, set_gradient_sync
+from mtnlg.parallel.expert import ExpertStatistics, clip_grads, grad_norm
 from mtnlg.parallel.pipeline import Pipeline, microbatches
 from mtnlg.plan import flops_per_token
 from mtnlg.train.finetune import split_batch
@@ -151,6 +152,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, cfg.model.seq_len)["train"]
         self.last_saved_step = -1
         self.pipeline = Pipeline(model, self.dims, cfg) if self.dims.pp > 1 else None
+        self.experts = ExpertStatistics(model, self.optimizer, self.dims)  # MoE load and bias, before each step
 
     # -- one step ----------------------------------------------------------------------------------
 
@@ -222,13 +224,12 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = self.pipeline.counted_parameters() if self.pipeline is not None else self.model.parameters()
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        norm = grad_norm(p.grad for p in params if p.grad is not None)
         return self.pipeline.reduce_norm(norm) if self.pipeline is not None else norm
 
     def _optimizer_step(self, lr: float, grad_norm: torch.Tensor) -> None:
         if 0 < self.tc.grad_clip < grad_norm:  # scaling by 1 would cost a pass over every gradient
-            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.tc.grad_clip, grad_norm)
+            clip_grads(self.model.parameters(), self.tc.grad_clip, grad_norm)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.scaler is not None:
@@ -409,6 +410,7 @@ class _Reporter:
             "lr": last.lr, "grad_norm": last.grad_norm, "batch_size": last.batch_size,
             "tokens_per_s": tokens_per_s, "mfu": mfu, "skipped": sum(s.skipped for s in self.window),
             "consumed_tokens": self.trainer.state.consumed_tokens, "peak_flops": self.peak, "time": time.time(),
+            **self.trainer.experts.log_record(),
         }
         self.window = []
         if self.log is not None:

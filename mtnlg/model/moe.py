@@ -1,0 +1,251 @@
+"""Sparse mixture-of-experts MLP: a router sends each token to its top-k of E expert MLPs.
+
+Parameters grow with E while the FLOPs per token stay those of k experts (Shazeer et al. 2017;
+GShard, Lepikhin et al. 2020; Switch, Fedus et al. 2021; DeepSpeed-MoE, Rajbhandari et al. 2022).
+Plain single-device PyTorch; ``mtnlg.parallel.expert`` splits the experts over ranks from outside.
+Shapes: N tokens (B x T flattened), C hidden, F expert inner width, E experts, k experts per token.
+
+Router (fp32 whatever the autocast dtype: the top-k choice is sensitive to rounding)
+    logits = x W_r (N, E); scores s = softmax(logits) or sigmoid(logits) (DeepSeek-V3);
+    the top-k experts of ``s + b`` are chosen, where b is the auxiliary-loss-free bias
+    (zero unless ``model.moe_balance`` includes bias); the gates are the chosen scores s,
+    renormalised to sum to 1 when k > 1 or scores are sigmoids (top-1 softmax keeps s, as in
+    Switch, so that the router still gets a gradient from the language-model loss).
+Dispatch
+    The N k assignments are ordered slot-major (every token's first choice before any second
+    choice, GShard's priority) and stably sorted by expert. Dropless (``moe_capacity_factor`` 0)
+    runs them all; otherwise expert e keeps its first ``ceil(cf N k / E)`` and the rest are
+    dropped: their share of the output is zero and the residual connection carries the token.
+Experts
+    Stacked weights (E, F, C) and (E, C, F), run as two grouped matmuls over the sorted tokens
+    (``torch._grouped_mm``; a loop over experts where it does not apply), GELU in between:
+    y_i = sum_{e in topk(i)} g_ie (W2_e gelu(W1_e x_i + b1_e) + b2_e).
+Load balancing
+    aux: the Switch/GShard loss  E sum_e f_e P_e  (f_e the fraction of assignments to e,
+    P_e the mean router probability of e), whose minimum 1 is reached by a uniform router;
+    bias: b_e += rate * sign(mean load - load_e) before each optimizer step (``update_expert_bias``,
+    from the token counts of the step); z-loss: mean(logsumexp(logits)^2) keeps logits small.
+
+The weighted auxiliary losses reach the training gradient through ``GPT.forward``, which adds the
+ones its MoE layers computed (``take_aux_loss``) to the loss's gradient, not to its value: the
+loss reported stays the language-model loss, comparable with a dense model's. A pipeline stage
+cannot add a loss computed on another stage, so there each layer attaches its loss to its output
+instead (``aux_grad_scale``): the output is unchanged and backward gives the auxiliary loss the
+micro-batch's gradient weight. The training log reports the balance loss separately.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtnlg.config import ModelConfig
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """The tensor this process computes with: the local shard of an expert-parallel (DTensor) weight."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _grouped_mm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch._grouped_mm runs fp32 on CPU and bf16 on CUDA, with rows aligned to 16 bytes."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
+        return False
+    kind = (x.device.type, x.dtype)
+    aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:])
+    return aligned and kind in {("cpu", torch.float32), ("cuda", torch.bfloat16)}
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` (M, in), sorted by expert with ``counts[e]`` rows for expert e, through expert e's
+    Linear: weight (E, out, in), bias (E, out); returns (M, out)."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    if _grouped_mm_applies(x, weight):
+        y = torch._grouped_mm(x, weight.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
+    else:
+        y = torch.cat([chunk @ weight[e].T for e, chunk in enumerate(x.split(counts.tolist()))])
+    return y + bias.repeat_interleave(counts, dim=0, output_size=x.shape[0])
+
+
+class GroupedExperts(nn.Module):
+    """E expert MLPs as stacked weights: Linear(C -> F), GELU, Linear(F -> C), each stored as nn.Linear's
+    (out, in) rows, so expert e's weights are a dense MLP's (upcycling copies them)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        E, C, Fe = cfg.moe_experts, cfg.hidden, cfg.expert_ffn_size
+        self.fc_in_weight = nn.Parameter(torch.empty(E, Fe, C))
+        self.fc_in_bias = nn.Parameter(torch.empty(E, Fe))
+        self.fc_out_weight = nn.Parameter(torch.empty(E, C, Fe))
+        self.fc_out_bias = nn.Parameter(torch.empty(E, C))
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
+
+    def reset_parameters(self, generator: Callable[[str], torch.Generator], std: float, out_std: float) -> None:
+        """Each stacked weight drawn like the dense MLP's (N(0, std), the output one N(0, out_std)), from its own
+        stream named after it; biases zero."""
+        with torch.no_grad():
+            self.fc_in_weight.normal_(0.0, std, generator=generator("fc_in_weight"))
+            self.fc_out_weight.normal_(0.0, out_std, generator=generator("fc_out_weight"))
+            self.fc_in_bias.zero_()
+            self.fc_out_bias.zero_()
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Tokens (M, C) sorted by expert, ``counts`` (E,) of them per expert held here -> (M, C)."""
+        h = grouped_linear(x, _local(self.fc_in_weight), _local(self.fc_in_bias), counts)  # (M, F)
+        h = F.gelu(h, approximate=self.approximate)
+        return grouped_linear(h, _local(self.fc_out_weight), _local(self.fc_out_bias), counts)  # (M, C)
+
+
+class Router(nn.Module):
+    """Scores every expert for every token in fp32 and picks each token's top k with their gates."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.top_k, self.score = cfg.moe_top_k, cfg.moe_score
+        self.gate = nn.Linear(cfg.hidden, cfg.moe_experts, bias=False)
+        self.use_bias = "bias" in cfg.moe_balance
+        self.register_buffer("expert_bias", torch.zeros(cfg.moe_experts), persistent=self.use_bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens (N, C) -> gates (N, k), expert ids (N, k), scores (N, E) and logits (N, E), all fp32."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.gate.weight.float())  # (N, E)
+        scores = logits.softmax(dim=-1) if self.score == "softmax" else logits.sigmoid()
+        choice = scores + self.expert_bias if self.use_bias else scores  # the bias only picks, it never weighs
+        experts = choice.topk(self.top_k, dim=-1).indices  # (N, k)
+        gates = scores.gather(-1, experts)
+        if self.top_k > 1 or self.score == "sigmoid":
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        return gates, experts, scores, logits
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on the layer output; backward gives the auxiliary loss the gradient ``scale`` (Megatron-Core's
+    MoEAuxLossAutoScaler), as if it had been added to the loss with that weight."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return grad, torch.full((), ctx.scale, device=grad.device), None
+
+
+class MoE(nn.Module):
+    """A MoE MLP: router, grouped experts, optional always-on shared expert; (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, cfg: ModelConfig, shared_expert: nn.Module | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(cfg)
+        self.experts = GroupedExperts(cfg)
+        self.shared = shared_expert
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.aux_grad_scale: float | None = None  # set by a pipeline schedule: attach the loss, do not record it
+        self._aux_loss: torch.Tensor | None = None
+        E = cfg.moe_experts
+        # Statistics of the training forwards since the last optimizer step (not saved: they restart each step).
+        self.register_buffer("tokens_per_expert", torch.zeros(E), persistent=False)
+        self.register_buffer("stats", torch.zeros(4), persistent=False)  # assignments, dropped, aux sum, forwards
+
+    def reset_parameters(self, generator: Callable[[str], torch.Generator], std: float, out_std: float) -> None:
+        self.experts.reset_parameters(lambda key: generator(f"experts.{key}"), std, out_std)
+        self.router.expert_bias.zero_()
+        self.tokens_per_expert.zero_()
+        self.stats.zero_()
+
+    def capacity(self, n_tokens: int) -> int:
+        """Assignments one expert takes from ``n_tokens`` tokens; 0 means no limit (dropless)."""
+        cf = self.cfg.moe_capacity_factor
+        return math.ceil(cf * n_tokens * self.cfg.moe_top_k / self.cfg.moe_experts) if cf else 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        if x.is_meta:  # shape inference (a pipeline stage): routing needs real values
+            return torch.empty_like(x)
+        tokens = x.reshape(B * T, C)  # (N, C)
+        N, E, k = B * T, self.cfg.moe_experts, self.cfg.moe_top_k
+        gates, experts, scores, logits = self.router(tokens)
+        flat = experts.t().reshape(-1)  # (k N) slot-major: all first choices, then all second ones
+        order = flat.argsort(stable=True)  # assignments grouped by expert, in priority order
+        counts = torch.bincount(flat, minlength=E)  # (E,) assignments per expert
+        kept = counts
+        cap = self.capacity(N)
+        if cap:
+            starts = counts.cumsum(0) - counts
+            position = torch.arange(N * k, device=x.device) - starts[flat[order]]  # rank within its expert
+            order = order[position < cap]
+            kept = counts.clamp(max=cap)
+        token = order % N
+        ys = self.experts(tokens[token], kept)  # (M, C), M = kept assignments
+        weighted = ys * gates.t().reshape(-1)[order].unsqueeze(1).to(ys.dtype)
+        out = ys.new_zeros(N, C).index_add(0, token, weighted).view(B, T, C)
+        out = self.dropout(out)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        if self.training:
+            out = self._aux(out, counts, scores, logits, dropped=N * k - order.numel())
+        return out
+
+    def _aux(self, out: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, logits: torch.Tensor,
+             dropped: int) -> torch.Tensor:
+        """Weighted auxiliary losses of this forward, recorded for the loss (or attached to ``out``), and the step's
+        statistics accumulated."""
+        cfg, n_assign = self.cfg, counts.sum()
+        probs = scores if cfg.moe_score == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
+        balance = cfg.moe_experts * (counts.float() / n_assign * probs.mean(dim=0)).sum()  # 1 when uniform
+        aux = torch.zeros((), device=out.device)
+        if "aux" in cfg.moe_balance and cfg.moe_aux_loss_coef:
+            aux = aux + cfg.moe_aux_loss_coef * balance
+        if cfg.moe_z_loss_coef:
+            aux = aux + cfg.moe_z_loss_coef * torch.logsumexp(logits, dim=-1).square().mean()
+        with torch.no_grad():
+            self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
+            self.stats += torch.stack([n_assign.float(), torch.tensor(float(dropped), device=out.device),
+                                       balance.detach(), torch.ones((), device=out.device)])
+        if not aux.requires_grad:
+            return out
+        if self.aux_grad_scale is not None:
+            return _AttachAuxLoss.apply(out, aux, self.aux_grad_scale)
+        self._aux_loss = aux if self._aux_loss is None else self._aux_loss + aux
+        return out
+
+    def take_aux_loss(self) -> torch.Tensor | None:
+        """The weighted auxiliary loss recorded since the last call (None if none), for the model's loss."""
+        aux, self._aux_loss = self._aux_loss, None
+        return aux
+
+
+def moe_layers(model: nn.Module) -> Iterator[tuple[str, MoE]]:
+    """The (name, module) of every MoE layer ``model`` holds."""
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, MoE))
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module, counts: dict[str, torch.Tensor]) -> None:
+    """Auxiliary-loss-free balancing (DeepSeek-V3): b_e += rate * sign(mean load - load_e) from the step's
+    token counts per expert (``counts``: layer name -> (E,), summed over the data-parallel ranks)."""
+    for name, moe in moe_layers(model):
+        if moe.router.use_bias and name in counts:
+            load = counts[name].to(moe.router.expert_bias)
+            moe.router.expert_bias += moe.cfg.moe_bias_update_rate * torch.sign(load.mean() - load)
+
+
+@torch.no_grad()
+def take_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each MoE layer's statistics since the last call, reset: (E,) token counts followed by assignments,
+    dropped assignments, summed balance loss and forward count; layer name -> (E + 4,)."""
+    out = {}
+    for name, moe in moe_layers(model):
+        out[name] = torch.cat([moe.tokens_per_expert, moe.stats])
+        moe.tokens_per_expert.zero_()
+        moe.stats.zero_()
+    return out
