@@ -239,3 +239,23 @@ def test_indexed_split_and_int8(hf_checkpoint, small_tokenizer, tmp_path):
     assert got["nll"] == pytest.approx(perplexity(scorer, test_docs)["nll"], rel=1e-9)
     int8 = perplexity(Scorer.from_checkpoint(ckpt, quantize="int8"), test_docs)
     assert int8["nll"] != got["nll"] and int8["nll"] == pytest.approx(got["nll"], rel=0.02)
+
+
+def test_a_mixture_of_experts_checkpoint_scores_as_its_model_computes(small_tokenizer, tmp_path):
+    """MoE blocks run through the same scoring path: a document's NLL is the mean of the model's own
+    log-probabilities over the real vocabulary (dropless routing: batching changes no token's experts)."""
+    from mtnlg.checkpoint import save_model
+    from mtnlg.config import Config
+    from mtnlg.model.gpt import GPT
+
+    model_cfg = ModelConfig(vocab_size=small_tokenizer.vocab_size, seq_len=64, n_layers=2, hidden=32, n_heads=4,
+                            moe_experts=4, moe_top_k=2, padded_vocab_multiple=64)
+    torch.manual_seed(0)
+    model = GPT(model_cfg).eval()
+    save_model(tmp_path / "moe", model, Config(model=model_cfg), small_tokenizer)
+    ids = small_tokenizer.encode(DOCS[0])
+    got = perplexity(Scorer.from_checkpoint(tmp_path / "moe", batch_size=2), [ids])
+    with torch.no_grad():
+        logits = model(torch.tensor([ids[:-1]]))[0, :, : model_cfg.vocab_size]
+    want = -torch.log_softmax(logits.double(), -1).gather(1, torch.tensor(ids[1:])[:, None]).mean()
+    assert got["nll"] == pytest.approx(float(want), rel=1e-5)
