@@ -74,7 +74,7 @@ def _step_errors(cfg: Config, world_size: int) -> dict[str, float]:
         ref_name = "wte.weight" if name == "lm_head.weight" and cfg.model.tie_embeddings else name
         errors[f"grad {name}"] = _rel_error(_full(p.grad), ref_grads[ref_name])
     with loss_context(dims):
-        errors["eval"] = _rel_error(pipeline.evaluate(inputs, targets, 8), ref_loss)
+        errors["eval"] = _rel_error(pipeline.evaluate(inputs, targets, 8).mean(), ref_loss)
     return errors
 
 

@@ -77,7 +77,8 @@ def parallelize(model: GPT, dims: ParallelDims, cfg: Config, *, inference: bool 
 @torch.no_grad()
 def materialize(model: GPT, device: torch.device, seed: int) -> None:
     """Allocate ``model`` (this rank's part, built on meta, maybe tensor-parallel) on ``device`` and
-    give every parameter, or its shard, the single-process initial value.
+    give every parameter and buffer (e.g. a router's expert biases), or its shard, the
+    single-process initial value.
 
     The values come from a plain model of one block (then of the embeddings and output end)
     initialised on the CPU by ``GPT.reset_parameters``, whose per-weight streams make them
@@ -85,12 +86,12 @@ def materialize(model: GPT, device: torch.device, seed: int) -> None:
     """
     model.to_empty(device=device)
     model.tie_weights()  # to_empty gave each holder of the shared weight its own tensor
-    mine = dict(model.named_parameters())
+    mine = dict(model.named_parameters()) | dict(model.named_buffers())
     parts = [([int(i)], False, False) for i in model.blocks] + [([], model.wte is not None, model.lm_head is not None)]
     for layers, embeddings, head in parts:
         with torch.device("meta"):
-            reference = GPT(model.cfg).keep_only(layers, embeddings=embeddings, head=head)
-        for name, value in reference.materialize("cpu", seed).named_parameters():
+            reference = GPT(model.cfg).keep_only(layers, embeddings=embeddings, head=head).materialize("cpu", seed)
+        for name, value in [*reference.named_parameters(), *reference.named_buffers()]:
             param = mine[name]
             if isinstance(param, DTensor):
                 value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None).to_local()

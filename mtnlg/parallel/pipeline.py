@@ -217,6 +217,7 @@ class Pipeline:
         return self._schedules[key]
 
     def _run(self, inputs: torch.Tensor, targets: torch.Tensor, m: int, training: bool) -> torch.Tensor:
+        """Run the schedule; the (m,) losses of the micro-batches."""
         for view in self.views:  # views share the modules, not the module's own mode flag
             view.train(self.model.training)
         schedule = self._schedule(m, training)
@@ -226,8 +227,8 @@ class Pipeline:
         target = targets if self.has_last else None
         run = schedule.step if training else schedule.eval
         run(*args, target=target, losses=losses, return_outputs=False)
-        loss = torch.stack(losses).sum().detach().float() if losses else torch.zeros((), device=inputs.device)
-        dist.all_reduce(loss, group=self.dims.pp_group)  # the last stage's loss, on every pipeline rank
+        loss = torch.stack(losses).detach().float() * m if losses else torch.zeros(m, device=inputs.device)
+        dist.all_reduce(loss, group=self.dims.pp_group)  # the last stage's losses, on every pipeline rank
         return loss
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor, m: int) -> torch.Tensor:
@@ -235,14 +236,14 @@ class Pipeline:
 
         Gradients accumulate in ``.grad`` as in the single-process loop.
         """
-        loss = self._run(inputs, targets, m, training=True)
+        loss = self._run(inputs, targets, m, training=True).mean()
         if self._tied is not None:
             self._tied.sum_grads()
         return loss
 
     @torch.no_grad()
     def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor, m: int) -> torch.Tensor:
-        """Mean loss of a forward-only pass of ``m`` micro-batches, on every pp rank."""
+        """The loss of each of ``m`` micro-batches (a forward-only pass), on every pp rank."""
         return self._run(inputs, targets, m, training=False)
 
     def counted_parameters(self) -> Iterator[nn.Parameter]:

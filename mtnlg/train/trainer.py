@@ -253,23 +253,27 @@ class Trainer:
         """Mean validation loss over the first ``eval_iters`` micro-batches of ``micro_batch_size`` samples.
 
         The micro-batches are dealt round-robin to the data-parallel ranks, so every layout scores
-        the same samples (the same ones every time) and reports the same loss.
+        the same samples (the same ones every time) and reports the same loss. Every rank runs as
+        many forward passes as the busiest (FSDP and expert parallelism talk inside forward): a
+        rank with fewer real micro-batches scores the next ones with weight 0.
         """
         if self.valid_data is None or len(self.valid_data) == 0:
             return None
-        size = self.tc.micro_batch_size
+        size, dp = self.tc.micro_batch_size, self.dp_size
         iters = min(self.tc.eval_iters, max(1, len(self.valid_data) // size))
+        per_rank = -(-iters // dp)
         loader = SampleLoader(self.valid_data, size)
-        batches = [loader.next_batch().to(self.device) for _ in range(iters)][self.dp_rank :: self.dp_size]
-        total = torch.zeros((), device=self.device)
+        batches = [loader.next_batch().to(self.device) for _ in range(per_rank * dp)][self.dp_rank :: dp]
+        weights = torch.tensor([float(self.dp_rank + j * dp < iters) for j in range(per_rank)], device=self.device)
         self.model.eval()
         with self._autocast(), loss_context(self.dims):
-            if self.pipeline is not None and batches:
+            if self.pipeline is not None:
                 inputs, targets, _ = split_batch(torch.cat(batches), pipeline=True)
-                total = self.pipeline.evaluate(inputs, targets, len(batches)).float() * len(batches)
-            elif batches:
-                total = sum(self._loss(b).float() for b in batches)
+                losses = self.pipeline.evaluate(inputs, targets, per_rank)
+            else:
+                losses = torch.stack([self._loss(b).float() for b in batches])
         self.model.train()
+        total = (losses * weights).sum()
         return float(self._all_reduce(total, dist.ReduceOp.SUM, self.dims.dp_group) / iters)
 
     # -- checkpoints -------------------------------------------------------------------------------
