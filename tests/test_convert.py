@@ -119,7 +119,8 @@ def test_a_checkpoint_without_tokenizer_is_refused_by_name_then_works_with_one(t
 
 def test_serve_takes_a_tokenizer_too(tmp_path, tokenizerless, small_tokenizer):
     """``serve`` loads its engine through the same path; checked without starting a server."""
-    from mtnlg.cli import _load_engine, build_parser
+    from mtnlg.cli import build_parser
+    from mtnlg.cli.infer import _load_engine
     from mtnlg.config import ConfigError
 
     hf_dir, tok = tokenizerless

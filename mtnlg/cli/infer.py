@@ -1,0 +1,280 @@
+"""``mtnlg convert``, ``generate``, ``chat``, ``serve``, ``quantize`` and ``evaluate``: using a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from mtnlg.cli import _finite, _int_in, _no_overrides, command
+from mtnlg.config import ConfigError
+
+# -- convert ---------------------------------------------------------------------------------------
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-hf", metavar="HF_DIR", help="local Hugging Face GPT-2 directory to import")
+    src.add_argument("--to-hf", metavar="CKPT", help="mtnlg checkpoint (or run directory) to export")
+    src.add_argument("--upcycle", metavar="CKPT", help="dense mtnlg checkpoint to turn into a mixture of experts "
+                     "(each expert a copy of the dense MLP; --model.moe_* overrides set the rest)")
+    p.add_argument("--upcycle-experts", type=int, default=8, metavar="N", help="experts per MoE block (--upcycle)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="tokenizer to store with the weights (tokenizer.json, or GPT-2's vocab.json + merges.txt); "
+                        "default: the one in the source directory, if any")
+
+
+@command("convert", _convert_args)
+def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Convert weights between Hugging Face GPT-2 directories and mtnlg checkpoints, or upcycle a dense
+    checkpoint into a mixture of experts."""
+    from mtnlg.convert import from_hf, to_hf, upcycle
+
+    if args.upcycle:
+        print(f"wrote {upcycle(args.upcycle, args.out, args.upcycle_experts, overrides)}")
+        return 0
+    _no_overrides(overrides)
+    out = (from_hf if args.from_hf else to_hf)(args.from_hf or args.to_hf, args.out, args.tokenizer)
+    print(f"wrote {out}")
+    if not any((out / name).exists() for name in ("tokenizer", "tokenizer.json")):
+        print(f"note: {out} has no tokenizer (none in the source directory): give --tokenizer DIR "
+              "here, or to generate and serve")
+    return 0
+
+
+# -- generate, serve, quantize ---------------------------------------------------------------------
+
+
+def _checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its latest step)")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: int8 Linear layers, ~3x faster CPU decoding (int8 checkpoints load as int8)")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer to use instead of the checkpoint's "
+                   "(needed for checkpoints that have none, e.g. converted from an HF directory without one)")
+
+
+def _load_engine(checkpoint: object, args: argparse.Namespace, **kwargs: object) -> object:
+    from mtnlg.generate.engine import Engine
+
+    engine = Engine.from_checkpoint(checkpoint, quantize=args.quantize, **kwargs)
+    engine.tokenizer = _cli_tokenizer(args, engine.tokenizer, engine.vocab_size)
+    return engine
+
+
+def _cli_tokenizer(args: argparse.Namespace, found: object, vocab_size: int) -> object:
+    """--tokenizer's tokenizer, else the checkpoint's; text in and out needs one, so none is an error."""
+    from mtnlg.convert import load_tokenizer
+
+    if args.tokenizer:
+        return load_tokenizer(args.tokenizer, vocab_size)
+    if found is None:
+        raise ConfigError(f"{args.checkpoint} has no tokenizer (converted from an HF directory without one?): "
+                          "give --tokenizer DIR, or store one with `mtnlg convert ... --tokenizer DIR`")
+    return found
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    _checkpoint_args(p)
+    p.add_argument("--prompt", help="text to continue; without it, prompts are read from stdin, one per line")
+    _sampling_args(p)
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens if it is too long")
+    p.add_argument("--tp", type=_int_in(1), default=1,
+                   help="tensor-parallel size; launch with torchrun --nproc_per_node=TP (needs --prompt)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=_int_in(0), help="tokens to generate (default: generate.max_new_tokens)")
+    p.add_argument("--temperature", type=_finite, help="softmax temperature in [0, 100]; 0 means greedy")
+    p.add_argument("--top-k", type=_int_in(0), help="sample among the k most likely tokens; 0 disables")
+    p.add_argument("--top-p", type=_finite, help="sample from the smallest set with mass >= p, in (0, 1]; 1 disables")
+    p.add_argument("--repetition-penalty", type=_finite, help="CTRL repetition penalty in [0.01, 100]; 1 disables")
+    p.add_argument("--seed", type=_int_in(0, 2**63 - 1), help="sampler seed >= 0 (same seed, same text)")
+    p.add_argument("--stop", action="append", help="stop string (repeatable); it is not printed")
+
+
+@command("generate", _generate_args)
+def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Generate text from a checkpoint: one --prompt, or prompts read from stdin (interactive).
+
+    Defaults come from the checkpoint's [generate] section; --generate.field=value overrides it.
+    """
+    from mtnlg.checkpoint import TOKENIZER_DIR, load_config, resolve_verified
+    from mtnlg.generate.console import read_prompts, run_prompts
+
+    if args.tp > 1:
+        return _generate_tensor_parallel(args, overrides)
+    checkpoint = resolve_verified(args.checkpoint)  # everything is checked before the model loads
+    params = _sampling_params(args, load_config(checkpoint), overrides)
+    if not args.tokenizer and not (checkpoint / TOKENIZER_DIR).is_dir():
+        raise ConfigError(f"{checkpoint} has no {TOKENIZER_DIR}/ directory: text prompts need a tokenizer: give "
+                          "--tokenizer DIR, or store one with `mtnlg convert ... --tokenizer DIR`")
+    engine = _load_engine(checkpoint, args, max_batch_size=1)  # prompts run one at a time
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(sys.stdin)
+    run_prompts(engine, prompts, params, stream=args.stream, truncate=args.truncate)
+    return 0
+
+
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    _checkpoint_args(p)
+    p.add_argument("--system", help="system prompt: instructions the whole conversation starts with")
+    _sampling_args(p)
+
+
+@command("chat", _chat_args)
+def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Chat with a checkpoint in the terminal: each line you type is a message, the answer streams.
+
+    /reset starts a new conversation, /exit (or end of input) quits; input may be piped. Messages
+    are rendered with the checkpoint's chat template (or the default one); sampling defaults come
+    from its [generate] section, as for generate.
+    """
+    from mtnlg.checkpoint import load_config, resolve_verified
+    from mtnlg.generate.console import chat, read_prompts
+
+    checkpoint = resolve_verified(args.checkpoint)
+    params = _sampling_params(args, load_config(checkpoint), overrides)
+    engine = _load_engine(checkpoint, args, max_batch_size=1)
+    chat(engine, params, read_prompts(sys.stdin), system=args.system)
+    return 0
+
+
+def _sampling_params(args: argparse.Namespace, config: object, overrides: list[str]) -> object:
+    """The checkpoint's [generate] defaults, then --generate.* overrides, then the flags given."""
+    from mtnlg.generate.console import sampling_params
+
+    flags = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")}
+    return sampling_params(config, overrides, repetition_penalty=args.repetition_penalty, **flags)
+
+
+def _generate_tensor_parallel(args: argparse.Namespace, overrides: list[str]) -> int:
+    """``torchrun --nproc_per_node=TP -m mtnlg generate --tp TP``: each rank runs the engine on its
+    shard and samples the same tokens (seeded per sequence); rank 0 prints."""
+    from mtnlg.config import ParallelConfig
+    from mtnlg.generate.console import run_prompts
+    from mtnlg.generate.engine import Engine
+    from mtnlg.parallel import destroy_distributed
+    from mtnlg.parallel.parallelize import load_parallel_for_inference
+
+    if args.quantize != "none":
+        raise ConfigError("--quantize is a single-process CPU layout; it cannot be combined with --tp")
+    if args.prompt is None:
+        raise ConfigError("--tp needs --prompt: every rank must generate from the same prompt")
+    model, cfg, tokenizer, dims = load_parallel_for_inference(args.checkpoint, ParallelConfig(tp=args.tp))
+    try:
+        tokenizer = _cli_tokenizer(args, tokenizer, cfg.model.vocab_size)
+        engine = Engine(model, tokenizer, config=cfg)
+        params = _sampling_params(args, cfg, overrides)
+        with open(os.devnull, "w") as devnull:
+            run_prompts(engine, [args.prompt], params, stream=args.stream, truncate=args.truncate,
+                        out=sys.stdout if dims.is_main else devnull)
+    finally:
+        destroy_distributed()
+    return 0
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    _checkpoint_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
+    p.add_argument("--port", type=_int_in(1, 65535), default=8000, help="TCP port")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MTNLG_API_KEY; none if unset)")
+    p.add_argument("--model-name", help="model id reported by /v1/models (default: the checkpoint's name)")
+    p.add_argument("--max-batch-size", type=_int_in(1), default=8, help="sequences decoded together at most")
+    p.add_argument("--max-body-bytes", type=_int_in(1), default=1 << 20,
+                   help="largest request body accepted, in bytes (default 1 MiB; larger ones get 413)")
+
+
+@command("serve", _serve_args)
+def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Serve a checkpoint over HTTP: OpenAI-compatible /v1/completions, Megatron's PUT /api, /health."""
+    from mtnlg.checkpoint import resolve_verified
+    from mtnlg.generate.server import API_KEY_ENV, create_app, serve
+
+    _no_overrides(overrides)
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    if api_key is not None and not api_key.strip():
+        where = "--api-key" if args.api_key is not None else f"${API_KEY_ENV}"
+        raise ConfigError(f"{where} is empty: give a real key, or none (unset it) to serve without authentication")
+    checkpoint = resolve_verified(args.checkpoint)
+    sock = _listen(args.host, args.port)  # a port that is taken fails now, not after the model loaded
+    engine = _load_engine(checkpoint, args, max_batch_size=args.max_batch_size)
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"mtnlg serve: warning: listening on {args.host} without an API key: anyone who can reach it "
+              f"can use it (--api-key or ${API_KEY_ENV})", file=sys.stderr)
+    name = args.model_name or os.path.basename(os.path.abspath(args.checkpoint))
+    app = create_app(engine, api_key=api_key, model_name=name, max_body_bytes=args.max_body_bytes)
+    serve(app, args.host, args.port, sock=sock)
+    return 0
+
+
+def _listen(host: str, port: int) -> object:
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="fp32 checkpoint directory, or a run directory")
+    p.add_argument("--out", required=True, help="directory for the int8 checkpoint")
+
+
+@command("quantize", _quantize_args)
+def cmd_quantize(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Quantize a checkpoint's Linear layers (and output layer) to int8; generate/serve load it as is."""
+    from mtnlg.quantize import quantize_checkpoint
+
+    _no_overrides(overrides)
+    print(f"wrote {quantize_checkpoint(args.checkpoint, args.out)}")
+    return 0
+
+
+# -- evaluate --------------------------------------------------------------------------------------
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    _checkpoint_args(p)
+    p.add_argument("--task", required=True, choices=["perplexity", "cloze", "choice"],
+                   help="perplexity of documents; cloze: predict a passage's last word; choice: multiple choice")
+    p.add_argument("--data", required=True, help="JSONL file (formats: README, 'Evaluating a checkpoint'); "
+                   "perplexity also takes a plain-text file or an indexed dataset prefix")
+    p.add_argument("--shots", type=_int_in(0), default=0, help="solved examples before each item (cloze, choice)")
+    p.add_argument("--fewshot-data", metavar="FILE", help="JSONL file the few-shot examples are drawn from")
+    p.add_argument("--seed", type=_int_in(0), default=0, help="seed of the few-shot draws")
+    p.add_argument("--stride", type=_int_in(1), help="perplexity: tokens between window starts "
+                   "(default: the context length - 1, which reads each token once)")
+    p.add_argument("--prepend-eod", action="store_true",
+                   help="perplexity: score each document's first token too, given <|endoftext|>")
+    p.add_argument("--json-key", default="text", help="perplexity: JSON key holding the text (default 'text')")
+    p.add_argument("--split", default="949,50,1", help="indexed dataset: train/valid/test proportions")
+    p.add_argument("--split-name", choices=["train", "valid", "test"], default="valid",
+                   help="indexed dataset: the split to score (default valid)")
+    p.add_argument("--batch-size", type=_int_in(1), default=8, help="sequences scored together (default 8)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument("--out", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+@command("evaluate", _evaluate_args)
+def cmd_evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Evaluate a checkpoint: perplexity (token NLL, bits per byte), cloze accuracy or multiple choice, few-shot."""
+    from mtnlg.evaluate import EvalSpec, Scorer, evaluate, format_table, read_task
+
+    _no_overrides(overrides)
+    spec = EvalSpec(args.task, args.data, args.shots, args.fewshot_data, args.seed, args.stride, args.prepend_eod,
+                    args.json_key, args.split, args.split_name)
+    data = read_task(spec)  # bad data fails before the model loads
+    scorer = Scorer.from_checkpoint(args.checkpoint, args.quantize, args.device, args.batch_size, args.tokenizer,
+                                    progress=not args.quiet)
+    results = {"checkpoint": args.checkpoint, **evaluate(scorer, spec, data)}
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+    print(json.dumps(results, indent=2) if args.json else format_table(results))
+    return 0

@@ -1,0 +1,137 @@
+"""``mtnlg train``, ``finetune`` and ``checkpoint``: the training runs and what they write."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+
+from mtnlg.cli import _config_args, _no_overrides, command
+from mtnlg.config import Config, ConfigError, build_config
+
+# -- train -----------------------------------------------------------------------------------------
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a training run (train, finetune)."""
+    p.add_argument("--out", help="run directory for checkpoints, log.jsonl and loss.png (train.out)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue exactly from the newest good checkpoint in --out, with its saved config; "
+                        "the options given change it (each change is printed)")
+    p.add_argument("--no-progress", action="store_true", help="print log lines instead of a progress bar")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--data-path", nargs="+", help="indexed dataset prefix(es), optionally weighted: 0.3 a 0.7 b")
+    p.add_argument("--tokenizer", help="tokenizer directory; the model's vocabulary size follows it")
+    _run_args(p)
+
+
+@command("train", _train_args)
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Pretrain a GPT: AdamW, warmup + cosine LR, mixed precision, exact-resume checkpoints.
+
+    Ctrl-C stops after the current step and saves a checkpoint; --resume continues from it.
+    """
+    from mtnlg.train.run import run_training
+
+    return _run(args, overrides, run_training, {"data.data_path": args.data_path, "data.tokenizer": args.tokenizer})
+
+
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p, preset=False)
+    p.add_argument("--checkpoint", help="model to start from: run directory, step, export or HF conversion")
+    p.add_argument("--data", nargs="+", help="JSONL files of {prompt, completion} or {messages: [...]} records")
+    p.add_argument("--tokenizer", help="tokenizer directory, for a checkpoint that has none")
+    _run_args(p)
+
+
+@command("finetune", _finetune_args)
+def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Fine-tune a checkpoint on instructions or chats: loss on the answers only, packed samples.
+
+    The tokenizer gets the chat template's markers (and the model embedding rows for them); the
+    training recipe is [train] as for `mtnlg train`, with the same checkpoints, logs and --resume.
+    """
+    from mtnlg.train.run import finetune_base, run_finetune
+
+    flags = {"finetune.checkpoint": args.checkpoint, "finetune.data": args.data, "data.tokenizer": args.tokenizer}
+    return _run(args, overrides, run_finetune, flags, finetune_base)
+
+
+def _run(
+    args: argparse.Namespace,
+    overrides: list[str],
+    run: Callable[..., object],
+    flags: dict[str, object],
+    base: Callable[[Config], Config] | None = None,
+) -> int:
+    """A training run's config (on --resume the checkpoint's, else on ``base`` of the settings given)
+    with the command's ``flags`` (``section.field``: value) set, then ``run`` and its summary."""
+    from mtnlg.checkpoint import CheckpointError
+    from mtnlg.config import apply_settings, set_field
+    from mtnlg.train.run import resume_base
+
+    def with_flags(cfg: Config) -> Config:
+        for dotted, value in flags.items():
+            if value:
+                set_field(cfg, dotted, value, f"--{dotted}")
+        return cfg
+
+    try:
+        given = with_flags(apply_settings(Config(), None, args.config, overrides))
+        run_dir = args.out or given.train.out
+        start = resume_base(run_dir) if args.resume else None
+        if start is None and base is not None:
+            start = base(given)
+        cfg = with_flags(build_config(getattr(args, "preset", None), args.config, overrides, base=start))
+        cfg.train.out = run_dir
+        summary = run(cfg.validate(), resume=args.resume, progress=not args.no_progress)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, one summary for the whole job
+    if summary.first_valid_loss is not None:
+        print(f"validation loss: first {summary.first_valid_loss:.4f} -> final {summary.final_valid_loss:.4f}")
+    print(f"trained {summary.steps} steps ({summary.skipped_steps} skipped) -> {summary.out}"
+          + (f"; loss curve {summary.plot}" if summary.plot else ""))
+    if not summary.finished:
+        print(f"the run continues to train.steps={cfg.train.steps}: mtnlg {args.command} --resume --out {run_dir}")
+    return 0
+
+
+# -- checkpoint ------------------------------------------------------------------------------------
+
+
+def _checkpoint_cmd_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["inspect", "export"],
+                   help="inspect: step, tokens, saving layout, model, sizes, checksums; "
+                        "export: consolidated weights + config + tokenizer into --out")
+    p.add_argument("path", metavar="DIR", help="checkpoint directory, or a run directory (its latest step)")
+    p.add_argument("--out", help="export: new directory for the exported model")
+    p.add_argument("--json", action="store_true", help="inspect: print machine-readable JSON")
+    p.add_argument("--no-verify", action="store_true", help="skip re-hashing every file against checksums.json")
+
+
+@command("checkpoint", _checkpoint_cmd_args)
+def cmd_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Inspect a checkpoint, or export it as a model directory that generate, serve and convert load.
+
+    Both run in one process on a checkpoint written under any parallel layout.
+    """
+    from mtnlg.checkpoint import CheckpointError
+    from mtnlg.checkpoint_tools import export_checkpoint, format_report, inspect_checkpoint
+
+    _no_overrides(overrides)
+    try:
+        if args.action == "inspect":
+            report = inspect_checkpoint(args.path, verify=not args.no_verify)
+            print(report.to_json() if args.json else format_report(report))
+            return 1 if report.checksums.startswith("FAILED") else 0
+        if not args.out:
+            raise ConfigError("checkpoint export needs --out DIR")
+        print(f"wrote {export_checkpoint(args.path, args.out, verify=not args.no_verify)}")
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    return 0
