@@ -2,17 +2,22 @@
 composed with FSDP (ep < dp) and with a pipeline.
 
 Each layout trains 2 steps of the real ``Trainer``; the test process trains the same steps in one process
-and compares the first step's gradients, every step's loss and the final weights.
+and compares the first step's gradients, every step's loss and the final weights. The 2-rank world also
+resumes a checkpoint the test process saved, under ep=2: its model state (expert biases included) and
+optimizer state are the saver's.
 """
 
 from __future__ import annotations
 
 import functools
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from dist_harness import run_world
+from test_data_parallel import _full_states
 from test_trainer import RandomTokens
 from torch.distributed.tensor import DTensor
 
@@ -62,19 +67,44 @@ LAYOUTS = {
 }
 
 
-def _world(world_size: int) -> dict[str, dict[str, Any]]:
-    out = {}
-    for name, (routing, layout) in LAYOUTS[world_size].items():
-        cfg = _config(routing, **layout)
-        dims = ParallelDims.from_config(cfg.parallel, world_size)
+def _dims(cfg: Config, world_size: int) -> ParallelDims:
+    dims = ParallelDims.from_config(cfg.parallel, world_size)
+    if world_size > 1:
         dims.build_mesh()
-        out[name] = _train(cfg, dims)
+    return dims
+
+
+def _trainer(cfg: Config, world_size: int, out: Path) -> Trainer:
+    cfg.train.out = str(out)
+    dims = _dims(cfg, world_size)
+    data = RandomTokens(64, cfg.model.seq_len, cfg.model.vocab_size)
+    return Trainer(cfg, build_model(cfg, torch.device("cpu"), dims), data, dims=dims, progress=False)
+
+
+def _world(world_size: int, saved: str) -> dict[str, dict[str, Any]]:
+    out = {name: _train(_config(routing, **layout), _dims(_config(routing, **layout), world_size))
+           for name, (routing, layout) in LAYOUTS[world_size].items()}
+    if world_size == 2:  # the one-process checkpoint resumed under ep=2
+        trainer = _trainer(_config("capacity", ep=2), 2, Path(saved))
+        assert trainer.resume() is not None
+        out["resumed"] = _full_states(trainer)
     return out
 
 
 @functools.cache
+def _saved_by_one_process() -> tuple[str, dict[str, torch.Tensor]]:
+    """A checkpoint of 2 steps with capacity routing (the expert biases moved), and its full states."""
+    out = Path(tempfile.mkdtemp(prefix="mtnlg-moe-")) / "run"
+    trainer = _trainer(_config("capacity"), 1, out)
+    for _ in range(STEPS):
+        trainer.train_step()
+    trainer.save()
+    return str(out), _full_states(trainer)
+
+
+@functools.cache
 def _results(world_size: int) -> list[dict[str, dict[str, Any]]]:
-    return run_world(_world, world_size, world_size, timeout=240)
+    return run_world(_world, world_size, world_size, _saved_by_one_process()[0], timeout=240)
 
 
 @functools.cache
@@ -100,3 +130,13 @@ def test_expert_parallel_steps_match_one_process(world_size: int, layout: str) -
     if routing == "capacity":
         assert ref["log"]["moe_dropped"] > 0  # the capacity really dropped tokens
         assert any(b.abs().sum() > 0 for b in ref["bias"].values())  # and the bias moved
+
+
+def test_a_one_process_checkpoint_resumes_under_ep2_with_its_states() -> None:
+    _, saved = _saved_by_one_process()
+    assert any(k.endswith("expert_bias") and v.abs().sum() > 0 for k, v in saved.items())
+    for rank, result in enumerate(_results(2)):
+        loaded = result["resumed"]
+        assert loaded.keys() == saved.keys(), rank
+        for name, value in loaded.items():
+            assert torch.equal(value, saved[name]), (rank, name)
