@@ -230,13 +230,7 @@ class PreprocessReport:
             f"wrote {self.output_prefix}.bin/.idx: {self.documents:,} documents, {self.tokens:,} tokens ({self.dtype}) "
             f"from {self.bytes_read / 1e6:.1f} MB in {self.seconds:.1f} s ({rate:,.0f} tokens/s)"
         ]
-        if self.skipped:
-            kinds = ", ".join(f"{k}: {v}" for k, v in self.skipped.most_common())
-            lines.append(f"skipped {sum(self.skipped.values())} lines ({kinds}); first ones:")
-            lines += [f"  {e}" for e in self.examples]
-        if self.blank_lines:
-            lines.append(f"ignored {self.blank_lines} blank lines")
-        return "\n".join(lines)
+        return "\n".join(lines + skipped_report(self.skipped, self.examples, self.blank_lines, "lines"))
 
 
 def preprocess(
@@ -315,3 +309,15 @@ def _encoded_chunks(chunks: Iterator[Chunk], tok_json: str, json_key: str, worke
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     with ProcessPoolExecutor(workers, ctx, initializer=_init_worker, initargs=(tok_json, json_key)) as pool:
         yield from _ordered_map(_encode_in_worker, chunks, pool, 2 * workers)
+
+
+def skipped_report(skipped: Counter, examples: list[str], blank_lines: int, unit: str) -> list[str]:
+    """The lines of a summary that say what input was skipped and why (preprocess, finetune)."""
+    lines = []
+    if skipped:
+        kinds = ", ".join(f"{k}: {v}" for k, v in skipped.most_common())
+        lines.append(f"skipped {sum(skipped.values())} {unit} ({kinds}); first ones:")
+        lines += [f"  {e}" for e in examples]
+    if blank_lines:
+        lines.append(f"ignored {blank_lines} blank lines")
+    return lines

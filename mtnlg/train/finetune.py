@@ -38,7 +38,7 @@ from mtnlg.checkpoint import load_model
 from mtnlg.config import Config, ConfigError, ModelConfig
 from mtnlg.convert import load_tokenizer
 from mtnlg.data.indexed import DataError
-from mtnlg.data.preprocess import MAX_EXAMPLES, BadLine, parse_json_object
+from mtnlg.data.preprocess import MAX_EXAMPLES, BadLine, parse_json_object, skipped_report
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.generate.chat import ChatTemplate, Message
 from mtnlg.model.gpt import GPT
@@ -128,12 +128,7 @@ class InstructionReport:
 
     def summary(self) -> str:
         lines = [f"read {self.records:,} records ({self.truncated:,} cut to the context)"]
-        if self.skipped:
-            kinds = ", ".join(f"{k}: {v}" for k, v in self.skipped.most_common())
-            lines.append(f"skipped {sum(self.skipped.values())} records ({kinds}); first ones:")
-            lines += [f"  {e}" for e in self.examples]
-        if self.blank_lines:
-            lines.append(f"ignored {self.blank_lines} blank lines")
+        lines += skipped_report(self.skipped, self.examples, self.blank_lines, "records")
         return "\n".join(lines + self.layout)
 
 
