@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from generate import hf_model  # the CPU generation benchmark's HF conversion, reused
 from run_info import run_info
+from train import RandomTokens  # the CPU training benchmark's random samples, reused
 
 from mtnlg.config import Config, TrainConfig
 from mtnlg.generate.engine import Engine, SamplingParams
@@ -52,20 +53,6 @@ def peak_flops(device_name: str, override_tflops: float | None = None) -> float:
         if key in device_name:
             return peak
     raise SystemExit(f"unknown GPU {device_name!r}: pass --peak-tflops (its dense bf16 peak)")
-
-
-class RandomTokens:
-    """Random token samples (seq_len + 1 each), made on the fly: throughput does not depend on text."""
-
-    def __init__(self, n: int, seq_len: int, vocab: int) -> None:
-        self.n, self.seq_len, self.vocab = n, seq_len, vocab
-        self.gen = torch.Generator().manual_seed(0)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):  # noqa: ANN204
-        return torch.randint(0, self.vocab, (self.seq_len + 1,), generator=self.gen).numpy()
 
 
 def train_benchmark(preset: str, steps: int, warmup: int, peak: float, workdir: Path) -> dict:

@@ -69,7 +69,8 @@ LAYOUTS = {
 
 def _dims(cfg: Config, world_size: int) -> ParallelDims:
     dims = ParallelDims.from_config(cfg.parallel, world_size)
-    dims.build_mesh()
+    if world_size > 1:
+        dims.build_mesh()
     return dims
 
 
@@ -93,16 +94,20 @@ def _full_states(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v for k, v in states.items() if isinstance(v, torch.Tensor)}
 
 
-def _trainer(layout: str, out: Path, world_size: int) -> Trainer:
-    cfg = _config(**LAYOUTS[4].get(layout, {}))
+def _trainer(cfg: Config, out: Path, world_size: int) -> Trainer:
+    """A trainer of ``cfg`` writing to ``out``, on this world (1: one process)."""
     cfg.train.out = str(out)
-    dims = _dims(cfg, world_size) if world_size > 1 else ParallelDims(dp=1, pp=1, tp=1, world_size=1)
+    dims = _dims(cfg, world_size)
     data = RandomTokens(64, cfg.model.seq_len, cfg.model.vocab_size)
     return Trainer(cfg, build_model(cfg, torch.device("cpu"), dims), data, dims=dims, progress=False)
 
 
+def _layout_config(layout: str) -> Config:
+    return _config(**LAYOUTS[4].get(layout, {}))  # "one process": the defaults
+
+
 def _save_after_one_step(layout: str, checkpoints: Path, world_size: int) -> dict[str, torch.Tensor]:
-    trainer = _trainer(layout, checkpoints / layout, world_size)
+    trainer = _trainer(_layout_config(layout), checkpoints / layout, world_size)
     trainer.train_step()
     trainer.save()
     return _full_states(trainer)
@@ -112,7 +117,7 @@ def _reshard_world(checkpoints: Path) -> dict[str, dict[str, Any]]:
     saved = {saver: _save_after_one_step(saver, checkpoints, 4) for saver, _ in RESHARDS if saver != "one process"}
     loaded = {}
     for saver, loader in RESHARDS:
-        trainer = _trainer(loader, checkpoints / saver, 4)
+        trainer = _trainer(_layout_config(loader), checkpoints / saver, 4)
         assert trainer.resume() is not None
         loaded[f"{saver} -> {loader}"] = {"saved": saved.get(saver), "loaded": _full_states(trainer)}
     return loaded

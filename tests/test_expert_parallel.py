@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 from dist_harness import run_world
-from test_data_parallel import _full_states
+from test_data_parallel import _dims, _full_states, _trainer
 from test_trainer import RandomTokens
 from torch.distributed.tensor import DTensor
 
@@ -67,25 +67,11 @@ LAYOUTS = {
 }
 
 
-def _dims(cfg: Config, world_size: int) -> ParallelDims:
-    dims = ParallelDims.from_config(cfg.parallel, world_size)
-    if world_size > 1:
-        dims.build_mesh()
-    return dims
-
-
-def _trainer(cfg: Config, world_size: int, out: Path) -> Trainer:
-    cfg.train.out = str(out)
-    dims = _dims(cfg, world_size)
-    data = RandomTokens(64, cfg.model.seq_len, cfg.model.vocab_size)
-    return Trainer(cfg, build_model(cfg, torch.device("cpu"), dims), data, dims=dims, progress=False)
-
-
 def _world(world_size: int, saved: str) -> dict[str, dict[str, Any]]:
     out = {name: _train(_config(routing, **layout), _dims(_config(routing, **layout), world_size))
            for name, (routing, layout) in LAYOUTS[world_size].items()}
     if world_size == 2:  # the one-process checkpoint resumed under ep=2
-        trainer = _trainer(_config("capacity", ep=2), 2, Path(saved))
+        trainer = _trainer(_config("capacity", ep=2), Path(saved), 2)
         assert trainer.resume() is not None
         out["resumed"] = _full_states(trainer)
     return out
@@ -95,7 +81,7 @@ def _world(world_size: int, saved: str) -> dict[str, dict[str, Any]]:
 def _saved_by_one_process() -> tuple[str, dict[str, torch.Tensor]]:
     """A checkpoint of 2 steps with capacity routing (the expert biases moved), and its full states."""
     out = Path(tempfile.mkdtemp(prefix="mtnlg-moe-")) / "run"
-    trainer = _trainer(_config("capacity"), 1, out)
+    trainer = _trainer(_config("capacity"), out, 1)
     for _ in range(STEPS):
         trainer.train_step()
     trainer.save()
