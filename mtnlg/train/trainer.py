@@ -262,8 +262,8 @@ class Trainer:
         size, dp = self.tc.micro_batch_size, self.dp_size
         iters = min(self.tc.eval_iters, max(1, len(self.valid_data) // size))
         per_rank = -(-iters // dp)
-        loader = SampleLoader(self.valid_data, size)
-        batches = [loader.next_batch().to(self.device) for _ in range(per_rank * dp)][self.dp_rank :: dp]
+        loader = SampleLoader(self.valid_data, size * dp, self.dp_rank, dp)  # its micro-batch of every dp
+        batches = [loader.next_batch().to(self.device) for _ in range(per_rank)]
         weights = torch.tensor([float(self.dp_rank + j * dp < iters) for j in range(per_rank)], device=self.device)
         self.model.eval()
         with self._autocast(), loss_context(self.dims):
