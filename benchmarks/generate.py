@@ -1,7 +1,7 @@
 """Decode throughput: mtnlg (fp32, int8) vs Hugging Face ``generate``, same gpt2-small weights.
 
 One random gpt2-small (124M parameters) is saved as an mtnlg checkpoint and exported with
-``mtnlg.convert.to_hf`` into a ``GPT2LMHeadModel`` (nothing is downloaded), so all three run the
+``mtnlg.checkpoint.convert.to_hf`` into a ``GPT2LMHeadModel`` (nothing is downloaded), so all three run the
 same weights. Each run is greedy decoding of 128 new tokens after a 32-token prompt, at batch 1
 and batch 8, end of document ignored; tokens/s counts new tokens over the whole call (prefill
 included). mtnlg fp32 runs the weight layout its commands pick: (in, out) + addmm for one
@@ -38,13 +38,13 @@ from pathlib import Path
 import torch
 from run_info import run_info
 
-from mtnlg.checkpoint import save_model
+from mtnlg.checkpoint.convert import to_hf
+from mtnlg.checkpoint.model import save_model
 from mtnlg.config import Config
-from mtnlg.convert import to_hf
+from mtnlg.config.presets import get_preset
 from mtnlg.generate.engine import Engine, SamplingParams
+from mtnlg.generate.quantize import prepare_for_inference
 from mtnlg.model.gpt import GPT
-from mtnlg.presets import get_preset
-from mtnlg.quantize import prepare_for_inference
 
 RESULTS = Path(__file__).parent / "results" / "generate.json"
 
@@ -140,7 +140,7 @@ def server_benchmark(engine: Engine, vocab: int, args: argparse.Namespace) -> di
     import httpx
     import uvicorn
 
-    from mtnlg.generate.server import create_app
+    from mtnlg.serve.app import create_app
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -5,7 +5,7 @@ Runs only where CUDA is present (elsewhere it says so and exits 0). Two parts, o
 * training: ``gpt2-medium`` and ``gpt3-1.3b`` trained by mtnlg's ``Trainer`` on one GPU in bf16
   (autocast over fp32 master weights; FSDP2's mixed-precision policy takes over from dp=2 on) with
   ``torch.compile`` of the blocks, random tokens, fused AdamW: median step time over ``--steps``
-  after ``--warmup`` steps, tokens/s and MFU = training FLOPs per token (``mtnlg.plan``, 6N +
+  after ``--warmup`` steps, tokens/s and MFU = training FLOPs per token (``mtnlg.model.counts``, 6N +
   attention, no recomputation) x tokens/s over the GPU's dense bf16 peak (``PEAK_BF16``, by
   device name; ``--peak-tflops`` overrides). Megatron reports 41-48% MFU for GPT models on A100s.
 * decoding: the generation engine against HF ``GPT2LMHeadModel.generate`` on the same bf16
@@ -31,11 +31,12 @@ from run_info import run_info
 from train import RandomTokens  # the CPU training benchmark's random samples, reused
 
 from mtnlg.config import Config, TrainConfig
+from mtnlg.config.presets import get_preset
 from mtnlg.generate.engine import Engine, SamplingParams
+from mtnlg.model.counts import flops_per_token
 from mtnlg.model.gpt import GPT
-from mtnlg.plan import flops_per_token
-from mtnlg.presets import get_preset
-from mtnlg.train.trainer import Trainer, build_model
+from mtnlg.train.build import build_model
+from mtnlg.train.trainer import Trainer
 
 RESULTS = Path(__file__).parent / "results" / "gpu.json"
 # Dense (no sparsity) bf16 tensor-core peaks from the vendor's data sheets, FLOP/s, by a substring

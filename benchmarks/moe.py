@@ -25,13 +25,14 @@ import torch
 from run_info import run_info
 
 from mtnlg.config import Config, DataConfig, TrainConfig
+from mtnlg.config.presets import get_preset
 from mtnlg.data.corpus import build_corpus
 from mtnlg.data.gpt_dataset import build_datasets
 from mtnlg.data.preprocess import preprocess
 from mtnlg.data.tokenizer import Tokenizer, iter_text_files
-from mtnlg.plan import model_info
-from mtnlg.presets import get_preset
-from mtnlg.train.trainer import Trainer, build_model
+from mtnlg.model.counts import model_info
+from mtnlg.train.build import build_model
+from mtnlg.train.trainer import Trainer
 
 MODELS = ("tiny", "tiny-moe")
 BATCH, VALID_BATCHES = 8, 20

@@ -17,8 +17,8 @@ import json
 from pathlib import Path
 
 from mtnlg.config import ModelConfig
+from mtnlg.config.presets import get_preset
 from mtnlg.planner import GPUS, make_layout, plan
-from mtnlg.presets import get_preset
 
 S, V = 2048, 51200
 # name, heads, hidden, layers, tp, pp, gpus, global batch, published TFLOP/s per GPU

@@ -54,7 +54,9 @@ def worker(args: argparse.Namespace) -> None:
 
     from mtnlg.config import Config, ModelConfig, ParallelConfig
     from mtnlg.model.gpt import GPT
-    from mtnlg.parallel import destroy_distributed, init_distributed, loss_context, parallelize
+    from mtnlg.parallel.dims import destroy_distributed, init_distributed
+    from mtnlg.parallel.parallelize import parallelize
+    from mtnlg.parallel.utils import loss_context
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(args.threads)

@@ -8,7 +8,7 @@ every round times a few steps of each, and the medians of the step times are com
   freed memory (``reuse_freed_cpu_memory``), a plain HF script runs with glibc's defaults;
 * same process: both loops in this process, both with the tuned allocator, which isolates the code.
 
-MFU is (6N + attention) FLOPs per token (``mtnlg.plan.flops_per_token``) times tokens/s over the fp32
+MFU is (6N + attention) FLOPs per token (``mtnlg.model.counts.flops_per_token``) times tokens/s over the fp32
 matmul peak measured in the same run (2048^3 matmuls: the median of four samples, each the best of
 seven runs). Ablations, each a baseline timed alternately with a variant, show what the choices
 contribute: the fused AdamW kernel (vs foreach), ``torch.compile`` of the blocks, bf16/fp16 autocast
@@ -40,11 +40,12 @@ import torch.nn.functional as F
 from run_info import run_info
 
 from mtnlg.config import Config, ModelConfig, TrainConfig
-from mtnlg.plan import flops_per_token
-from mtnlg.presets import get_preset
+from mtnlg.config.presets import get_preset
+from mtnlg.model.counts import flops_per_token
+from mtnlg.train.build import build_model
 from mtnlg.train.metrics import measure_matmul_flops
 from mtnlg.train.run import reuse_freed_cpu_memory
-from mtnlg.train.trainer import Trainer, build_model
+from mtnlg.train.trainer import Trainer
 
 Step = Callable[[], None]
 # Untimed steps per loop: the first steps page-fault the heap up to its peak (optimizer state,

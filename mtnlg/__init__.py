@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from mtnlg.util.extras import VERSION as __version__  # noqa: F401 (the package version, re-exported)
 
 _EXPORTS = {
     "GPT": "mtnlg.model.gpt",
@@ -18,8 +18,8 @@ _EXPORTS = {
     "ConfigError": "mtnlg.config",
     "ModelConfig": "mtnlg.config",
     "build_config": "mtnlg.config",
-    "PRESETS": "mtnlg.presets",
-    "get_preset": "mtnlg.presets",
+    "PRESETS": "mtnlg.config.presets",
+    "get_preset": "mtnlg.config.presets",
 }
 __all__ = list(_EXPORTS)
 

@@ -20,8 +20,9 @@ import traceback
 from pathlib import Path
 
 # The modules every README command needs, imported once in the server.
-WARM = ("torch", "mtnlg.cli", "mtnlg.checkpoint", "mtnlg.generate.engine", "mtnlg.generate.console",
-        "mtnlg.train.run", "mtnlg.convert", "mtnlg.quantize", "mtnlg.data.preprocess", "matplotlib.pyplot")
+WARM = ("torch", "mtnlg.cli", "mtnlg.checkpoint.model", "mtnlg.generate.engine", "mtnlg.generate.console",
+        "mtnlg.train.run", "mtnlg.checkpoint.convert", "mtnlg.generate.quantize", "mtnlg.data.preprocess",
+        "matplotlib.pyplot")
 
 CLIENT = '''import json, os, socket, sys
 path, kind, *args = sys.argv[1:]

@@ -13,8 +13,8 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 
 from mtnlg.config import ModelConfig
+from mtnlg.data.chat_template import ChatTemplate
 from mtnlg.data.tokenizer import Tokenizer
-from mtnlg.generate.chat import ChatTemplate
 from mtnlg.generate.engine import Engine
 from mtnlg.model.gpt import GPT
 

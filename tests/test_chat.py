@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
+from mtnlg.data.chat_template import ChatTemplate
 from mtnlg.data.tokenizer import Tokenizer
-from mtnlg.generate.chat import ChatTemplate
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},

@@ -18,14 +18,14 @@ import pytest
 import torch
 from serving import running, tiny_engine, with_chat_markers
 
-from mtnlg.checkpoint import save_model
+from mtnlg.checkpoint.model import save_model
 from mtnlg.cli import main
 from mtnlg.config import Config, ModelConfig
+from mtnlg.data.chat_template import ChatTemplate
 from mtnlg.data.tokenizer import Tokenizer
-from mtnlg.generate.chat import ChatTemplate
 from mtnlg.generate.engine import Engine, SamplingParams
-from mtnlg.generate.server import PLAYGROUND, create_app
 from mtnlg.model.gpt import GPT
+from mtnlg.serve.app import PLAYGROUND, create_app
 
 openai = pytest.importorskip("openai")
 parser = pytest.importorskip("prometheus_client.parser")

@@ -14,13 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtnlg.checkpoint import (
-    CheckpointError,
-    find_training_checkpoint,
-    load_model,
-    load_training_checkpoint,
-    save_training_checkpoint,
-)
+from mtnlg.checkpoint.directory import CheckpointError, find_training_checkpoint
+from mtnlg.checkpoint.model import load_model
+from mtnlg.checkpoint.training import load_training_checkpoint, save_training_checkpoint
 from mtnlg.config import Config, ModelConfig
 from mtnlg.model.gpt import GPT
 from mtnlg.train.optim import build_optimizer
@@ -79,7 +75,8 @@ def test_keeps_the_last_k_and_points_latest_at_the_newest(tmp_path, cfg):
 CHILD = textwrap.dedent(
     """
     import sys, time, torch
-    import mtnlg.checkpoint as ckpt
+    import mtnlg.checkpoint.model as model_files
+    import mtnlg.checkpoint.training as ckpt
     from mtnlg.config import Config, ModelConfig
     from mtnlg.model.gpt import GPT
     from mtnlg.train.optim import build_optimizer
@@ -89,7 +86,7 @@ CHILD = textwrap.dedent(
     model = GPT(cfg.model)
     optimizer = build_optimizer(model, cfg.train)
     ckpt.save_training_checkpoint(run, 1, model, optimizer, cfg, None, {{"step": 1}})
-    real_save_file = ckpt.save_file
+    real_save_file = model_files.save_file
 
     def save_half_then_hang(tensors, path, metadata=None):
         real_save_file(tensors, path, metadata=metadata)
@@ -98,7 +95,7 @@ CHILD = textwrap.dedent(
         open(marker, "w").close()
         time.sleep(600)
 
-    ckpt.save_file = save_half_then_hang
+    model_files.save_file = save_half_then_hang
     with torch.no_grad():
         model.wte.weight.add_(1.0)
     ckpt.save_training_checkpoint(run, 2, model, optimizer, cfg, None, {{"step": 2}})
@@ -175,11 +172,11 @@ def test_changed_data_settings_warn(tmp_path, cfg):
 
 def _checksums_on_two_ranks(directory: str) -> tuple[int, str]:
     """In a 2-rank world: write and verify checksums, counting the files this rank hashed."""
-    import mtnlg.checkpoint as ckpt
+    import mtnlg.checkpoint.directory as ckpt
 
     hashed = []
-    real = ckpt._sha256
-    ckpt._sha256 = lambda path: hashed.append(path.name) or real(path)
+    real = ckpt.sha256
+    ckpt.sha256 = lambda path: hashed.append(path.name) or real(path)
     try:
         ckpt.write_checksums(Path(directory))
         ckpt.verify_checksums(Path(directory))
@@ -193,7 +190,7 @@ def _checksums_on_two_ranks(directory: str) -> tuple[int, str]:
             return written, str(exc)
         return written, "no error"
     finally:
-        ckpt._sha256 = real
+        ckpt.sha256 = real
 
 
 def test_checksums_are_hashed_once_in_total_across_ranks(tmp_path):
@@ -201,7 +198,7 @@ def test_checksums_are_hashed_once_in_total_across_ranks(tmp_path):
     agree on the result, and all see the same corruption error."""
     from dist_harness import run_world
 
-    import mtnlg.checkpoint as ckpt
+    import mtnlg.checkpoint.directory as ckpt
 
     for name in ("a.bin", "b.bin", "c.bin", "sub/d.bin", "sub/e.bin"):
         (tmp_path / name).parent.mkdir(exist_ok=True)

@@ -14,7 +14,7 @@ import torch
 from cli_runs import small_run_flags
 from safetensors.torch import load_file
 
-from mtnlg.checkpoint import load_model
+from mtnlg.checkpoint.model import load_model
 from mtnlg.cli import main
 
 TRAIN = small_run_flags(n_layers=2, micro_batch_size=2, eval_iters=2)

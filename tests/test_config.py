@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mtnlg.config import Config, ConfigError, ModelConfig, build_config, parse_overrides
+from mtnlg.config.presets import PRESETS, get_preset
+from mtnlg.model.counts import flops_per_token, model_info, parameter_count
 from mtnlg.model.gpt import GPT
-from mtnlg.plan import flops_per_token, model_info, parameter_count
-from mtnlg.presets import PRESETS, get_preset
 
 
 def test_gpt2_small_has_124_4m_parameters():

@@ -10,7 +10,7 @@ import pytest
 
 from mtnlg.cli import main
 from mtnlg.config import Config, ConfigError, build_config
-from mtnlg.config_text import (
+from mtnlg.config.text import (
     REFERENCE_END,
     REFERENCE_START,
     reference_in,

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from mtnlg.checkpoint import load_model
+from mtnlg.checkpoint.convert import from_hf, to_hf
+from mtnlg.checkpoint.model import load_model
 from mtnlg.cli import main
-from mtnlg.convert import from_hf, to_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -62,7 +62,7 @@ def test_export_round_trip_loads_in_transformers(tmp_path, small_tokenizer):
 
 
 def test_export_drops_vocab_padding(tmp_path, small_model_config):
-    from mtnlg.checkpoint import save_model
+    from mtnlg.checkpoint.model import save_model
     from mtnlg.config import Config
     from mtnlg.model import GPT
 

@@ -23,8 +23,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.tensor import DTensor
 
 from mtnlg.config import Config, ModelConfig, ParallelConfig, TrainConfig
-from mtnlg.parallel import ParallelDims
-from mtnlg.train.trainer import Trainer, build_model
+from mtnlg.parallel.dims import ParallelDims
+from mtnlg.train.build import build_model
+from mtnlg.train.trainer import Trainer
 
 STEPS = 5
 

@@ -1,5 +1,5 @@
 """The lm-evaluation-harness adaptor: local tasks run through lm_eval (offline) and give
-``mtnlg.evaluate``'s numbers; generate_until applies the ``until`` strings."""
+``mtnlg.eval.evaluate``'s numbers; generate_until applies the ``until`` strings."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from mtnlg.eval_data import Item
-from mtnlg.evaluate import Scorer, choice, perplexity
+from mtnlg.eval.data import Item
+from mtnlg.eval.evaluate import Scorer, choice, perplexity
 
 pytest.importorskip("lm_eval")
 
@@ -63,13 +63,13 @@ def harness(tmp_path_factory, small_tokenizer):
         import lm_eval
         from lm_eval.tasks import TaskManager
 
-        import mtnlg.eval_harness as adaptor
+        import mtnlg.eval.harness as adaptor
 
         yield lm_eval, TaskManager, adaptor, _checkpoint(root, small_tokenizer), _tasks(root)
 
 
 def _checkpoint(root, tokenizer):
-    from mtnlg.checkpoint import save_model
+    from mtnlg.checkpoint.model import save_model
     from mtnlg.config import Config, ModelConfig
     from mtnlg.model import GPT
 
@@ -107,7 +107,7 @@ def test_command_line_finds_the_model(harness, tmp_path, monkeypatch, capsys):
     lm_eval, TaskManager, adaptor, ckpt, tasks = harness
     # The command line indexes lm_eval's thousands of built-in tasks (~14 s of CPU); only the local ones here.
     monkeypatch.setattr(TaskManager, "__init__", functools.partialmethod(TaskManager.__init__, include_defaults=False))
-    monkeypatch.setattr(sys, "argv", ["python -m mtnlg.eval_harness", "--model", "mtnlg", "--model_args",
+    monkeypatch.setattr(sys, "argv", ["python -m mtnlg.eval.harness", "--model", "mtnlg", "--model_args",
                                       f"checkpoint={ckpt}", "--tasks", "mtnlg_choice", "--include_path",
                                       str(tasks), "--output_path", str(tmp_path / "out")])
     adaptor.main()

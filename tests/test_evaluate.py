@@ -13,8 +13,8 @@ from torch import nn
 
 from mtnlg.cli import main
 from mtnlg.config import ModelConfig
-from mtnlg.eval_data import Item, with_fewshot
-from mtnlg.evaluate import Scorer, choice, cloze, perplexity
+from mtnlg.eval.data import Item, with_fewshot
+from mtnlg.eval.evaluate import Scorer, choice, cloze, perplexity
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,7 +31,7 @@ DOCS = [
 def hf_checkpoint(tmp_path_factory, small_tokenizer):
     """A random GPT2LMHeadModel (context 32, a vocabulary the padded mtnlg one exceeds) and its
     conversion to an mtnlg checkpoint with the tokenizer."""
-    from mtnlg.convert import from_hf
+    from mtnlg.checkpoint.convert import from_hf
 
     root = tmp_path_factory.mktemp("eval-hf")
     torch.manual_seed(0)
@@ -212,7 +212,7 @@ def test_cli_reports_results_and_bad_data(hf_checkpoint, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(out.read_text()) and printed["items"] == 2 and 0 <= printed["acc"] <= 1
     cases = {
-        '{"context": "a", "choices": ["b", "c"], "label": 0}\n{"context": "a", "choices": ["b"': ":2: invalid JSON",
+        '{"context": "a", "choices": ["b", "c"], "label": 0}\n{"context": "a", "choices": ["b"': ":2: malformed JSON",
         '{"context": "a", "label": 0}\n': ":1: missing field 'choices'",
         '\n{"context": "a", "choices": ["b", "c"], "label": 2}\n': ":2: field 'label' is 2",
     }
@@ -226,7 +226,7 @@ def test_indexed_split_and_int8(hf_checkpoint, small_tokenizer, tmp_path):
     """An indexed dataset's split is scored document by document (each ending in <|endoftext|>, as
     preprocessing stored it); an int8 load scores within quantization error of fp32."""
     from mtnlg.data.preprocess import preprocess
-    from mtnlg.evaluate import EvalSpec, evaluate
+    from mtnlg.eval.evaluate import EvalSpec, evaluate
 
     _, ckpt = hf_checkpoint
     texts = [f"{d} number {i}" for i, d in enumerate(DOCS * 2)]
@@ -244,7 +244,7 @@ def test_indexed_split_and_int8(hf_checkpoint, small_tokenizer, tmp_path):
 def test_a_mixture_of_experts_checkpoint_scores_as_its_model_computes(small_tokenizer, tmp_path):
     """MoE blocks run through the same scoring path: a document's NLL is the mean of the model's own
     log-probabilities over the real vocabulary (dropless routing: batching changes no token's experts)."""
-    from mtnlg.checkpoint import save_model
+    from mtnlg.checkpoint.model import save_model
     from mtnlg.config import Config
     from mtnlg.model.gpt import GPT
 

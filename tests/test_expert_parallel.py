@@ -23,8 +23,9 @@ from torch.distributed.tensor import DTensor
 
 from mtnlg.config import Config, ModelConfig, ParallelConfig, TrainConfig
 from mtnlg.model.moe import GroupedExperts
-from mtnlg.parallel import ParallelDims
-from mtnlg.train.trainer import Trainer, build_model
+from mtnlg.parallel.dims import ParallelDims
+from mtnlg.train.build import build_model
+from mtnlg.train.trainer import Trainer
 
 STEPS = 2
 ROUTING = {"dropless": {}, "capacity": {"moe_capacity_factor": 1.0, "moe_balance": "aux+bias"}}

@@ -13,17 +13,19 @@ import numpy as np
 import pytest
 import torch
 
-from mtnlg.checkpoint import load_model, save_model
+from mtnlg.checkpoint.model import load_model, save_model
 from mtnlg.cli import main
 from mtnlg.config import Config, ModelConfig
+from mtnlg.data.batch import split_batch
+from mtnlg.data.chat_template import ChatTemplate
 from mtnlg.data.indexed import DataError
 from mtnlg.data.instructions import instruction_items, write_instructions
+from mtnlg.data.sft import encode_record, layout_samples, read_records
 from mtnlg.data.tokenizer import Tokenizer
-from mtnlg.generate.chat import ChatTemplate
 from mtnlg.generate.engine import Engine, SamplingParams
 from mtnlg.model.gpt import GPT
 from mtnlg.model.loss import IGNORE_INDEX, cross_entropy_loss
-from mtnlg.train.finetune import encode_record, layout_samples, load_base_model, read_records, split_batch
+from mtnlg.train.finetune import load_base_model
 from mtnlg.train.metrics import read_log
 
 WORDS = ("red", "green", "blue", "cat", "dog", "sun", "moon", "tree")

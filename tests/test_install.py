@@ -76,7 +76,7 @@ def test_training_without_matplotlib_says_why_there_is_no_plot(train_data_flags,
 
 def test_serve_without_fastapi_names_the_extra(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "fastapi", None)
-    monkeypatch.delitem(sys.modules, "mtnlg.generate.server", raising=False)
+    monkeypatch.delitem(sys.modules, "mtnlg.serve.app", raising=False)
     assert main(["serve", "--checkpoint", "no-such-checkpoint"]) == 2
     assert "optional package 'fastapi', which is not installed: pip install -e '.[serve]'" in capsys.readouterr().err
 
@@ -84,7 +84,7 @@ def test_serve_without_fastapi_names_the_extra(monkeypatch, capsys):
 @pytest.mark.parametrize("module, expected", [("yaml.constructor", "pip install pyyaml"), ("numpy", None),
                                               ("lm_eval.api", "pip install -e '.[eval]'")])
 def test_missing_package_messages(module, expected):
-    from mtnlg.extras import missing_package_message
+    from mtnlg.util.extras import missing_package_message
 
     message = missing_package_message(module)
     assert message is None if expected is None else expected in message

@@ -15,12 +15,13 @@ from dist_harness import run_world
 from safetensors.torch import load_file
 from test_trainer import RandomTokens, make_config, make_trainer, train_losses
 
-from mtnlg.checkpoint_tools import export_checkpoint, inspect_checkpoint
+from mtnlg.checkpoint.tools import export_checkpoint, inspect_checkpoint
 from mtnlg.config import ConfigError, ModelConfig, ParallelConfig, build_config
-from mtnlg.parallel import init_distributed
+from mtnlg.parallel.dims import init_distributed
+from mtnlg.train.build import build_model
 from mtnlg.train.metrics import read_log
 from mtnlg.train.run import report_changes
-from mtnlg.train.trainer import Trainer, build_model
+from mtnlg.train.trainer import Trainer
 
 TINY = ModelConfig(vocab_size=300, seq_len=32, n_layers=2, hidden=64, n_heads=4, padded_vocab_multiple=64)
 

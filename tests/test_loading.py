@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import mtnlg.checkpoint as checkpoint
-from mtnlg.checkpoint import CheckpointError, load_model, resolve_verified, save_model
+import mtnlg.checkpoint.directory as checkpoint
+from mtnlg.checkpoint.directory import CheckpointError, resolve_verified
+from mtnlg.checkpoint.model import load_model, save_model
 from mtnlg.cli import main
 from mtnlg.config import Config, ModelConfig
 from mtnlg.generate.engine import Engine
+from mtnlg.generate.load import load_for_inference
+from mtnlg.generate.quantize import INT8_WEIGHTS_FILE, quantize_model, save_quantized
 from mtnlg.model.gpt import GPT
-from mtnlg.quantize import INT8_WEIGHTS_FILE, load_for_inference, quantize_model, save_quantized
 
 
 @pytest.fixture
@@ -75,7 +77,7 @@ def test_damaged_files_without_a_manifest_are_one_line_errors(ckpt: Path, capsys
 
 def test_a_missing_tokenizer_names_the_checkpoint(ckpt: Path, capsys) -> None:
     shutil.rmtree(ckpt / "tokenizer")
-    checkpoint.write_manifest(ckpt)  # a complete checkpoint, just without a tokenizer
+    checkpoint.write_checksums(ckpt, local=True)  # a complete checkpoint, just without a tokenizer
     code, _, err = generate(ckpt, capsys)
     assert code == 2 and str(ckpt) in err and "tokenizer" in err
 
@@ -111,8 +113,8 @@ def test_int8_checkpoints_are_verified_too(ckpt: Path, tmp_path: Path) -> None:
 
 def test_an_unchanged_checkpoint_is_hashed_once_per_process(ckpt: Path, monkeypatch) -> None:
     hashed = []
-    original = checkpoint._sha256
-    monkeypatch.setattr(checkpoint, "_sha256", lambda path: hashed.append(path.name) or original(path))
+    original = checkpoint.sha256
+    monkeypatch.setattr(checkpoint, "sha256", lambda path: hashed.append(path.name) or original(path))
     monkeypatch.setattr(checkpoint, "_VERIFIED", set())
     load_model(ckpt)
     first = sorted(hashed)

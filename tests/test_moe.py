@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from mtnlg.config import ConfigError, ModelConfig
+from mtnlg.model.counts import flops_per_token, parameter_count
 from mtnlg.model.gpt import GPT
 from mtnlg.model.moe import MoE, take_statistics, update_expert_bias
-from mtnlg.plan import flops_per_token, parameter_count
 
 CFG = ModelConfig(vocab_size=120, seq_len=16, n_layers=2, hidden=32, n_heads=4, padded_vocab_multiple=64,
                   moe_experts=4, moe_top_k=2, moe_every=2)

@@ -16,10 +16,11 @@ from dist_harness import run_world
 from torch.distributed.tensor import DTensor
 
 from mtnlg.config import Config, ConfigError, ModelConfig, ParallelConfig, TrainConfig
-from mtnlg.parallel import ParallelDims, loss_context
-from mtnlg.parallel.pipeline import Pipeline, check_pipeline, layer_split, stage_ids
-from mtnlg.plan import bubble_fraction
-from mtnlg.train.trainer import build_model
+from mtnlg.config.schedules import bubble_fraction, layer_split, stage_ids
+from mtnlg.parallel.dims import ParallelDims
+from mtnlg.parallel.pipeline import Pipeline, check_pipeline
+from mtnlg.parallel.utils import loss_context
+from mtnlg.train.build import build_model
 
 TOL = 1e-5
 CPU = torch.device("cpu")

@@ -9,11 +9,11 @@ import torch
 
 from mtnlg.cli import main
 from mtnlg.config import ModelConfig
+from mtnlg.config.presets import get_preset
 from mtnlg.model.gpt import GPT
 from mtnlg.planner import GPUS, make_layout, plan
 from mtnlg.planner.memory import activation_bytes, layer_activation_bytes, rank_memory
 from mtnlg.planner.search import candidates
-from mtnlg.presets import get_preset
 
 MT_NLG = ["--preset", "mt-nlg-530b", "--tp", "8", "--gpu", "a100-80gb"]
 # Smith et al. 2022: measured seconds per step of the 530B run at 280 / 350 / 420 DGX A100 nodes.

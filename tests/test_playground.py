@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 from serving import running, tiny_engine, with_chat_markers
 
-from mtnlg.generate.chat import ChatTemplate
+from mtnlg.data.chat_template import ChatTemplate
 from mtnlg.generate.engine import Engine, SamplingParams
-from mtnlg.generate.server import create_app
+from mtnlg.serve.app import create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mtnlg.cli import main
-from mtnlg.train.metrics import format_flops, measure_matmul_flops, native_matmul, precision_warning
+from mtnlg.train.metrics import measure_matmul_flops, native_matmul, precision_warning
+from mtnlg.util.fmt import format_flops
 
 CPU = torch.device("cpu")
 NATIVE = {"bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported, "fp16": torch.ops.mkldnn._is_mkldnn_fp16_supported}

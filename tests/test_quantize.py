@@ -13,24 +13,25 @@ import pytest
 import torch
 from torch import nn
 
-from mtnlg.checkpoint import CheckpointError, load_model, save_model
+from mtnlg.checkpoint.directory import CheckpointError
+from mtnlg.checkpoint.model import load_model, save_model
 from mtnlg.cli import main
 from mtnlg.config import Config, ModelConfig
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.generate.engine import Engine, SamplingParams
-from mtnlg.model.gpt import GPT
-from mtnlg.quantize import (
+from mtnlg.generate.load import load_for_inference
+from mtnlg.generate.quantize import (
     INT8_WEIGHTS_FILE,
     ONEDNN_MAX_ROWS,
     FP32Linear,
     Int8Linear,
-    load_for_inference,
     onednn_linear_available,
     quantize_checkpoint,
     quantize_model,
     row_bucket,
     save_quantized,
 )
+from mtnlg.model.gpt import GPT
 
 SEQ = 64
 

@@ -16,11 +16,11 @@ import httpx
 import pytest
 from serving import running, tiny_engine
 
-from mtnlg.checkpoint import save_model
+from mtnlg.checkpoint.model import save_model
 from mtnlg.config import Config, ModelConfig
 from mtnlg.generate.engine import Engine, SamplingParams
-from mtnlg.generate.server import create_app
 from mtnlg.model.gpt import GPT
+from mtnlg.serve.app import create_app
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -243,8 +243,8 @@ def test_jobs_hand_tokens_to_the_event_loop_per_token_only_when_streaming(stream
     """Every hand-over wakes the event loop's thread, which competes with the model for the cores."""
     import asyncio
 
-    from mtnlg.generate.batcher import Job
     from mtnlg.generate.sequence import TokenEvent
+    from mtnlg.serve.batcher import Job
 
     async def run() -> list:
         job = Job([], asyncio.get_running_loop(), stream=stream)

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from serving import running, tiny_engine
 
 from mtnlg.generate.engine import Engine, SamplingParams
-from mtnlg.generate.protocol import UNSUPPORTED
-from mtnlg.generate.server import create_app
+from mtnlg.serve.app import create_app
+from mtnlg.serve.protocol import UNSUPPORTED
 
 KEY = "limits-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -17,9 +17,9 @@ from serving import running
 
 from mtnlg.config import ModelConfig
 from mtnlg.generate.engine import Engine
-from mtnlg.generate.server import create_app
+from mtnlg.generate.quantize import onednn_linear_available, prepare_for_inference
 from mtnlg.model.gpt import GPT
-from mtnlg.quantize import onednn_linear_available, prepare_for_inference
+from mtnlg.serve.app import create_app
 
 BOUND_MB = 40  # what 1,000 varied requests may add after the warm-up
 

@@ -20,9 +20,12 @@ from torch.distributed.tensor import DTensor
 
 from mtnlg.config import Config, ConfigError, ModelConfig, ParallelConfig
 from mtnlg.generate.engine import Engine, SamplingParams
+from mtnlg.generate.quantize import prepare_for_inference
 from mtnlg.model.gpt import GPT
-from mtnlg.parallel import ParallelDims, check_tp_compatible, init_distributed, loss_context, parallelize
-from mtnlg.quantize import prepare_for_inference
+from mtnlg.parallel.dims import ParallelDims, init_distributed
+from mtnlg.parallel.parallelize import parallelize
+from mtnlg.parallel.tensor import check_tp_compatible
+from mtnlg.parallel.utils import loss_context
 
 RTOL = 1e-5  # fp32: the gathered result may differ from one process only by reduction order
 SINGLE = ParallelDims(dp=1, pp=1, tp=1, world_size=1)

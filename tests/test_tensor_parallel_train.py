@@ -13,7 +13,7 @@ import pytest
 import torch
 from cli_runs import at_step, losses, small_run_flags, torchrun, valid_losses
 
-from mtnlg.checkpoint import load_model
+from mtnlg.checkpoint.model import load_model
 from mtnlg.cli import main
 
 RTOL = 1e-4

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from mtnlg.checkpoint import load_model
+from mtnlg.checkpoint.model import load_model
 from mtnlg.cli import main
 from mtnlg.config import Config, ConfigError, TrainConfig, build_config
+from mtnlg.train.build import build_model
 from mtnlg.train.metrics import MetricsLog, read_log
 from mtnlg.train.optim import validate_batch_sizes
-from mtnlg.train.trainer import Trainer, build_model
+from mtnlg.train.trainer import Trainer
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
 

@@ -20,7 +20,7 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from mtnlg.generate.server import create_app
+from mtnlg.serve.app import create_app
 
 
 def main() -> None:

@@ -1,84 +1,29 @@
 """The ``mtnlg`` command line: one function per subcommand; its docstring is its ``--help``.
 
 Commands that take a configuration accept ``--config FILE.toml``, ``--preset NAME`` and any
-``--section.field=value`` override (see ``mtnlg/config.py``); they are applied in that order.
+``--section.field=value`` override (see ``mtnlg.config``), applied in that order. The command
+registry and the flags several commands share are in ``args``; the commands, by purpose, in
+``describe``, ``data``, ``train`` and ``infer``.
+
+May import: every other package of mtnlg.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from collections.abc import Callable
 
+# The commands register themselves on import, in this order in --help.
+from mtnlg.cli import data, describe, infer, train  # noqa: F401, I001
+from mtnlg.cli.args import COMMANDS
 from mtnlg.config import ConfigError
-from mtnlg.config_text import overrides_help
-from mtnlg.extras import missing_package_message, version_string
-
-Command = Callable[[argparse.Namespace, list[str]], int]
-COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None]]] = {}
-
-
-def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None]) -> Callable[[Command], Command]:
-    """Register ``fn`` as subcommand ``name``; ``add_arguments`` declares its flags."""
-
-    def register(fn: Command) -> Command:
-        COMMANDS[name] = (fn, add_arguments)
-        return fn
-
-    return register
-
-
-def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer in [low, high], checked before the command does any work."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high if high is not None else 'inf'}]")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
-
-
-def _finite(text: str) -> float:
-    """An argparse type: a finite number (``nan`` and ``inf`` parse as floats, but are no setting)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
-    return value
-
-
-_finite.__name__ = "number"
-
-
-def _config_args(p: argparse.ArgumentParser, preset: bool = True) -> None:
-    if preset:
-        p.add_argument("--preset", help="model preset: tiny, gpt2-small, ..., mt-nlg-530b (see `mtnlg info --list`)")
-    p.add_argument("--config", help="TOML (or YAML) file with [model], [train], [data], ... tables")
-    p.epilog = overrides_help()
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-
-
-# -- plumbing --------------------------------------------------------------------------------------
-
-
-def _no_overrides(overrides: list[str]) -> None:
-    if overrides:
-        raise ConfigError(f"unrecognized arguments: {' '.join(overrides)}")
+from mtnlg.util.extras import missing_package_message, version_string
 
 
 def _user_error(exc: BaseException) -> bool:
     """Errors that a command's input caused (a message is the whole answer), as opposed to bugs."""
     kinds: list[type] = [ConfigError, OSError, ValueError]
-    checkpoint = sys.modules.get("mtnlg.checkpoint")  # imported by the commands that can raise it
+    checkpoint = sys.modules.get("mtnlg.checkpoint.directory")  # imported by the commands that can raise it
     if checkpoint is not None:
         kinds.append(checkpoint.CheckpointError)
     return isinstance(exc, tuple(kinds))
@@ -120,9 +65,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mtnlg {args.command}: interrupted", file=sys.stderr)
         return 130
 
-
-# The commands register themselves on import, in this order in --help.
-from mtnlg.cli import describe, data, train, infer  # noqa: E402, F401, I001
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mtnlg.cli import _int_in, _no_overrides, command
+from mtnlg.cli.args import command, int_in, no_overrides
 from mtnlg.config import ConfigError
 
 # -- tokenizer -------------------------------------------------------------------------------------
@@ -26,7 +26,7 @@ def cmd_tokenizer(args: argparse.Namespace, overrides: list[str]) -> int:
     """Train a byte-level BPE tokenizer from text, or encode text with one."""
     from mtnlg.data.tokenizer import Tokenizer, iter_text_files
 
-    _no_overrides(overrides)
+    no_overrides(overrides)
     if args.action == "train":
         if not args.input or not args.out:
             raise ConfigError("tokenizer train needs --input FILE... and --out DIR")
@@ -48,7 +48,7 @@ def cmd_tokenizer(args: argparse.Namespace, overrides: list[str]) -> int:
 def _corpus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output JSONL file ({'text': ..., 'source': ...} per line)")
     p.add_argument("--from-dir", metavar="DIR", help="build from the .txt/.md files of DIR instead")
-    p.add_argument("--instructions", type=_int_in(1), metavar="N",
+    p.add_argument("--instructions", type=int_in(1), metavar="N",
                    help="write N synthetic instruction records (reverse / uppercase a few words) for "
                         "`mtnlg finetune` instead")
     p.add_argument("--exclude", nargs="+", default=[], metavar="PROMPT",
@@ -61,7 +61,7 @@ def cmd_corpus(args: argparse.Namespace, overrides: list[str]) -> int:
     from mtnlg.data.corpus import build_corpus
     from mtnlg.data.instructions import instruction_items, write_instructions
 
-    _no_overrides(overrides)
+    no_overrides(overrides)
     if args.instructions:
         path = write_instructions(args.out, instruction_items(args.instructions, exclude=args.exclude))
         print(f"wrote {args.instructions} instruction records -> {path}")
@@ -75,7 +75,7 @@ def _preprocess_args(p: argparse.ArgumentParser) -> None:
                    help=".jsonl files (one JSON object a line), text files (one document each), folders")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (tokenizer.json)")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx (Megatron MMIDIDX)")
-    p.add_argument("--workers", type=_int_in(1), default=1, help="tokenizer processes (default 1)")
+    p.add_argument("--workers", type=int_in(1), default=1, help="tokenizer processes (default 1)")
     p.add_argument("--json-key", default="text", help="JSON key holding the text (default 'text')")
     p.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -86,7 +86,7 @@ def cmd_preprocess(args: argparse.Namespace, overrides: list[str]) -> int:
     """Tokenize JSONL or text into a .bin/.idx indexed dataset (end-of-document token appended)."""
     from mtnlg.data.preprocess import preprocess
 
-    _no_overrides(overrides)
+    no_overrides(overrides)
     report = preprocess(args.input, args.tokenizer, args.output_prefix, workers=args.workers,
                         json_key=args.json_key, strict=args.strict, progress=not args.quiet)
     print(report.summary())
@@ -113,7 +113,7 @@ def cmd_dedup(args: argparse.Namespace, overrides: list[str]) -> int:
     """Remove exact and near-duplicate (MinHash LSH) documents and low-quality ones from JSONL."""
     from mtnlg.data.dedup import DedupConfig, dedup_jsonl, write_report
 
-    _no_overrides(overrides)
+    no_overrides(overrides)
     cfg = DedupConfig(threshold=args.threshold, num_perm=args.num_perm, ngram=args.ngram, min_chars=args.min_chars,
                       max_symbol_ratio=args.max_symbol_ratio, exact=not args.no_exact, near=not args.no_near)
     report = dedup_jsonl(args.input, args.output, cfg, json_key=args.json_key)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mtnlg.cli import _config_args, _no_overrides, command
+from mtnlg.cli.args import command, config_args, no_overrides
 from mtnlg.config import Config, ConfigError, build_config
 
 # -- config ----------------------------------------------------------------------------------------
@@ -15,7 +15,7 @@ def _config_cmd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["show", "reference"],
                    help="show: the effective config as TOML, each field with its help; "
                         "reference: every field's default as the README's Markdown tables")
-    _config_args(p)
+    config_args(p)
     p.add_argument("--update", metavar="FILE", help="reference: rewrite the reference between the markers of FILE")
 
 
@@ -25,12 +25,12 @@ def cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
 
     `mtnlg config show ... > run.toml` writes a file that --config reads back.
     """
-    from mtnlg.config_text import reference_markdown, to_toml, update_reference
+    from mtnlg.config.text import reference_markdown, to_toml, update_reference
 
     if args.action == "show":
         print(to_toml(build_config(args.preset, args.config, overrides)), end="")
         return 0
-    _no_overrides(overrides)
+    no_overrides(overrides)
     if args.preset or args.config:
         raise ConfigError("config reference lists the defaults: it takes no --preset or --config")
     if args.update:
@@ -44,7 +44,7 @@ def cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _info_args(p: argparse.ArgumentParser) -> None:
-    _config_args(p)
+    config_args(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--list", action="store_true", help="list the presets and exit")
 
@@ -52,8 +52,9 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 @command("info", _info_args)
 def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
     """Parameters, FLOPs per token and memory of a model shape (nothing is allocated)."""
-    from mtnlg.plan import human, model_info
-    from mtnlg.presets import PRESETS
+    from mtnlg.config.presets import PRESETS
+    from mtnlg.model.counts import model_info
+    from mtnlg.util.fmt import human
 
     if args.list:
         for name, m in PRESETS.items():
@@ -83,8 +84,8 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _pipeline_summary(cfg: Config) -> str:
     """Stage split and bubble of the configured pipeline, e.g. for --parallel.pp=35."""
-    from mtnlg.parallel.pipeline import layer_split, microbatches
-    from mtnlg.plan import bubble_fraction
+    from mtnlg.config.schedules import bubble_fraction, layer_split
+    from mtnlg.parallel.pipeline import microbatches
 
     pc = cfg.parallel
     split = layer_split(cfg.model.n_layers, pc.pp * pc.pp_stages_per_rank)
@@ -101,7 +102,7 @@ def _pipeline_summary(cfg: Config) -> str:
 def _plan_args(p: argparse.ArgumentParser) -> None:
     from mtnlg.planner.report import add_arguments
 
-    _config_args(p)
+    config_args(p)
     add_arguments(p)
 
 

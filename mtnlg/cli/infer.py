@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from mtnlg.cli import _finite, _int_in, _no_overrides, command
+from mtnlg.cli.args import command, finite, int_in, no_overrides
 from mtnlg.config import ConfigError
 
 # -- convert ---------------------------------------------------------------------------------------
@@ -30,12 +30,12 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
     """Convert weights between Hugging Face GPT-2 directories and mtnlg checkpoints, or upcycle a dense
     checkpoint into a mixture of experts."""
-    from mtnlg.convert import from_hf, to_hf, upcycle
+    from mtnlg.checkpoint.convert import from_hf, to_hf, upcycle
 
     if args.upcycle:
         print(f"wrote {upcycle(args.upcycle, args.out, args.upcycle_experts, overrides)}")
         return 0
-    _no_overrides(overrides)
+    no_overrides(overrides)
     out = (from_hf if args.from_hf else to_hf)(args.from_hf or args.to_hf, args.out, args.tokenizer)
     print(f"wrote {out}")
     if not any((out / name).exists() for name in ("tokenizer", "tokenizer.json")):
@@ -65,7 +65,7 @@ def _load_engine(checkpoint: object, args: argparse.Namespace, **kwargs: object)
 
 def _cli_tokenizer(args: argparse.Namespace, found: object, vocab_size: int) -> object:
     """--tokenizer's tokenizer, else the checkpoint's; text in and out needs one, so none is an error."""
-    from mtnlg.convert import load_tokenizer
+    from mtnlg.checkpoint.convert import load_tokenizer
 
     if args.tokenizer:
         return load_tokenizer(args.tokenizer, vocab_size)
@@ -81,17 +81,17 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     _sampling_args(p)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens if it is too long")
-    p.add_argument("--tp", type=_int_in(1), default=1,
+    p.add_argument("--tp", type=int_in(1), default=1,
                    help="tensor-parallel size; launch with torchrun --nproc_per_node=TP (needs --prompt)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=_int_in(0), help="tokens to generate (default: generate.max_new_tokens)")
-    p.add_argument("--temperature", type=_finite, help="softmax temperature in [0, 100]; 0 means greedy")
-    p.add_argument("--top-k", type=_int_in(0), help="sample among the k most likely tokens; 0 disables")
-    p.add_argument("--top-p", type=_finite, help="sample from the smallest set with mass >= p, in (0, 1]; 1 disables")
-    p.add_argument("--repetition-penalty", type=_finite, help="CTRL repetition penalty in [0.01, 100]; 1 disables")
-    p.add_argument("--seed", type=_int_in(0, 2**63 - 1), help="sampler seed >= 0 (same seed, same text)")
+    p.add_argument("--max-new-tokens", type=int_in(0), help="tokens to generate (default: generate.max_new_tokens)")
+    p.add_argument("--temperature", type=finite, help="softmax temperature in [0, 100]; 0 means greedy")
+    p.add_argument("--top-k", type=int_in(0), help="sample among the k most likely tokens; 0 disables")
+    p.add_argument("--top-p", type=finite, help="sample from the smallest set with mass >= p, in (0, 1]; 1 disables")
+    p.add_argument("--repetition-penalty", type=finite, help="CTRL repetition penalty in [0.01, 100]; 1 disables")
+    p.add_argument("--seed", type=int_in(0, 2**63 - 1), help="sampler seed >= 0 (same seed, same text)")
     p.add_argument("--stop", action="append", help="stop string (repeatable); it is not printed")
 
 
@@ -101,7 +101,8 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
 
     Defaults come from the checkpoint's [generate] section; --generate.field=value overrides it.
     """
-    from mtnlg.checkpoint import TOKENIZER_DIR, load_config, resolve_verified
+    from mtnlg.checkpoint.directory import TOKENIZER_DIR, resolve_verified
+    from mtnlg.checkpoint.model import load_config
     from mtnlg.generate.console import read_prompts, run_prompts
 
     if args.tp > 1:
@@ -131,7 +132,8 @@ def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> int:
     are rendered with the checkpoint's chat template (or the default one); sampling defaults come
     from its [generate] section, as for generate.
     """
-    from mtnlg.checkpoint import load_config, resolve_verified
+    from mtnlg.checkpoint.directory import resolve_verified
+    from mtnlg.checkpoint.model import load_config
     from mtnlg.generate.console import chat, read_prompts
 
     checkpoint = resolve_verified(args.checkpoint)
@@ -155,8 +157,8 @@ def _generate_tensor_parallel(args: argparse.Namespace, overrides: list[str]) ->
     from mtnlg.config import ParallelConfig
     from mtnlg.generate.console import run_prompts
     from mtnlg.generate.engine import Engine
-    from mtnlg.parallel import destroy_distributed
-    from mtnlg.parallel.parallelize import load_parallel_for_inference
+    from mtnlg.generate.load import load_parallel_for_inference
+    from mtnlg.parallel.dims import destroy_distributed
 
     if args.quantize != "none":
         raise ConfigError("--quantize is a single-process CPU layout; it cannot be combined with --tp")
@@ -178,21 +180,21 @@ def _generate_tensor_parallel(args: argparse.Namespace, overrides: list[str]) ->
 def _serve_args(p: argparse.ArgumentParser) -> None:
     _checkpoint_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
-    p.add_argument("--port", type=_int_in(1, 65535), default=8000, help="TCP port")
+    p.add_argument("--port", type=int_in(1, 65535), default=8000, help="TCP port")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MTNLG_API_KEY; none if unset)")
     p.add_argument("--model-name", help="model id reported by /v1/models (default: the checkpoint's name)")
-    p.add_argument("--max-batch-size", type=_int_in(1), default=8, help="sequences decoded together at most")
-    p.add_argument("--max-body-bytes", type=_int_in(1), default=1 << 20,
+    p.add_argument("--max-batch-size", type=int_in(1), default=8, help="sequences decoded together at most")
+    p.add_argument("--max-body-bytes", type=int_in(1), default=1 << 20,
                    help="largest request body accepted, in bytes (default 1 MiB; larger ones get 413)")
 
 
 @command("serve", _serve_args)
 def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
     """Serve a checkpoint over HTTP: OpenAI-compatible /v1/completions, Megatron's PUT /api, /health."""
-    from mtnlg.checkpoint import resolve_verified
-    from mtnlg.generate.server import API_KEY_ENV, create_app, serve
+    from mtnlg.checkpoint.directory import resolve_verified
+    from mtnlg.serve.app import API_KEY_ENV, create_app, serve
 
-    _no_overrides(overrides)
+    no_overrides(overrides)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
     if api_key is not None and not api_key.strip():
         where = "--api-key" if args.api_key is not None else f"${API_KEY_ENV}"
@@ -227,9 +229,9 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
 @command("quantize", _quantize_args)
 def cmd_quantize(args: argparse.Namespace, overrides: list[str]) -> int:
     """Quantize a checkpoint's Linear layers (and output layer) to int8; generate/serve load it as is."""
-    from mtnlg.quantize import quantize_checkpoint
+    from mtnlg.generate.quantize import quantize_checkpoint
 
-    _no_overrides(overrides)
+    no_overrides(overrides)
     print(f"wrote {quantize_checkpoint(args.checkpoint, args.out)}")
     return 0
 
@@ -243,10 +245,10 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
                    help="perplexity of documents; cloze: predict a passage's last word; choice: multiple choice")
     p.add_argument("--data", required=True, help="JSONL file (formats: README, 'Evaluating a checkpoint'); "
                    "perplexity also takes a plain-text file or an indexed dataset prefix")
-    p.add_argument("--shots", type=_int_in(0), default=0, help="solved examples before each item (cloze, choice)")
+    p.add_argument("--shots", type=int_in(0), default=0, help="solved examples before each item (cloze, choice)")
     p.add_argument("--fewshot-data", metavar="FILE", help="JSONL file the few-shot examples are drawn from")
-    p.add_argument("--seed", type=_int_in(0), default=0, help="seed of the few-shot draws")
-    p.add_argument("--stride", type=_int_in(1), help="perplexity: tokens between window starts "
+    p.add_argument("--seed", type=int_in(0), default=0, help="seed of the few-shot draws")
+    p.add_argument("--stride", type=int_in(1), help="perplexity: tokens between window starts "
                    "(default: the context length - 1, which reads each token once)")
     p.add_argument("--prepend-eod", action="store_true",
                    help="perplexity: score each document's first token too, given <|endoftext|>")
@@ -254,7 +256,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="949,50,1", help="indexed dataset: train/valid/test proportions")
     p.add_argument("--split-name", choices=["train", "valid", "test"], default="valid",
                    help="indexed dataset: the split to score (default valid)")
-    p.add_argument("--batch-size", type=_int_in(1), default=8, help="sequences scored together (default 8)")
+    p.add_argument("--batch-size", type=int_in(1), default=8, help="sequences scored together (default 8)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--out", metavar="FILE", help="also write the results as JSON to FILE")
@@ -264,9 +266,9 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 @command("evaluate", _evaluate_args)
 def cmd_evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
     """Evaluate a checkpoint: perplexity (token NLL, bits per byte), cloze accuracy or multiple choice, few-shot."""
-    from mtnlg.evaluate import EvalSpec, Scorer, evaluate, format_table, read_task
+    from mtnlg.eval.evaluate import EvalSpec, Scorer, evaluate, format_table, read_task
 
-    _no_overrides(overrides)
+    no_overrides(overrides)
     spec = EvalSpec(args.task, args.data, args.shots, args.fewshot_data, args.seed, args.stride, args.prepend_eod,
                     args.json_key, args.split, args.split_name)
     data = read_task(spec)  # bad data fails before the model loads

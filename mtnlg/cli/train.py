@@ -6,7 +6,7 @@ import argparse
 import os
 from collections.abc import Callable
 
-from mtnlg.cli import _config_args, _no_overrides, command
+from mtnlg.cli.args import command, config_args, no_overrides
 from mtnlg.config import Config, ConfigError, build_config
 
 # -- train -----------------------------------------------------------------------------------------
@@ -22,7 +22,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    _config_args(p)
+    config_args(p)
     p.add_argument("--data-path", nargs="+", help="indexed dataset prefix(es), optionally weighted: 0.3 a 0.7 b")
     p.add_argument("--tokenizer", help="tokenizer directory; the model's vocabulary size follows it")
     _run_args(p)
@@ -40,7 +40,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:
-    _config_args(p, preset=False)
+    config_args(p, preset=False)
     p.add_argument("--checkpoint", help="model to start from: run directory, step, export or HF conversion")
     p.add_argument("--data", nargs="+", help="JSONL files of {prompt, completion} or {messages: [...]} records")
     p.add_argument("--tokenizer", help="tokenizer directory, for a checkpoint that has none")
@@ -69,7 +69,7 @@ def _run(
 ) -> int:
     """A training run's config (on --resume the checkpoint's, else on ``base`` of the settings given)
     with the command's ``flags`` (``section.field``: value) set, then ``run`` and its summary."""
-    from mtnlg.checkpoint import CheckpointError
+    from mtnlg.checkpoint.directory import CheckpointError
     from mtnlg.config import apply_settings, set_field
     from mtnlg.train.run import resume_base
 
@@ -120,10 +120,10 @@ def cmd_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
 
     Both run in one process on a checkpoint written under any parallel layout.
     """
-    from mtnlg.checkpoint import CheckpointError
-    from mtnlg.checkpoint_tools import export_checkpoint, format_report, inspect_checkpoint
+    from mtnlg.checkpoint.directory import CheckpointError
+    from mtnlg.checkpoint.tools import export_checkpoint, format_report, inspect_checkpoint
 
-    _no_overrides(overrides)
+    no_overrides(overrides)
     try:
         if args.action == "inspect":
             report = inspect_checkpoint(args.path, verify=not args.no_verify)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtnlg.data.preprocess import BadLine, parse_json_line
+from mtnlg.data.jsonl import BadLine, parse_json_line
 
 _WORD = re.compile(r"\w+")
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant (golden ratio) for combining word hashes

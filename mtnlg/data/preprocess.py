@@ -16,7 +16,6 @@ first one an error instead. Blank lines in JSONL are tolerated and counted separ
 from __future__ import annotations
 
 import itertools
-import json
 import multiprocessing
 import os
 import time
@@ -31,47 +30,11 @@ import numpy as np
 from tqdm import tqdm
 
 from mtnlg.data.indexed import DataError, IndexedDatasetWriter, token_dtype
+from mtnlg.data.jsonl import MAX_EXAMPLES, BadLine, parse_json_line, skipped_report
 from mtnlg.data.tokenizer import Tokenizer
 
 CHUNK_BYTES = 1 << 18
-MAX_EXAMPLES = 10
 JSON_SUFFIXES = (".jsonl", ".json")
-
-
-class BadLine(ValueError):
-    """One input line cannot become a document; ``kind`` is the category counted in reports."""
-
-    def __init__(self, kind: str, detail: str = "") -> None:
-        super().__init__(f"{kind} ({detail})" if detail else kind)
-        self.kind = kind
-
-
-def parse_json_object(raw: bytes) -> dict:
-    """The JSON object of one JSONL line, or :class:`BadLine` saying why it is not one."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadLine("invalid UTF-8", f"byte {exc.start}") from None
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise BadLine("malformed JSON", f"{exc.msg.removesuffix(' at')} at column {exc.colno}") from None
-    if not isinstance(obj, dict):
-        raise BadLine("not a JSON object", type(obj).__name__)
-    return obj
-
-
-def parse_json_line(raw: bytes, json_key: str) -> str:
-    """The document text of one JSONL line, or :class:`BadLine` saying why there is none."""
-    obj = parse_json_object(raw)
-    if json_key not in obj:
-        raise BadLine(f"missing key {json_key!r}", f"keys: {', '.join(list(obj)[:5])}")
-    text = obj[json_key]
-    if not isinstance(text, str):
-        raise BadLine(f"{json_key!r} is not a string", type(text).__name__)
-    if not text.strip():
-        raise BadLine("empty document")
-    return text
 
 
 def parse_text_file(raw: bytes) -> str:
@@ -309,15 +272,3 @@ def _encoded_chunks(chunks: Iterator[Chunk], tok_json: str, json_key: str, worke
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     with ProcessPoolExecutor(workers, ctx, initializer=_init_worker, initargs=(tok_json, json_key)) as pool:
         yield from _ordered_map(_encode_in_worker, chunks, pool, 2 * workers)
-
-
-def skipped_report(skipped: Counter, examples: list[str], blank_lines: int, unit: str) -> list[str]:
-    """The lines of a summary that say what input was skipped and why (preprocess, finetune)."""
-    lines = []
-    if skipped:
-        kinds = ", ".join(f"{k}: {v}" for k, v in skipped.most_common())
-        lines.append(f"skipped {sum(skipped.values())} {unit} ({kinds}); first ones:")
-        lines += [f"  {e}" for e in examples]
-    if blank_lines:
-        lines.append(f"ignored {blank_lines} blank lines")
-    return lines

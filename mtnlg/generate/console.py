@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from typing import TextIO
 
 from mtnlg.config import Config, ConfigError, parse_overrides, set_field
-from mtnlg.generate.chat import ChatTemplate
+from mtnlg.data.chat_template import ChatTemplate
 from mtnlg.generate.engine import Completion, Engine, Request, SamplingParams
 
 

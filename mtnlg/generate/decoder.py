@@ -16,16 +16,31 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 
+from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.generate.sampling import apply_repetition_penalty, draw_uniforms, select_tokens
-from mtnlg.generate.sequence import Request, Row, TokenEvent
+from mtnlg.generate.sequence import Request, Row, SamplingParams, TokenEvent
+from mtnlg.model.gpt import GPT
 from mtnlg.model.kv_cache import KVCache
 
-if TYPE_CHECKING:
-    from mtnlg.generate.engine import Engine
+
+class Engine(Protocol):
+    """What a decoder needs of the engine that made it (``mtnlg.generate.engine.Engine``)."""
+
+    model: GPT
+    tokenizer: Tokenizer
+    device: torch.device
+    vocab_size: int
+    max_batch_size: int
+    seq_len: int
+
+    def fits(self, requests: Sequence[Request]) -> bool: ...
+
+    def seed_for(self, params: SamplingParams) -> int: ...
+
 
 LOGPROB_FLOOR = -9999.0  # a non-finite log-probability (from non-finite logits) is reported as this
 T = TypeVar("T")
@@ -108,7 +123,7 @@ class Decoder:
         self.engine = engine
         self.batch: _Batch | None = None
         self.added = 0  # requests ever added: the next one's event index
-        self.engine.stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_tokens": 0}
+        self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_tokens": 0}  # timings of this batch
 
     def __len__(self) -> int:
         """Live rows."""
@@ -136,7 +151,7 @@ class Decoder:
         engine = self.engine
         indices = list(range(self.added, self.added + len(requests)))
         self.added += len(requests)
-        rows = [Row(i, r, engine.tokenizer, engine._seed(r.params)) for i, r in zip(indices, requests, strict=True)]
+        rows = [Row(i, r, engine.tokenizer, engine.seed_for(r.params)) for i, r in zip(indices, requests, strict=True)]
         events = [TokenEvent(r.index, None, "", finish_reason="length") for r in rows if r.params.max_new_tokens == 0]
         rows = [r for r in rows if r.params.max_new_tokens > 0]
         part, failed = _isolated(rows, lambda some: _Batch(engine, some))
@@ -146,7 +161,7 @@ class Decoder:
                 self.batch = part
             else:
                 self.batch.merge(part)
-        engine.stats["prefill_s"] += time.perf_counter() - t0
+        self.stats["prefill_s"] += time.perf_counter() - t0
         return indices, events
 
     @torch.inference_mode()
@@ -173,8 +188,8 @@ class Decoder:
         b.fed, b.next_pos = torch.tensor(tokens, device=b.fed.device).unsqueeze(1), b.next_pos + 1
         finished = {e.index for e in events if e.finish_reason is not None}
         b.retain([i for i, r in enumerate(b.rows) if r.index not in finished])
-        engine.stats["decode_s"] += time.perf_counter() - t0
-        engine.stats["decode_tokens"] += len(events)
+        self.stats["decode_s"] += time.perf_counter() - t0
+        self.stats["decode_tokens"] += len(events)
         return sorted(events, key=lambda e: e.index)
 
     def cancel(self, indices: set[int]) -> list[TokenEvent]:

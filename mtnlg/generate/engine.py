@@ -25,6 +25,7 @@ import torch
 from mtnlg.config import Config
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.generate.decoder import Decoder
+from mtnlg.generate.load import load_for_inference
 from mtnlg.generate.sequence import MAX_TOP_LOGPROBS, Completion, Request, SamplingParams, TokenEvent
 from mtnlg.model.gpt import GPT
 
@@ -49,7 +50,6 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.device = next(model.parameters()).device
         self._seeds = torch.Generator().manual_seed(seed)  # seeds for requests that bring none
-        self.stats: dict[str, float] = {}  # timings of the last batch: prefill_s, decode_s, decode_tokens
 
     @classmethod
     def from_checkpoint(
@@ -62,8 +62,6 @@ class Engine:
     ) -> Engine:
         """Load a checkpoint (fp32, or int8 saved by ``mtnlg quantize``), optionally quantizing it,
         in the weight layout fastest for ``max_batch_size`` sequences at a time."""
-        from mtnlg.quantize import load_for_inference
-
         model, cfg, tokenizer = load_for_inference(path, quantize, device, max_batch_size)
         return cls(model, tokenizer, max_batch_size, config=cfg, **kwargs)  # type: ignore[arg-type]
 
@@ -173,7 +171,8 @@ class Engine:
         while len(decoder):
             yield from decoder.step()
 
-    def _seed(self, params: SamplingParams) -> int:
+    def seed_for(self, params: SamplingParams) -> int:
+        """The sampling seed of a request: its own, or the next of the engine's seed stream."""
         if params.seed is not None:
             return params.seed
         return int(torch.randint(0, 2**62, (), generator=self._seeds))

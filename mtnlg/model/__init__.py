@@ -1,4 +1,11 @@
-"""The plain single-device model: the reference every parallel layout is tested against."""
+"""The plain single-device model: the reference every parallel layout is tested against.
+
+``gpt`` (embedding -> blocks -> norm -> head), ``moe`` (mixture-of-experts layers), ``kv_cache``,
+``loss``, ``counts`` (parameters and FLOPs from the config alone) and ``hf`` (the Hugging Face
+name table, read in both directions). Never imports ``torch.distributed``.
+
+May import: ``mtnlg.util``, ``mtnlg.config``.
+"""
 
 from mtnlg.model.gpt import GPT
 from mtnlg.model.kv_cache import KVCache

@@ -1,20 +1,9 @@
-"""Parallel layouts built on PyTorch's native stack: DeviceMesh, DTensor tensor parallelism, DCP.
+"""Parallel layouts built on PyTorch's native stack: DeviceMesh, DTensor, pipelining, FSDP2, DCP.
 
-Everything here takes the plain single-device model and returns it transformed; the only
-distributed state is the ``ParallelDims`` built by ``init_distributed``.
+Everything here takes the plain single-device model and returns it transformed (``parallelize``
+applies them in order: pipeline stages, tensor, expert, data parallelism); the only distributed
+state is the ``ParallelDims`` (``dims``) holding the mesh. ``utils`` holds what every layout's step
+needs around the model (gradient norm and clipping, the vocabulary-parallel loss).
+
+May import: ``mtnlg.util``, ``mtnlg.config``, ``mtnlg.model``.
 """
-
-from mtnlg.parallel.dims import ParallelDims, destroy_distributed, init_distributed
-from mtnlg.parallel.parallelize import loss_context, parallelize
-from mtnlg.parallel.tensor import apply_tensor_parallel, check_tp_compatible, tp_plan
-
-__all__ = [
-    "ParallelDims",
-    "apply_tensor_parallel",
-    "check_tp_compatible",
-    "destroy_distributed",
-    "init_distributed",
-    "loss_context",
-    "parallelize",
-    "tp_plan",
-]

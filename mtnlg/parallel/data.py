@@ -23,11 +23,10 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from mtnlg.config import Config, ConfigError
+from mtnlg.config.schedules import schedule
 from mtnlg.model.gpt import GPT
 from mtnlg.parallel.dims import ParallelDims
 from mtnlg.parallel.expert import shard_experts_over_dp
-
-V_SHAPED = ("zbv", "dualpipev")  # schedules that place a rank's two stages in a V (see pipeline.py)
 
 
 def fsdp_mixed_precision(cfg: Config, dims: ParallelDims) -> bool:
@@ -50,7 +49,7 @@ def apply_data_parallel(model: GPT, dims: ParallelDims, cfg: Config) -> GPT:
     its own, and each stage is made a root by ``shard_stage`` so that the schedule reduces
     gradients once per step.
     """
-    if dims.pp > 1 and cfg.parallel.pp_schedule in V_SHAPED:
+    if dims.pp > 1 and schedule(cfg.parallel.pp_schedule).v_shaped:
         raise ConfigError(
             f"parallel.pp_schedule={cfg.parallel.pp_schedule} with parallel.dp > 1 is not supported: its split "
             "backward (input- then weight-gradient passes) does not give FSDP's gradient reduction the right "

@@ -23,7 +23,6 @@ gradients divided by the whole data-parallel size, since each rank's experts saw
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -32,7 +31,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
 
 from mtnlg.config import Config, ConfigError
 from mtnlg.model.moe import GroupedExperts, moe_layers, take_statistics, update_expert_bias
@@ -98,30 +97,6 @@ def shard_experts_over_dp(model: nn.Module, dims: ParallelDims, policy: MixedPre
             # Sum, then divide: gloo has no pre-scaled sum. (On one rank FSDP divides without a collective,
             # and forcing the sum would divide a second time.)
             module.set_force_sum_reduction_for_comms(dims.expert_fsdp_mesh.size() > 1)
-
-
-def _by_mesh(tensors: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """Tensors grouped by the mesh they are distributed over (plain tensors together): DTensor ops take one mesh."""
-    groups: dict[Any, list[torch.Tensor]] = {}
-    for t in tensors:
-        groups.setdefault(getattr(t, "device_mesh", None), []).append(t)
-    return list(groups.values())
-
-
-def grad_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of all ``grads``, whole (sharded parts reduced), when they live on several meshes: expert
-    weights on the ep x dp_shard_mod_ep mesh, the rest on dp_shard."""
-    norms = []
-    for group in _by_mesh(grads):
-        norm = torch.nn.utils.get_total_norm(group)
-        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
-
-
-def clip_grads(params: Iterable[nn.Parameter], max_norm: float, total_norm: torch.Tensor) -> None:
-    """``clip_grads_with_norm_`` for parameters on several meshes, one mesh at a time."""
-    for group in _by_mesh(p for p in params if p.grad is not None):
-        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total_norm)
 
 
 def set_aux_grad_scale(model: nn.Module, scale: float | None) -> None:

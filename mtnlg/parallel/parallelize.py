@@ -22,18 +22,13 @@ The single-process model is the reference every layout is tested against.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.distributed.tensor.parallel import loss_parallel
 
-from mtnlg.checkpoint import load_model
-from mtnlg.config import Config, ConfigError, ParallelConfig
-from mtnlg.data.tokenizer import Tokenizer
+from mtnlg.config import Config, ConfigError
 from mtnlg.model.gpt import GPT
 from mtnlg.parallel.data import apply_data_parallel
-from mtnlg.parallel.dims import ParallelDims, init_distributed
+from mtnlg.parallel.dims import ParallelDims
 from mtnlg.parallel.expert import apply_expert_parallel, check_expert_parallel
 from mtnlg.parallel.pipeline import check_pipeline, keep_rank_stages
 from mtnlg.parallel.tensor import apply_tensor_parallel
@@ -97,25 +92,3 @@ def materialize(model: GPT, device: torch.device, seed: int) -> None:
                 value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None).to_local()
                 param = param.to_local()
             param.copy_(value)
-
-
-def loss_context(dims: ParallelDims) -> contextlib.AbstractContextManager:
-    """Wrap forward and backward of a training step in this: under tp the loss is vocab-parallel.
-
-    The tensor-parallel output layer leaves the logits split by vocabulary; ``loss_parallel``
-    lets ``F.cross_entropy`` (in the model) and its backward work on the shards.
-    """
-    return loss_parallel() if dims.tp_enabled else contextlib.nullcontext()
-
-
-def load_parallel_for_inference(
-    path: str, parallel: ParallelConfig
-) -> tuple[GPT, Config, Tokenizer | None, ParallelDims]:
-    """Every rank loads the plain checkpoint, then keeps its tensor-parallel part for generation.
-
-    The plain model (not the fp32/int8 inference layouts of ``mtnlg.quantize``) is loaded, since
-    only ``nn.Linear`` layers can be sharded by the plan.
-    """
-    model, cfg, tokenizer = load_model(path)
-    dims = init_distributed(parallel)
-    return parallelize(model, dims, cfg, inference=True), cfg, tokenizer, dims

@@ -48,53 +48,21 @@ from torch.distributed.pipelining.schedules import _Action, _ComputationType
 from torch.distributed.tensor import DTensor
 
 from mtnlg.config import Config, ConfigError
+from mtnlg.config.schedules import SCHEDULES, check_stages_per_rank, layer_split, schedule, stage_ids
 from mtnlg.model.gpt import GPT
 from mtnlg.model.loss import cross_entropy_loss
-from mtnlg.parallel.data import V_SHAPED, shard_stage
+from mtnlg.parallel.data import shard_stage
 from mtnlg.parallel.dims import ParallelDims
 from mtnlg.parallel.expert import set_aux_grad_scale
-from mtnlg.train.optim import batch_sizes
 
-SCHEDULES: dict[str, Any] = {
+TORCH_SCHEDULES: dict[str, Any] = {  # every name of mtnlg.config.schedules.SCHEDULES
     "gpipe": ScheduleGPipe,
     "1f1b": Schedule1F1B,
     "interleaved_1f1b": ScheduleInterleaved1F1B,
     "zbv": ScheduleZBVZeroBubble,
     "dualpipev": ScheduleDualPipeV,
 }
-SINGLE_STAGE = ("gpipe", "1f1b")
-
-
-# -- the split ------------------------------------------------------------------------------------
-
-
-def layer_split(n_layers: int, num_stages: int) -> list[range]:
-    """Consecutive layer ranges of near-equal size, one per stage.
-
-    When ``n_layers`` does not divide evenly the extra layers go to the middle stages first,
-    since the first and last stages also carry the embeddings and the output layer
-    (10 layers over 4 stages: 2, 3, 3, 2; 105 over 8: 13, 14, 13, 13, 13, 13, 13, 13).
-    """
-    if num_stages > n_layers:
-        raise ConfigError(
-            f"model.n_layers={n_layers} cannot fill {num_stages} pipeline stages (parallel.pp x "
-            f"parallel.pp_stages_per_rank): every stage needs at least one layer"
-        )
-    base, extra = divmod(n_layers, num_stages)
-    ends = [s in (0, num_stages - 1) for s in range(num_stages)]
-    order = sorted(range(num_stages), key=lambda s: (ends[s], s))  # middle stages first
-    sizes = [base + (s in order[:extra]) for s in range(num_stages)]
-    starts = [sum(sizes[:s]) for s in range(num_stages)]
-    return [range(start, start + size) for start, size in zip(starts, sizes, strict=True)]
-
-
-def stage_ids(pp_rank: int, pp: int, stages_per_rank: int, schedule: str) -> list[int]:
-    """The stages pipeline rank ``pp_rank`` runs, in order (loop or V placement, see above)."""
-    if schedule in V_SHAPED:
-        return [pp_rank, 2 * pp - 1 - pp_rank]
-    return [pp_rank + s * pp for s in range(stages_per_rank)]
-
-
+assert TORCH_SCHEDULES.keys() == SCHEDULES.keys()
 def microbatches(cfg: Config, dp: int, global_batch: int) -> int:
     """Pipeline micro-batches of one step with this global batch size."""
     tc = cfg.train
@@ -109,22 +77,15 @@ def check_pipeline(cfg: Config, dims: ParallelDims) -> None:
     """
     pc, v, pp = cfg.parallel, cfg.parallel.pp_stages_per_rank, dims.pp
     name = pc.pp_schedule
-    if name in SINGLE_STAGE and v != 1:
-        raise ConfigError(f"parallel.pp_schedule={name} runs one stage per rank: set parallel.pp_stages_per_rank=1 "
-                          "or use interleaved_1f1b")
-    if name == "interleaved_1f1b" and v < 2:
-        raise ConfigError("parallel.pp_schedule=interleaved_1f1b needs parallel.pp_stages_per_rank >= 2 "
-                          "(or use 1f1b)")
-    if name in V_SHAPED and v != 2:
-        raise ConfigError(f"parallel.pp_schedule={name} is a V schedule: set parallel.pp_stages_per_rank=2")
+    check_stages_per_rank(name, v)
     if cfg.train.precision == "fp16":
         raise ConfigError("train.precision=fp16 (dynamic loss scaling) is not supported with parallel.pp > 1: "
                           "use bf16, which needs no loss scaling")
-    if cfg.train.compile and name in V_SHAPED:
+    if cfg.train.compile and schedule(name).v_shaped:
         raise ConfigError(f"parallel.pp_schedule={name} splits backward in two, which torch.compile does not "
                           "support: set train.compile=false or use 1f1b/interleaved_1f1b")
     layer_split(cfg.model.n_layers, pp * v)
-    for size in batch_sizes(cfg.train):
+    for size in cfg.train.batch_sizes():
         _check_microbatches(cfg, dims, size, "train.global_batch_size (or a ramp-up size)")
 
 
@@ -192,8 +153,8 @@ class Pipeline:
             self.views = [shard_stage(view, cfg, dims) for view in self.views]
         self.has_first, self.has_last = 0 in self.stage_ids, self.num_stages - 1 in self.stage_ids
         self._schedules: dict[tuple[int, bool], Any] = {}
-        self._tied = _TiedEmbeddingGrads(model, dims) if cfg.model.tie_embeddings and pc.pp_schedule not in V_SHAPED \
-            else None
+        tied_copy = cfg.model.tie_embeddings and not schedule(pc.pp_schedule).v_shaped
+        self._tied = _TiedEmbeddingGrads(model, dims) if tied_copy else None
 
     def _schedule(self, m: int, training: bool) -> Any:
         """The schedule for ``m`` micro-batches.
@@ -202,16 +163,16 @@ class Pipeline:
         order over the rank's stages), which has no micro-batch rule: ``train.eval_iters`` is free.
         """
         name = self.cfg.parallel.pp_schedule
+        single = SCHEDULES[name].max_stages == 1
         if not training:
-            name = "gpipe" if name in SINGLE_STAGE else "forward_v" if name in V_SHAPED else "looped_bfs"
+            name = "gpipe" if single else "forward_v" if SCHEDULES[name].v_shaped else "looped_bfs"
         key = (m, training)
         if key not in self._schedules:
             stages = [
                 PipelineStage(view, s, self.num_stages, self.dims.device, group=self.dims.pp_group)
                 for view, s in zip(self.views, self.stage_ids, strict=True)
             ]
-            cls = {"looped_bfs": ScheduleLoopedBFS, "forward_v": _ForwardOnlyV, **SCHEDULES}[name]
-            single = name in SINGLE_STAGE
+            cls = {"looped_bfs": ScheduleLoopedBFS, "forward_v": _ForwardOnlyV, **TORCH_SCHEDULES}[name]
             self._schedules[key] = cls(stages[0] if single else stages, n_microbatches=m,
                                        loss_fn=partial(_microbatch_loss, m=m), scale_grads=False)
         return self._schedules[key]

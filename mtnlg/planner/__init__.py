@@ -3,7 +3,10 @@
 ``plan(cfg, layout, gpu)`` predicts one layout; ``search(cfg, gpu, gpus, global_batch, ...)`` ranks
 the layouts that fit by predicted step time. Everything is arithmetic on the config (nothing is
 allocated). The memory model is in ``memory``, the time model in ``timing``, the GPU table and
-the efficiency constants in ``hardware``.
+the efficiency constants in ``hardware``; the pipeline arithmetic is ``mtnlg.config.schedules``'s,
+shared with the trainer.
+
+May import: ``mtnlg.util``, ``mtnlg.config``, ``mtnlg.model``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from mtnlg.config import ModelConfig
-from mtnlg.plan import flops_per_token, parameter_count
+from mtnlg.model.counts import flops_per_token, parameter_count
 from mtnlg.planner.hardware import GIB, GPUS, Efficiency, GpuSpec, resolve_gpu
 from mtnlg.planner.layout import RECOMPUTE, Layout, check_model, make_layout
 from mtnlg.planner.memory import Memory, peak_memory

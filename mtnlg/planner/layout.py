@@ -7,13 +7,12 @@ sequence parallelism and the pipeline schedule.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 from mtnlg.config import ConfigError, ModelConfig
+from mtnlg.config.schedules import SCHEDULES, bubble_slots, busiest_rank_layers, check_stages_per_rank
 
 RECOMPUTE = ("none", "selective", "full")
-SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", "zbv")
 PRECISIONS = ("bf16", "fp16", "fp32")
 
 
@@ -70,6 +69,8 @@ def _check_choices(lay: Layout) -> None:
         raise ConfigError(f"plan: --recompute must be one of {', '.join(RECOMPUTE)}, got {lay.recompute!r}")
     if lay.schedule not in SCHEDULES:
         raise ConfigError(f"plan: schedule must be one of {', '.join(SCHEDULES)}, got {lay.schedule!r}")
+    if lay.pp > 1:
+        check_stages_per_rank(lay.schedule, lay.virtual_stages)
     if lay.precision not in PRECISIONS:
         raise ConfigError(f"plan: --precision must be one of {', '.join(PRECISIONS)}, got {lay.precision!r}")
     if lay.zero not in (0, 1, 2, 3):
@@ -105,9 +106,8 @@ def check_model(cfg: ModelConfig, lay: Layout) -> None:
 
 
 def layers_per_rank(cfg: ModelConfig, lay: Layout) -> int:
-    """Layers on the busiest pipeline rank (uneven splits put the extra layers on some ranks)."""
-    stages = lay.pp * lay.virtual_stages
-    return math.ceil(cfg.n_layers / stages) * lay.virtual_stages
+    """Layers on the busiest pipeline rank, as the trainer splits and places them."""
+    return busiest_rank_layers(cfg.n_layers, lay.pp, lay.virtual_stages, lay.schedule)
 
 
 def in_flight(lay: Layout) -> float:
@@ -127,8 +127,6 @@ def in_flight(lay: Layout) -> float:
     return float(min(m, lay.pp))
 
 
-def bubble_slots(lay: Layout) -> float:
-    """Idle micro-batch slots of a step: ``(pp - 1) / v`` (zero for the zero-bubble V schedule)."""
-    if lay.pp == 1 or lay.schedule == "zbv":
-        return 0.0
-    return (lay.pp - 1) / lay.virtual_stages
+def step_bubble_slots(lay: Layout) -> float:
+    """Idle micro-batch slots of a step (``mtnlg.config.schedules.bubble_slots``)."""
+    return bubble_slots(lay.schedule, lay.pp, lay.virtual_stages)

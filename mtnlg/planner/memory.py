@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from mtnlg.config import ModelConfig
-from mtnlg.plan import parameter_count
+from mtnlg.model.counts import parameter_count
 from mtnlg.planner.layout import Layout, in_flight, layers_per_rank
 
 GIB = float(1 << 30)

@@ -6,9 +6,9 @@ import argparse
 import json
 
 from mtnlg.config import ModelConfig
-from mtnlg.plan import human
 from mtnlg.planner import Plan, make_layout, plan, plan_auto, resolve_gpu
 from mtnlg.planner.search import search
+from mtnlg.util.fmt import human
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

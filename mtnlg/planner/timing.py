@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 from mtnlg.config import ModelConfig
 from mtnlg.planner.hardware import Efficiency, GpuSpec
-from mtnlg.planner.layout import Layout, bubble_slots, layers_per_rank
+from mtnlg.planner.layout import Layout, layers_per_rank, step_bubble_slots
 from mtnlg.planner.memory import STATE_BYTES, rank_parameters
 
 FORWARD_KERNELS_PER_LAYER = 25
@@ -134,7 +134,7 @@ def step_time(cfg: ModelConfig, lay: Layout, gpu: GpuSpec, eff: Efficiency) -> S
     params = rank_parameters(cfg, lay, first=True, last=lay.pp == 1)
     return StepTime(
         compute=m * work,
-        bubble=bubble_slots(lay) * slot,
+        bubble=step_bubble_slots(lay) * slot,
         tensor_parallel_comm=m * tp,
         pipeline_comm=m * pp,
         data_parallel_comm=_data_parallel(cfg, lay, c, params, work),

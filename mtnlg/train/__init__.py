@@ -1,0 +1,7 @@
+"""Training: the one loop (``trainer``), the one place a training model is made (``build``), the
+optimizer and schedules (``optim``), job limits (``limits``), logs (``metrics``), fine-tuning's
+model side (``finetune``) and the run as the CLI starts it (``run``).
+
+May import: ``mtnlg.util``, ``mtnlg.config``, ``mtnlg.model``, ``mtnlg.data``, ``mtnlg.parallel``,
+``mtnlg.checkpoint``.
+"""

@@ -97,12 +97,6 @@ def precision_warning(device: torch.device, precision: str) -> str | None:
             "(and more precise)")
 
 
-def format_flops(flops: float) -> str:
-    """FLOP/s in GFLOP/s, with three significant digits below 100 so that a slow device never reads 0."""
-    gflops = flops / 1e9
-    return f"{gflops:,.0f} GFLOP/s" if gflops >= 100 else f"{gflops:.3g} GFLOP/s"
-
-
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 0) -> float:
     """FLOP/s of a square matmul on ``device``: the peak that MFU is measured against when none is given.
 

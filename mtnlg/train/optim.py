@@ -104,29 +104,10 @@ def global_batch_size(cfg: TrainConfig, consumed_samples: int) -> int:
     return min(cfg.global_batch_size, start + int(consumed_samples // samples_per_increment) * increment)
 
 
-def batch_sizes(cfg: TrainConfig) -> list[int]:
-    """Every global batch size the run will use: the ramp-up sizes, then the final one."""
-    sizes = {cfg.global_batch_size}
-    if cfg.rampup_batch_size:
-        start, increment, ramp_samples = cfg.rampup_batch_size
-        if start < 1 or increment < 1 or ramp_samples < 0 or start > cfg.global_batch_size:
-            raise ConfigError(
-                f"train.rampup_batch_size={cfg.rampup_batch_size}: need start >= 1, increment >= 1, "
-                f"ramp_samples >= 0 and start <= global_batch_size={cfg.global_batch_size}"
-            )
-        if (cfg.global_batch_size - start) % increment:
-            raise ConfigError(
-                f"train.rampup_batch_size: global_batch_size - start = {cfg.global_batch_size - start} "
-                f"is not a multiple of increment={increment}"
-            )
-        sizes.update(range(start, cfg.global_batch_size, increment))
-    return sorted(sizes)
-
-
 def validate_batch_sizes(cfg: TrainConfig, dp: int = 1) -> None:
     """Every global batch the run will use must split into whole micro-batches on every dp rank."""
     unit = cfg.micro_batch_size * dp
-    bad = [s for s in batch_sizes(cfg) if s % unit]
+    bad = [s for s in cfg.batch_sizes() if s % unit]
     if bad:
         raise ConfigError(
             f"train.global_batch_size (or a ramp-up size) {bad[0]} is not a multiple of "

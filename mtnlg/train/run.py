@@ -17,17 +17,21 @@ from pathlib import Path
 
 import torch
 
-from mtnlg.checkpoint import CheckpointError, find_training_checkpoint, load_config, resolve
+from mtnlg.checkpoint.directory import CheckpointError, find_training_checkpoint, resolve
+from mtnlg.checkpoint.model import load_config
 from mtnlg.config import Config, ConfigError, ParallelConfig, changes
-from mtnlg.config_text import toml_value
+from mtnlg.config.text import toml_value
 from mtnlg.data.gpt_dataset import Dataset, build_datasets
+from mtnlg.data.sft import build_instruction_data
 from mtnlg.data.tokenizer import Tokenizer
-from mtnlg.extras import missing_package_message
 from mtnlg.model.gpt import GPT
-from mtnlg.parallel import ParallelDims, destroy_distributed, init_distributed, parallelize
-from mtnlg.train.finetune import build_instruction_data, load_base_model
+from mtnlg.parallel.dims import ParallelDims, destroy_distributed, init_distributed
+from mtnlg.parallel.parallelize import parallelize
+from mtnlg.train.build import build_model
+from mtnlg.train.finetune import load_base_model
 from mtnlg.train.metrics import LOG_FILE, plot_loss_curve, precision_warning, read_log
-from mtnlg.train.trainer import Trainer, build_model
+from mtnlg.train.trainer import Trainer
+from mtnlg.util.extras import missing_package_message
 
 
 def resolve_device(name: str) -> torch.device:

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,19 +31,24 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mtnlg.checkpoint import find_training_checkpoint, load_training_checkpoint, save_training_checkpoint
-from mtnlg.config import Config, TrainConfig
+from mtnlg.checkpoint.directory import find_training_checkpoint
+from mtnlg.checkpoint.training import load_training_checkpoint, save_training_checkpoint
+from mtnlg.config import Config
+from mtnlg.data.batch import split_batch
 from mtnlg.data.gpt_dataset import Dataset, SampleLoader
 from mtnlg.data.tokenizer import Tokenizer
+from mtnlg.model.counts import flops_per_token
 from mtnlg.model.gpt import GPT
-from mtnlg.parallel import ParallelDims, loss_context, parallelize
 from mtnlg.parallel.data import fsdp_mixed_precision, set_gradient_sync
-from mtnlg.parallel.expert import ExpertStatistics, clip_grads, grad_norm
+from mtnlg.parallel.dims import ParallelDims
+from mtnlg.parallel.expert import ExpertStatistics
 from mtnlg.parallel.pipeline import Pipeline, microbatches
-from mtnlg.plan import flops_per_token
-from mtnlg.train.finetune import split_batch
-from mtnlg.train.metrics import MetricsLog, format_flops, measure_matmul_flops
+from mtnlg.parallel.utils import clip_grads, grad_norm, loss_context
+from mtnlg.train.limits import JobLimits, StopRequest
+from mtnlg.train.metrics import MetricsLog, measure_matmul_flops
 from mtnlg.train.optim import build_optimizer, global_batch_size, learning_rate, validate_batch_sizes
+from mtnlg.util import dist as rank_info
+from mtnlg.util.fmt import format_flops
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -72,46 +75,6 @@ class StepStats:
     tokens: int
     seconds: float
     skipped: bool
-
-
-def build_model(cfg: Config, device: torch.device, dims: ParallelDims | None = None) -> GPT:
-    """The one place a model for training is made: this rank's part of it, initialised from train.seed.
-
-    The model is built on the meta device and ``parallelize`` materialises only what this rank
-    holds, so every layout (one process included) starts from the same weights. The global
-    generator is seeded too: dropout draws from it.
-    """
-    torch.manual_seed(cfg.train.seed)
-    with torch.device("meta"):
-        model = GPT(cfg.model)
-    return parallelize(model, dims or ParallelDims(dp=1, pp=1, tp=1, world_size=1, device=device), cfg)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-class _StopRequest(contextlib.AbstractContextManager):
-    """The first Ctrl-C asks the loop to stop after the current step (and save); a second one aborts."""
-
-    REASON = "interrupted"
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.previous: Any = None
-
-    def __enter__(self) -> _StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
 
 
 class Trainer:
@@ -148,7 +111,7 @@ class Trainer:
         self.state = TrainState()
         self.scaler = torch.amp.GradScaler(self.device.type) if self.tc.precision == "fp16" else None
         self.out = Path(self.tc.out)
-        self.is_main = not _distributed() or dist.get_rank() == 0
+        self.is_main = rank_info.is_main()
         self.flops_per_token = flops_per_token(cfg.model, cfg.model.seq_len)["train"]
         self.last_saved_step = -1
         self.pipeline = Pipeline(model, self.dims, cfg) if self.dims.pp > 1 else None
@@ -240,7 +203,7 @@ class Trainer:
 
     def _all_reduce(self, value: torch.Tensor, op: Any, group: Any = None) -> torch.Tensor:
         """Combine a value over every process (a no-op in one process); the hook parallel layouts extend."""
-        if _distributed():
+        if rank_info.distributed():
             value = value.clone()
             dist.all_reduce(value, op=op, group=group)  # group None: every process
         return value
@@ -315,12 +278,12 @@ class Trainer:
         continues it and jobs split this way train exactly as one. Ctrl-C finishes the current
         step, saves a checkpoint and raises KeyboardInterrupt.
         """
-        limits = _JobLimits(self.tc, self.state.step, time.monotonic() if started is None else started)
+        limits = JobLimits(self.tc, self.state.step, time.monotonic() if started is None else started)
         log = MetricsLog(self.out, self.tc.tensorboard, resume_step=self.state.step) if self.is_main else None
         reporter = _Reporter(self, log)
         reason = None
         try:
-            with _StopRequest() as stop:
+            with StopRequest() as stop:
                 if self.state.step == 0 and self.tc.eval_interval:
                     reporter.validation(self.evaluate())
                 while self.state.step < self.tc.steps and reason is None:
@@ -334,16 +297,16 @@ class Trainer:
             message = f"training stopped at step {self.state.step} ({reason}); checkpoint saved in {self.out}"
             if self.is_main:
                 tqdm.write(message)
-            if reason == _StopRequest.REASON:
+            if reason == StopRequest.REASON:
                 raise KeyboardInterrupt(message)
         return self.state
 
-    def _stop_reason(self, interrupted: bool, limits: _JobLimits) -> str | None:
+    def _stop_reason(self, interrupted: bool, limits: JobLimits) -> str | None:
         """Why this job ends after this step, if it does: decided by all ranks together (any rank's
         Ctrl-C or clock counts), so that every rank stops after the same step and saves with the others."""
         flags = torch.tensor([interrupted, *limits.reached(self.state.step)], dtype=torch.float32, device=self.device)
         flags = self._all_reduce(flags, dist.ReduceOp.MAX)
-        reasons = [_StopRequest.REASON, *limits.reasons]
+        reasons = [StopRequest.REASON, *limits.reasons]
         return next((reason for reason, flag in zip(reasons, flags.tolist(), strict=True) if flag), None)
 
     def _on_interval(self, reporter: _Reporter, last: bool, stopping: bool = False) -> None:
@@ -359,22 +322,6 @@ class Trainer:
             self.save(weights=last or stopping)
 
 
-class _JobLimits:
-    """When this job must end before ``train.steps``: Megatron's --exit-interval (``train.exit_interval``
-    steps of this job) and --exit-duration-in-mins (``train.exit_duration_mins`` of wall-clock time)."""
-
-    def __init__(self, tc: TrainConfig, first_step: int, started: float) -> None:
-        self.last_step = first_step + tc.exit_interval if tc.exit_interval else None
-        self.deadline = started + 60 * tc.exit_duration_mins if tc.exit_duration_mins else None
-        self.reasons = [f"train.exit_interval={tc.exit_interval}",
-                        f"train.exit_duration_mins={tc.exit_duration_mins:g}"]
-
-    def reached(self, step: int) -> list[bool]:
-        """This rank's view, one flag per entry of ``reasons``."""
-        return [self.last_step is not None and step >= self.last_step,
-                self.deadline is not None and time.monotonic() >= self.deadline]
-
-
 class _Reporter:
     """Progress bar, log records and printed lines for one ``fit``; only the main rank writes."""
 
@@ -388,7 +335,7 @@ class _Reporter:
         self.peak = tc.peak_flops or measure_matmul_flops(trainer.device, dtype)
         source = "train.peak_flops" if tc.peak_flops else f"measured {tc.precision} matmul; noisy on a busy machine"
         self._print(f"MFU is relative to {format_flops(self.peak)} per device ({source})")
-        self.devices = dist.get_world_size() if _distributed() else 1
+        self.devices = rank_info.world_size()
 
     def _print(self, text: str) -> None:
         if self.trainer.is_main:

@@ -1,7 +1,7 @@
 """HTTP serving over one Engine: OpenAI-compatible completions and chat completions, Megatron's
 ``PUT /api``, health, Prometheus metrics, and the playground page at ``/``.
 
-Concurrent requests are decoded together (continuous batching, ``mtnlg.generate.batcher``).
+Concurrent requests are decoded together (continuous batching, ``mtnlg.serve.batcher``).
 The event loop only checks, parses and streams, and tokenizes in a worker thread, so it keeps
 answering (health, bad requests) while a batch runs. Before a body is read, the API key is
 checked (every path but ``/health`` and the page at ``/``, whose own API calls carry the key) and
@@ -35,11 +35,11 @@ from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mtnlg.generate import handlers
+from mtnlg.serve import handlers
 from mtnlg.generate.engine import Engine
-from mtnlg.generate.handlers import APIError, ServerState
-from mtnlg.generate.metrics import AccessLog, ServerMetrics, log_to_stderr
-from mtnlg.generate.protocol import ChatCompletionRequest, CompletionRequest, MegatronRequest
+from mtnlg.serve.handlers import APIError, ServerState
+from mtnlg.serve.metrics import AccessLog, ServerMetrics, log_to_stderr
+from mtnlg.serve.protocol import ChatCompletionRequest, CompletionRequest, MegatronRequest
 
 API_KEY_ENV = "MTNLG_API_KEY"
 MAX_BODY_BYTES = 1 << 20  # default limit of a request body (mtnlg serve --max-body-bytes)

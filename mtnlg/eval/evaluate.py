@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from mtnlg.data.tokenizer import Tokenizer
-from mtnlg.eval_data import DELIMITER, Item
+from mtnlg.eval.data import DELIMITER, Item
 from mtnlg.model.gpt import GPT
 
 LOGIT_ROWS = 1024  # positions sent through the output layer at a time (bounds the (rows, vocab) logits)
@@ -88,8 +88,8 @@ class Scorer:
         progress: bool = False,
     ) -> Scorer:
         """Load any checkpoint generation loads (fp32, int8, converted from HF), ``tokenizer`` replacing its own."""
-        from mtnlg.convert import load_tokenizer
-        from mtnlg.quantize import load_for_inference
+        from mtnlg.checkpoint.convert import load_tokenizer
+        from mtnlg.generate.load import load_for_inference
 
         model, cfg, found = load_for_inference(path, quantize, device, batch_size)
         tok = load_tokenizer(tokenizer, cfg.model.vocab_size) if tokenizer else found
@@ -273,7 +273,7 @@ class EvalSpec:
 def read_task(spec: EvalSpec) -> list:
     """The documents (perplexity) or items with their few-shot prompts (cloze, choice) of ``spec``,
     read and checked before any model loads, so bad data fails fast."""
-    from mtnlg import eval_data
+    from mtnlg.eval import data as eval_data
 
     if spec.task not in eval_data.TASKS:
         raise ValueError(f"unknown task {spec.task!r}; choose one of: {', '.join(eval_data.TASKS)}")
@@ -294,7 +294,7 @@ def read_task(spec: EvalSpec) -> list:
 
 def evaluate(scorer: Scorer, spec: EvalSpec, data: list | None = None) -> dict[str, object]:
     """Run one task on ``data`` (default: ``read_task(spec)``): its metrics, after the settings that produced them."""
-    from mtnlg.eval_data import is_indexed
+    from mtnlg.eval.data import is_indexed
 
     data = read_task(spec) if data is None else data
     head: dict[str, object] = {"task": spec.task, "data": spec.data}

@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mtnlg.generate.batcher import Batcher, BatchObserver
+from mtnlg.serve.batcher import Batcher, BatchObserver
 
 access_log = logging.getLogger("mtnlg.access")
 

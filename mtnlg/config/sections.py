@@ -1,38 +1,31 @@
-"""Typed configuration: one dataclass per concern, TOML files, ``--section.field=value`` overrides.
+"""The configuration's schema: one dataclass per concern, each field with its default and help.
 
-There is no global argument object: a ``Config`` is built once (preset -> file -> overrides),
-validated, and passed explicitly. Every field carries its help text in ``metadata["help"]``
-so ``--help`` and error messages can explain it.
+There is no global argument object: a ``Config`` is built once (preset -> file -> overrides, in
+``mtnlg.config.build``), validated, and passed explicitly. Every field carries its help text in
+``metadata["help"]`` so ``--help``, the reference and error messages can explain it.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import difflib
 import json
-import sys
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised only on Python 3.10
-    import tomli as tomllib
+from mtnlg.config.errors import ConfigError
+from mtnlg.config.schedules import SCHEDULES
 
 
-class ConfigError(ValueError):
-    """A configuration value is unknown, mistyped or inconsistent; the message names the field."""
+def _f(default: Any, help: str, runtime: bool = False, **kwargs: Any) -> Any:
+    """A dataclass field with its help text (mutable defaults go through a factory).
 
-
-def _f(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with its help text (mutable defaults go through a factory)."""
+    ``runtime``: a model field that changes neither the parameters' shapes nor their meaning, so a
+    checkpoint loads (and a run resumes) with another value of it.
+    """
+    metadata = {"help": help, "runtime": runtime}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
 
 
 MOE_BALANCE = ("aux", "bias", "aux+bias", "none")
@@ -48,7 +41,7 @@ class ModelConfig:
     hidden: int = _f(768, "Model width (embedding and residual stream size).")
     n_heads: int = _f(12, "Attention heads per block; hidden must be divisible by it.")
     ffn_hidden: int = _f(0, "MLP inner width; 0 means 4 * hidden.")
-    dropout: float = _f(0.0, "Dropout on embeddings, attention probabilities and residual branches.")
+    dropout: float = _f(0.0, "Dropout on embeddings, attention probabilities and residual branches.", runtime=True)
     layernorm_eps: float = _f(1e-5, "LayerNorm epsilon.")
     init_std: float = _f(0.02, "Std of the normal init; output projections use std / sqrt(2 * n_layers).")
     tie_embeddings: bool = _f(True, "Share the output layer's weight with the token embedding.")
@@ -56,7 +49,8 @@ class ModelConfig:
         128, "Pad the embedding rows to a multiple of this (Megatron's make-vocab-size-divisible-by)."
     )
     activation: str = _f("gelu_tanh", "MLP activation: gelu_tanh (GPT-2) or gelu (exact erf).")
-    activation_checkpointing: bool = _f(False, "Recompute each block's activations in backward to save memory.")
+    activation_checkpointing: bool = _f(False, "Recompute each block's activations in backward to save memory.",
+                                        runtime=True)
     moe_experts: int = _f(0, "Mixture of experts: expert MLPs per MoE block; 0 keeps every MLP dense.")
     moe_top_k: int = _f(2, "Experts each token is routed to (gates renormalised over them when > 1).")
     moe_every: int = _f(1, "Every k-th block is a MoE block (blocks k-1, 2k-1, ...); 2 = every other block.")
@@ -136,9 +130,6 @@ class ModelConfig:
             raise ConfigError("model.moe_aux_loss_coef, moe_z_loss_coef and moe_bias_update_rate must be >= 0")
 
 
-PP_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", "zbv", "dualpipev")
-
-
 @dataclass
 class ParallelConfig:
     """How the world of processes is split: dp x pp x tp = world size."""
@@ -178,9 +169,9 @@ class ParallelConfig:
         if self.pp_microbatches < 0:
             raise ConfigError(f"parallel.pp_microbatches must be >= 0 (0: the accumulation steps), got "
                               f"{self.pp_microbatches}")
-        if self.pp_schedule not in PP_SCHEDULES:
+        if self.pp_schedule not in SCHEDULES:
             raise ConfigError(f"parallel.pp_schedule={self.pp_schedule!r} is unknown; choose one of "
-                              f"{', '.join(PP_SCHEDULES)}")
+                              f"{', '.join(SCHEDULES)}")
         if self.dp == 0 or self.dp < -1:
             raise ConfigError(f"parallel.dp must be >= 1 or -1 (derive), got {self.dp}")
         if not self.timeout_s > 0:
@@ -269,6 +260,24 @@ class TrainConfig:
         if self.exit_interval < 0 or self.exit_duration_mins < 0:
             raise ConfigError("train.exit_interval and train.exit_duration_mins must be >= 0 (0: no limit)")
 
+    def batch_sizes(self) -> list[int]:
+        """Every global batch size the run will use: the ramp-up sizes, then the final one."""
+        sizes = {self.global_batch_size}
+        if self.rampup_batch_size:
+            start, increment, ramp_samples = self.rampup_batch_size
+            if start < 1 or increment < 1 or ramp_samples < 0 or start > self.global_batch_size:
+                raise ConfigError(
+                    f"train.rampup_batch_size={self.rampup_batch_size}: need start >= 1, increment >= 1, "
+                    f"ramp_samples >= 0 and start <= global_batch_size={self.global_batch_size}"
+                )
+            if (self.global_batch_size - start) % increment:
+                raise ConfigError(
+                    f"train.rampup_batch_size: global_batch_size - start = {self.global_batch_size - start} "
+                    f"is not a multiple of increment={increment}"
+                )
+            sizes.update(range(start, self.global_batch_size, increment))
+        return sorted(sizes)
+
 
 @dataclass
 class FinetuneConfig:
@@ -333,163 +342,10 @@ class Config:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
-        cfg = cls()
-        update(cfg, data, source)
-        return cfg.validate()
 
-
-def _section_names(obj: Any) -> list[str]:
-    return [f.name for f in dataclasses.fields(obj)]
-
-
-def _unknown(kind: str, name: str, known: list[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(known)}"
-    return ConfigError(f"{where}: unknown {kind} {name!r}{hint}")
-
-
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Convert a TOML/JSON/CLI value to the field's declared type, or raise a ConfigError."""
-    origin = typing.get_origin(annotation)
-    if origin is list:
-        (item_type,) = typing.get_args(annotation)
-        if isinstance(value, str):
-            value = _parse_list(value, where)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, item_type, where) for v in value]
-    if origin in (typing.Union, types.UnionType):
-        return value  # Optional fields are not used yet; keep the raw value.
-    try:
-        if annotation is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                return value.lower() in ("1", "true", "yes", "on")
-            raise ValueError
-        if annotation is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if annotation is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if annotation is str:
-            return str(value)
-    except (TypeError, ValueError):
-        pass
-    else:
-        return value
-    raise ConfigError(f"{where}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
-
-
-def _parse_list(text: str, where: str) -> list[Any]:
-    """A list given on the command line: ``4,4,8``, ``4 4 8`` or TOML's ``[4, 4, 8]`` / ``['a', 'b']``."""
-    text = text.strip()
-    if text.startswith("[") and text.endswith("]"):
-        try:
-            return list(tomllib.loads(f"v = {text}")["v"])
-        except tomllib.TOMLDecodeError:
-            text = text[1:-1]  # [a, b]: unquoted words, as in the comma form
-    items = text.replace(",", " ").split()
-    if any(item.startswith(("[", "]")) or item.endswith(("[", "]")) for item in items):
-        raise ConfigError(f"{where}: cannot read {text!r} as a list: write 4,4,8 or [4, 4, 8]")
-    return items
-
-
-def set_field(cfg: Config, dotted: str, value: Any, where: str = "override") -> None:
-    """Set ``section.field`` on ``cfg`` with type conversion; unknown names are errors."""
-    parts = dotted.split(".")
-    if len(parts) != 2:
-        raise ConfigError(f"{where}: expected section.field, got {dotted!r}")
-    section_name, field_name = parts
-    if section_name not in _section_names(cfg):
-        raise _unknown("section", section_name, _section_names(cfg), where)
-    section = getattr(cfg, section_name)
-    hints = typing.get_type_hints(type(section))
-    if field_name not in hints:
-        raise _unknown(f"field of [{section_name}]", field_name, _section_names(section), where)
-    setattr(section, field_name, _coerce(value, hints[field_name], f"{where}: {dotted}"))
-
-
-def update(cfg: Config, data: dict[str, Any], source: str) -> None:
-    """Apply a nested mapping ``{section: {field: value}}`` (as read from TOML/JSON)."""
-    for section_name, values in data.items():
-        if section_name not in _section_names(cfg):
-            raise _unknown("section", section_name, _section_names(cfg), source)
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source}: [{section_name}] must be a table of fields, got {values!r}")
-        for name, value in values.items():
-            set_field(cfg, f"{section_name}.{name}", value, source)
-
-
-def load_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML (or, with PyYAML installed, YAML) config file into a nested dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ConfigError(f"{path}: reading YAML needs PyYAML (pip install pyyaml)") from None
-        return yaml.safe_load(text) or {}
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-
-
-def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
-    """Turn ``--model.hidden=512`` / ``--model.hidden 512`` into (dotted, value) pairs."""
-    pairs: list[tuple[str, str]] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-            raise ConfigError(f"unrecognized argument {arg!r}: overrides look like --section.field=value")
-        key = arg[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
-        elif i + 1 < len(args):
-            i += 1
-            value = args[i]
-        else:
-            raise ConfigError(f"override {arg!r} needs a value")
-        pairs.append((key, value))
-        i += 1
-    return pairs
-
-
-def build_config(
-    preset: str | None = None,
-    file: str | Path | None = None,
-    overrides: list[str] | None = None,
-    base: Config | None = None,
-) -> Config:
-    """Preset, then file, then CLI overrides, on top of ``base`` (a resumed run's saved config;
-    default: the dataclass defaults); the result is validated. ``base`` is not modified."""
-    cfg = copy.deepcopy(base) if base is not None else Config()
-    return apply_settings(cfg, preset, file, overrides).validate()
-
-
-def apply_settings(
-    cfg: Config, preset: str | None = None, file: str | Path | None = None, overrides: list[str] | None = None
-) -> Config:
-    """Apply a preset, a file and overrides to ``cfg`` in place, without validating the result."""
-    from mtnlg.presets import get_preset
-
-    if preset:
-        cfg.model = get_preset(preset)
-    if file:
-        update(cfg, load_file(file), str(file))
-    for key, value in parse_overrides(overrides or []):
-        set_field(cfg, key, value, f"--{key}")
-    return cfg
+def runtime_fields(section_cls: type) -> set[str]:
+    """The fields of a section marked ``runtime``: free to differ between a checkpoint and its loader."""
+    return {f.name for f in dataclasses.fields(section_cls) if f.metadata.get("runtime")}
 
 
 def field_help(section_cls: type) -> dict[str, str]:

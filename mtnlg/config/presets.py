@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mtnlg.config import ConfigError, ModelConfig
+from mtnlg.config.sections import ConfigError, ModelConfig
 
 PRESETS: dict[str, ModelConfig] = {
     # Trains in minutes on a 2-core CPU with the demo's 8k-token BPE.

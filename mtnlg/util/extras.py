@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
+VERSION = "0.1.0"  # pyproject.toml's version
+
 # The optional package a command may import -> the extra of pyproject.toml that installs it.
 OPTIONAL_PACKAGES: dict[str, str | None] = {
     "fastapi": "serve", "uvicorn": "serve", "httpx": "serve", "prometheus_client": "serve", "matplotlib": "demo",
@@ -30,10 +32,8 @@ def missing_package_message(module: str | None) -> str | None:
 
 def version_string() -> str:
     """mtnlg's version with torch's (read from its metadata: importing torch takes seconds) and Python's."""
-    from mtnlg import __version__
-
     try:
         torch_version = version("torch")
     except PackageNotFoundError:
         torch_version = "not installed"
-    return f"mtnlg {__version__} (torch {torch_version}, Python {sys.version.split()[0]})"
+    return f"mtnlg {VERSION} (torch {torch_version}, Python {sys.version.split()[0]})"

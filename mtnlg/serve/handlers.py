@@ -21,12 +21,12 @@ from functools import cached_property
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from mtnlg.generate.batcher import Batcher, BatchObserver, Job
-from mtnlg.generate.chat import ChatTemplate
+from mtnlg.data.chat_template import ChatTemplate
 from mtnlg.generate.engine import Completion, Engine, SamplingParams, TokenEvent
 from mtnlg.generate.engine import Request as EngineRequest
-from mtnlg.generate.protocol import ChatCompletionRequest, CompletionRequest, MegatronRequest, _SamplingBody
 from mtnlg.generate.sequence import LIMITS
+from mtnlg.serve.batcher import Batcher, BatchObserver, Job
+from mtnlg.serve.protocol import ChatCompletionRequest, CompletionRequest, MegatronRequest, _SamplingBody
 
 MAX_SEQUENCES = 64  # prompts x n in one request
 _API_NAMES = {"max_new_tokens": "max_tokens", "ignore_eod": "ignore_eos", "stop": "stop"}

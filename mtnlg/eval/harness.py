@@ -5,14 +5,14 @@ when it is imported (``@register_model("mtnlg")``); its own ``lm_eval`` command 
 models. So run it through this module, which registers the model, then runs lm_eval's command line
 with every option it has::
 
-    HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 python -m mtnlg.eval_harness \\
+    HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 python -m mtnlg.eval.harness \\
         --model mtnlg --model_args checkpoint=runs/r1 --tasks my_task --include_path tasks/
 
 or, in Python, import it before ``lm_eval.simple_evaluate(model="mtnlg", ...)`` (or pass
 ``MtnlgLM(checkpoint=...)`` as the model). Without the two offline variables the ``datasets``
 library makes network look-ups even for local ``dataset_path: json`` tasks.
 
-The scoring is ``mtnlg.evaluate``'s (the same tokenization of context and continuation, batching
+The scoring is ``mtnlg.eval.evaluate``'s (the same tokenization of context and continuation, batching
 and softmax over the real vocabulary), so a task gives the numbers ``mtnlg evaluate`` gives on the
 same data. ``loglikelihood_rolling`` uses lm_eval's own rolling windows (the end-of-document token
 first, every token scored once); ``generate_until`` decodes with the generation engine and cuts the
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mtnlg.extras import missing_package_message
+from mtnlg.util.extras import missing_package_message
 
 try:
     import lm_eval.models  # noqa: F401  (lm_eval's own models: the registry skips them once it holds ours)
@@ -40,7 +40,7 @@ except ModuleNotFoundError as exc:
         raise
     raise ModuleNotFoundError(missing_package_message("lm_eval"), name="lm_eval") from None
 
-from mtnlg.evaluate import Scorer
+from mtnlg.eval.evaluate import Scorer
 from mtnlg.generate.engine import Engine
 from mtnlg.generate.sequence import MAX_STOP_STRINGS, SamplingParams
 
@@ -141,7 +141,7 @@ def cut_at(text: str, until: Sequence[str]) -> str:
 
 
 def main() -> None:
-    """``python -m mtnlg.eval_harness ARGS``: lm_eval's command line (``lm_eval ARGS``) with ``mtnlg`` registered."""
+    """``python -m mtnlg.eval.harness ARGS``: lm_eval's command line (``lm_eval ARGS``) with ``mtnlg`` registered."""
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv[0] = "lm_eval"

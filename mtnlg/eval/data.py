@@ -15,13 +15,14 @@ delimiter of lm-evaluation-harness, so the same data gives the same numbers ther
 
 from __future__ import annotations
 
-import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
+from mtnlg.data.jsonl import read_objects
 
 JSON_SUFFIXES = (".jsonl", ".json")
 TASKS = ("perplexity", "cloze", "choice")
@@ -44,27 +45,6 @@ class Item:
     def solved(self) -> str:
         """The item with its answer, as a few-shot example shows it."""
         return self.context + DELIMITER + self.answer
-
-
-def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """``(where, object)`` for each non-blank line; ``where`` is ``file:line`` for error messages."""
-    path = Path(path)
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, 1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{where}: invalid UTF-8 at byte {exc.start}") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON: {exc.msg} at column {exc.colno}") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            yield where, obj
 
 
 def _field(obj: dict, key: str, kind: type, where: str) -> object:
@@ -102,7 +82,7 @@ def choice_item(obj: dict, where: str) -> Item:
 def read_items(path: str | Path, task: str) -> list[Item]:
     """The cloze or choice items of a JSONL file."""
     parse = {"cloze": cloze_item, "choice": choice_item}[task]
-    items = [parse(obj, where) for where, obj in read_jsonl(path)]
+    items = [parse(obj, where) for where, obj in read_objects(path)]
     if not items:
         raise ValueError(f"{path}: no items")
     return items
@@ -113,7 +93,7 @@ def read_documents(path: str | Path, json_key: str = "text") -> list[str]:
     path = Path(path)
     if path.suffix not in JSON_SUFFIXES:
         return [path.read_text(encoding="utf-8")]
-    docs = [str(_field(obj, json_key, str, where)) for where, obj in read_jsonl(path)]
+    docs = [str(_field(obj, json_key, str, where)) for where, obj in read_objects(path)]
     if not docs:
         raise ValueError(f"{path}: no documents")
     return docs

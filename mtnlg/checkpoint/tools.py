@@ -15,7 +15,7 @@ from typing import Any
 
 from safetensors.torch import load_file
 
-from mtnlg.checkpoint import (
+from mtnlg.checkpoint.directory import (
     CHECKSUM_FILE,
     LAYOUT_FILE,
     TOKENIZER_DIR,
@@ -23,15 +23,14 @@ from mtnlg.checkpoint import (
     TRAINER_FILE,
     WEIGHTS_FILE,
     CheckpointError,
-    consolidated_weights,
-    load_config,
     resolve,
     verify_checksums,
-    write_atomically,
-    write_manifest,
-    write_model_files,
+    write_checksums,
 )
-from mtnlg.plan import human, model_info
+from mtnlg.checkpoint.model import consolidated_weights, load_config, write_model_files
+from mtnlg.model.counts import model_info
+from mtnlg.util.fmt import human, human_bytes
+from mtnlg.util.fs import atomic_dir, read_json
 
 
 @dataclass
@@ -58,14 +57,6 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _bytes(n: int) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
 def _checksum_status(directory: Path, verify: bool) -> str:
     if not (directory / CHECKSUM_FILE).is_file():
         return f"none ({CHECKSUM_FILE} absent: an inference checkpoint, or an incomplete one)"
@@ -75,16 +66,11 @@ def _checksum_status(directory: Path, verify: bool) -> str:
         verify_checksums(directory)
     except CheckpointError as exc:
         return f"FAILED: {exc}"
-    return f"ok ({len(json.loads((directory / CHECKSUM_FILE).read_text(encoding='utf-8')))} files)"
+    return f"ok ({len(read_json(directory / CHECKSUM_FILE, CheckpointError))} files)"
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: invalid JSON: {exc}") from None
+    return read_json(path, CheckpointError) if path.is_file() else None
 
 
 def inspect_checkpoint(path: str | Path, verify: bool = True) -> CheckpointReport:
@@ -129,8 +115,8 @@ def format_report(r: CheckpointReport) -> str:
         ("model", f"L={m['n_layers']} hidden={m['hidden']} heads={m['n_heads']} ffn={m['ffn_hidden']} "
                   f"seq={m['seq_len']} vocab={m['vocab_size']} (padded to {m['padded_vocab_size']})"),
         ("parameters", f"{human(r.parameters)} ({r.parameters:,})"),
-        ("size", f"{_bytes(sum(r.sizes.values()))}: " + ", ".join(
-            f"{name} {_bytes(size)}" for name, size in sorted(r.sizes.items(), key=lambda kv: -kv[1]))),
+        ("size", f"{human_bytes(sum(r.sizes.values()))}: " + ", ".join(
+            f"{name} {human_bytes(size)}" for name, size in sorted(r.sizes.items(), key=lambda kv: -kv[1]))),
         ("checksums", r.checksums),
     ]  # fmt: skip
     return "\n".join(f"{name:12s} {value}" for name, value in lines)
@@ -160,8 +146,8 @@ def export_checkpoint(path: str | Path, out: str | Path, verify: bool = True) ->
         write_model_files(tmp, weights, cfg, tokenizer=None)
         if (directory / TOKENIZER_DIR).is_dir():
             shutil.copytree(directory / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
-        write_manifest(tmp)
+        write_checksums(tmp, local=True)
 
     if out.exists():
-        out.rmdir()  # empty, checked above; write_atomically renames the finished export into place
-    return write_atomically(out, fill)
+        out.rmdir()  # empty, checked above; atomic_dir renames the finished export into place
+    return atomic_dir(out, fill)

@@ -88,29 +88,3 @@ def model_info(cfg: ModelConfig) -> ModelInfo:
         weights_gib_bf16=2 * params["total"] / gib,
         train_state_gib_mixed_adam=18 * params["total"] / gib,
     )
-
-
-def bubble_fraction(schedule: str, pp: int, microbatches: int, stages_per_rank: int = 1) -> float:
-    """Idle share of a pipeline step: bubble time / (bubble + work), for equal-cost stages.
-
-    GPipe and 1F1B fill and drain ``pp - 1`` stage slots around ``m`` micro-batches:
-    (pp - 1) / (m + pp - 1) (Narayanan et al. 2021). Interleaving ``v`` stages per rank makes
-    each slot 1/v as long: (pp - 1) / (v m + pp - 1). The zero-bubble V schedules (ZBV,
-    DualPipeV) split backward into input- and weight-gradient halves and fill the slots with the
-    latter: no bubble when forward, input-gradient and weight-gradient take equal time (their
-    papers' model; real stages deviate from it).
-    """
-    if pp == 1:
-        return 0.0
-    if schedule in ("zbv", "dualpipev"):
-        return 0.0
-    v = stages_per_rank if schedule == "interleaved_1f1b" else 1
-    return (pp - 1) / (v * microbatches + pp - 1)
-
-
-def human(n: float) -> str:
-    """1234567 -> '1.23M'."""
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"

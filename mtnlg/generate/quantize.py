@@ -52,30 +52,27 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mtnlg.checkpoint import (
-    CONFIG_FILE,
-    TOKENIZER_DIR,
-    CheckpointError,
+from mtnlg.checkpoint.directory import CONFIG_FILE, CheckpointError, resolve_verified, write_checksums
+from mtnlg.checkpoint.model import (
     load_config,
     load_model,
     load_tokenizer,
     model_state_for_saving,
     read_safetensors,
-    resolve_verified,
-    write_atomically,
-    write_manifest,
+    write_model_files,
 )
 from mtnlg.config import Config
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.model.gpt import GPT
 from mtnlg.model.moe import GroupedExperts
+from mtnlg.util.fs import atomic_dir
 
 ROUTER = "router.gate"  # a MoE router's Linear: kept fp32
 INT8_WEIGHTS_FILE = "model-int8.safetensors"
 QUANTIZATIONS = ("int8",)
 
 
-def _check_backend(device: torch.device | str) -> None:
+def check_backend(device: torch.device | str) -> None:
     if torch.device(device).type != "cpu":
         raise ValueError(f"int8 inference runs on CPU (fbgemm kernels); got device {device!r}: use bf16 on GPUs")
     if torch.backends.quantized.engine == "none":
@@ -267,7 +264,7 @@ def quantize_model(model: GPT) -> GPT:
     """Replace every nn.Linear (including the tied output layer, which gets its own int8 copy;
     the embedding and MoE routers stay fp32) by an Int8Linear, and MoE experts by Int8Experts, in
     place; returns the model in eval mode."""
-    _check_backend(next(model.parameters()).device)
+    check_backend(next(model.parameters()).device)
     for name, module in list(model.named_modules()):
         if isinstance(module, GroupedExperts):
             model.set_submodule(name, Int8Experts.from_grouped(module))
@@ -285,13 +282,11 @@ def save_quantized(directory: str | Path, model: GPT, cfg: Config, tokenizer: To
     weights = model_state_for_saving(model)
 
     def fill(tmp: Path) -> None:
-        (tmp / CONFIG_FILE).write_text(cfg.to_json(), encoding="utf-8")
+        write_model_files(tmp, None, cfg, tokenizer)
         save_file(weights, str(tmp / INT8_WEIGHTS_FILE), metadata={"format": "pt", "quantization": "int8"})
-        if tokenizer is not None:
-            tokenizer.save(tmp / TOKENIZER_DIR)
-        write_manifest(tmp)
+        write_checksums(tmp, local=True)
 
-    return write_atomically(Path(directory), fill)
+    return atomic_dir(directory, fill)
 
 
 def _stored_int8_linear(state: dict[str, torch.Tensor], name: str) -> Int8Linear:
@@ -304,7 +299,7 @@ def load_quantized(path: str | Path) -> tuple[GPT, Config, Tokenizer | None]:
     weights = directory / INT8_WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{directory}: no {INT8_WEIGHTS_FILE}; quantize it with `mtnlg quantize`")
-    _check_backend("cpu")
+    check_backend("cpu")
     cfg = load_config(directory)
     state = read_safetensors(weights)
     with torch.device("meta"):
@@ -325,22 +320,6 @@ def load_quantized(path: str | Path) -> tuple[GPT, Config, Tokenizer | None]:
     except RuntimeError as exc:
         raise CheckpointError(f"{weights} does not fit {directory / CONFIG_FILE}: {exc}") from None
     return model.eval(), cfg, load_tokenizer(directory)
-
-
-def load_for_inference(
-    path: str | Path, quantize: str | None = None, device: str = "cpu", max_batch_size: int = 8
-) -> tuple[GPT, Config, Tokenizer | None]:
-    """A checkpoint ready to generate (``prepare_for_inference``): int8 if it was saved quantized
-    or ``quantize='int8'``, else fp32 in the fast layout."""
-    if quantize not in (None, "none", *QUANTIZATIONS):
-        raise ValueError(f"unknown quantization {quantize!r}; choose one of: none, {', '.join(QUANTIZATIONS)}")
-    directory = resolve_verified(path)
-    if quantize == "int8" or (directory / INT8_WEIGHTS_FILE).is_file():
-        _check_backend(device)
-    if (directory / INT8_WEIGHTS_FILE).is_file():
-        return load_quantized(directory)
-    model, cfg, tokenizer = load_model(directory, device=device)
-    return prepare_for_inference(model, quantize, max_batch_size), cfg, tokenizer
 
 
 def quantize_checkpoint(src: str | Path, out: str | Path) -> Path:

@@ -1,0 +1,51 @@
+"""The one way a checkpoint becomes a model ready to generate: every inference path (``mtnlg generate``,
+``chat``, ``serve``, ``evaluate``, the lm-eval adaptor) loads through here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mtnlg.checkpoint.directory import resolve_verified
+from mtnlg.checkpoint.model import load_model
+from mtnlg.config import Config, ParallelConfig
+from mtnlg.data.tokenizer import Tokenizer
+from mtnlg.generate.quantize import (
+    INT8_WEIGHTS_FILE,
+    QUANTIZATIONS,
+    check_backend,
+    load_quantized,
+    prepare_for_inference,
+)
+from mtnlg.model.gpt import GPT
+from mtnlg.parallel.dims import ParallelDims, init_distributed
+from mtnlg.parallel.parallelize import parallelize
+
+
+def load_for_inference(
+    path: str | Path, quantize: str | None = None, device: str = "cpu", max_batch_size: int = 8
+) -> tuple[GPT, Config, Tokenizer | None]:
+    """A checkpoint ready to generate (``prepare_for_inference``): int8 if it was saved quantized
+    or ``quantize='int8'``, else fp32 in the fast layout."""
+    if quantize not in (None, "none", *QUANTIZATIONS):
+        raise ValueError(f"unknown quantization {quantize!r}; choose one of: none, {', '.join(QUANTIZATIONS)}")
+    directory = resolve_verified(path)
+    if quantize == "int8" or (directory / INT8_WEIGHTS_FILE).is_file():
+        check_backend(device)
+    if (directory / INT8_WEIGHTS_FILE).is_file():
+        return load_quantized(directory)
+    model, cfg, tokenizer = load_model(directory, device=device)
+    return prepare_for_inference(model, quantize, max_batch_size), cfg, tokenizer
+
+
+def load_parallel_for_inference(
+    path: str, parallel: ParallelConfig
+) -> tuple[GPT, Config, Tokenizer | None, ParallelDims]:
+    """Every rank loads the plain checkpoint, then keeps its tensor-parallel part for generation.
+
+    The plain model (not the fp32/int8 inference layouts of ``mtnlg.generate.quantize``) is loaded, since
+    only ``nn.Linear`` layers can be sharded by the plan.
+    """
+    model, cfg, tokenizer = load_model(path)
+    dims = init_distributed(parallel)
+    return parallelize(model, dims, cfg, inference=True), cfg, tokenizer, dims

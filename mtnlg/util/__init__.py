@@ -1,0 +1,5 @@
+"""Helpers every package may use: atomic files and checksums (``fs``), where this process stands in
+a distributed job (``dist``), human-readable numbers (``fmt``) and optional packages (``extras``).
+
+May import: nothing of mtnlg (the standard library, torch.distributed, importlib.metadata only).
+"""
