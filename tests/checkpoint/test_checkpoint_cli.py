@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runs import small_run_flags
 from safetensors.torch import load_file
 
 from mtnlg.checkpoint.model import load_model
 from mtnlg.cli import main
+from tests.harness.cli import small_run_flags
 
 TRAIN = small_run_flags(n_layers=2, micro_batch_size=2, eval_iters=2)
 

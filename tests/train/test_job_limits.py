@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_harness import run_world
 from safetensors.torch import load_file
-from test_trainer import RandomTokens, make_config, make_trainer, train_losses
 
 from mtnlg.checkpoint.tools import export_checkpoint, inspect_checkpoint
 from mtnlg.config import ConfigError, ModelConfig, ParallelConfig, build_config
@@ -22,6 +20,8 @@ from mtnlg.train.build import build_model
 from mtnlg.train.metrics import read_log
 from mtnlg.train.run import report_changes
 from mtnlg.train.trainer import Trainer
+from tests.harness.dist import run_world
+from tests.harness.training import RandomTokens, make_config, make_trainer, train_losses
 
 TINY = ModelConfig(vocab_size=300, seq_len=32, n_layers=2, hidden=64, n_heads=4, padded_vocab_multiple=64)
 

@@ -196,9 +196,8 @@ def _checksums_on_two_ranks(directory: str) -> tuple[int, str]:
 def test_checksums_are_hashed_once_in_total_across_ranks(tmp_path):
     """Ranks split the reading (a big checkpoint is not read by rank 0 alone, nor by every rank),
     agree on the result, and all see the same corruption error."""
-    from dist_harness import run_world
-
     import mtnlg.checkpoint.directory as ckpt
+    from tests.harness.dist import run_world
 
     for name in ("a.bin", "b.bin", "c.bin", "sub/d.bin", "sub/e.bin"):
         (tmp_path / name).parent.mkdir(exist_ok=True)

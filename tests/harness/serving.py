@@ -20,6 +20,9 @@ from mtnlg.model.gpt import GPT
 
 uvicorn = pytest.importorskip("uvicorn")
 
+KEY = "test-key"  # the API key of the test servers
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
 
 @contextmanager
 def running(app) -> Iterator[str]:

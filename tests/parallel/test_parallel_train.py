@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runs import at_step, finish, losses, small_run_flags, start_torchrun, torchrun, valid_losses
 
 from mtnlg.checkpoint.model import load_model
 from mtnlg.cli import main
+from tests.harness.cli import at_step, finish, losses, small_run_flags, start_torchrun, torchrun, valid_losses
 
 RTOL = 1e-5
 TRAIN = small_run_flags(n_layers=4, micro_batch_size=2, eval_iters=2)

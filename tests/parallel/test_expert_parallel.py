@@ -16,9 +16,6 @@ from typing import Any
 
 import pytest
 import torch
-from dist_harness import run_world
-from test_data_parallel import _dims, _full_states, _trainer
-from test_trainer import RandomTokens
 from torch.distributed.tensor import DTensor
 
 from mtnlg.config import Config, ModelConfig, ParallelConfig, TrainConfig
@@ -26,6 +23,8 @@ from mtnlg.model.moe import GroupedExperts
 from mtnlg.parallel.dims import ParallelDims
 from mtnlg.train.build import build_model
 from mtnlg.train.trainer import Trainer
+from tests.harness.dist import run_world
+from tests.harness.training import RandomTokens, full_states, world_dims, world_trainer
 
 STEPS = 2
 ROUTING = {"dropless": {}, "capacity": {"moe_capacity_factor": 1.0, "moe_balance": "aux+bias"}}
@@ -69,12 +68,12 @@ LAYOUTS = {
 
 
 def _world(world_size: int, saved: str) -> dict[str, dict[str, Any]]:
-    out = {name: _train(_config(routing, **layout), _dims(_config(routing, **layout), world_size))
+    out = {name: _train(_config(routing, **layout), world_dims(_config(routing, **layout), world_size))
            for name, (routing, layout) in LAYOUTS[world_size].items()}
     if world_size == 2:  # the one-process checkpoint resumed under ep=2
-        trainer = _trainer(_config("capacity", ep=2), Path(saved), 2)
+        trainer = world_trainer(_config("capacity", ep=2), Path(saved), 2)
         assert trainer.resume() is not None
-        out["resumed"] = _full_states(trainer)
+        out["resumed"] = full_states(trainer)
     return out
 
 
@@ -82,11 +81,11 @@ def _world(world_size: int, saved: str) -> dict[str, dict[str, Any]]:
 def _saved_by_one_process() -> tuple[str, dict[str, torch.Tensor]]:
     """A checkpoint of 2 steps with capacity routing (the expert biases moved), and its full states."""
     out = Path(tempfile.mkdtemp(prefix="mtnlg-moe-")) / "run"
-    trainer = _trainer(_config("capacity"), out, 1)
+    trainer = world_trainer(_config("capacity"), out, 1)
     for _ in range(STEPS):
         trainer.train_step()
     trainer.save()
-    return str(out), _full_states(trainer)
+    return str(out), full_states(trainer)
 
 
 @functools.cache

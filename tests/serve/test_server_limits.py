@@ -7,40 +7,24 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serving import running, tiny_engine
 
 from mtnlg.generate.engine import Engine, SamplingParams
 from mtnlg.serve.app import create_app
 from mtnlg.serve.protocol import UNSUPPORTED
+from tests.harness.serving import AUTH
 
-KEY = "limits-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
 BODY_LIMIT = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def engine(small_tokenizer) -> Engine:
-    return tiny_engine(small_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def url(engine: Engine) -> Iterator[str]:
-    app = create_app(engine, api_key=KEY, model_name="tiny", batch_wait_s=0.3, max_body_bytes=BODY_LIMIT)
-    with running(app) as base:
-        yield base
-
-
-@pytest.fixture(scope="module")
-def client(url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
-        yield c
+def app_options() -> dict:
+    return {"batch_wait_s": 0.3, "max_body_bytes": BODY_LIMIT}
 
 
 def post(client: httpx.Client, body: dict | bytes) -> httpx.Response:

@@ -13,13 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from serving import running
 
 from mtnlg.config import ModelConfig
 from mtnlg.generate.engine import Engine
 from mtnlg.generate.quantize import onednn_linear_available, prepare_for_inference
 from mtnlg.model.gpt import GPT
 from mtnlg.serve.app import create_app
+from tests.harness.serving import running
 
 BOUND_MB = 40  # what 1,000 varied requests may add after the warm-up
 

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from dist_harness import run_world
 from torch.distributed.tensor import DTensor
 
 from mtnlg.config import Config, ConfigError, ModelConfig, ParallelConfig
@@ -26,6 +25,7 @@ from mtnlg.parallel.dims import ParallelDims, init_distributed
 from mtnlg.parallel.parallelize import parallelize
 from mtnlg.parallel.tensor import check_tp_compatible
 from mtnlg.parallel.utils import loss_context
+from tests.harness.dist import run_world
 
 RTOL = 1e-5  # fp32: the gathered result may differ from one process only by reduction order
 SINGLE = ParallelDims(dp=1, pp=1, tp=1, world_size=1)

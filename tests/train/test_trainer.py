@@ -14,42 +14,12 @@ import torch
 
 from mtnlg.checkpoint.model import load_model
 from mtnlg.cli import main
-from mtnlg.config import Config, ConfigError, TrainConfig, build_config
-from mtnlg.train.build import build_model
+from mtnlg.config import ConfigError, build_config
 from mtnlg.train.metrics import MetricsLog, read_log
 from mtnlg.train.optim import validate_batch_sizes
-from mtnlg.train.trainer import Trainer
+from tests.harness.training import RandomTokens, make_config, make_trainer, train_losses
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
-
-
-class RandomTokens:
-    """An in-memory dataset with the trainer's interface: ``len`` and int64 samples of seq_len + 1."""
-
-    def __init__(self, n: int, seq_len: int, vocab: int, seed: int = 0) -> None:
-        self.data = np.random.default_rng(seed).integers(0, vocab, size=(n, seq_len + 1), dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.data[i]
-
-
-def make_config(model_cfg, out, **train) -> Config:
-    defaults = dict(micro_batch_size=2, global_batch_size=4, steps=6, lr=1e-3, warmup_steps=2, eval_interval=3,
-                    eval_iters=2, log_interval=1, save_interval=3, peak_flops=1e12, out=str(out), device="cpu")
-    return Config(model=dataclasses.replace(model_cfg), train=TrainConfig(**{**defaults, **train})).validate()
-
-
-def make_trainer(cfg: Config, data=None) -> Trainer:
-    data = data or RandomTokens(64, cfg.model.seq_len, cfg.model.vocab_size)
-    valid = RandomTokens(8, cfg.model.seq_len, cfg.model.vocab_size, seed=1)
-    return Trainer(cfg, build_model(cfg, torch.device("cpu")), data, valid, progress=False)
-
-
-def train_losses(run_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_log(run_dir / "log.jsonl") if r["kind"] == "train"}
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.toml"))
 
 
 def test_resume_is_bitwise_identical(tmp_path, small_model_config):

@@ -9,14 +9,13 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from fnmatch import fnmatch
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from serving import running, tiny_engine, with_chat_markers
 
 from mtnlg.checkpoint.model import save_model
 from mtnlg.cli import main
@@ -26,36 +25,18 @@ from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.generate.engine import Engine, SamplingParams
 from mtnlg.model.gpt import GPT
 from mtnlg.serve.app import PLAYGROUND, create_app
+from tests.harness.serving import KEY, with_chat_markers
 
 openai = pytest.importorskip("openai")
 parser = pytest.importorskip("prometheus_client.parser")
 
-KEY = "chat-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
 TEMPLATE = ChatTemplate()
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Pack my box"}]
 
 
 @pytest.fixture(scope="module")
-def chat_tokenizer(small_tokenizer: Tokenizer) -> Tokenizer:
+def engine_tokenizer(small_tokenizer: Tokenizer) -> Tokenizer:
     return with_chat_markers(small_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def engine(chat_tokenizer: Tokenizer) -> Engine:
-    return tiny_engine(chat_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def url(engine: Engine) -> Iterator[str]:
-    with running(create_app(engine, api_key=KEY, model_name="tiny")) as base:
-        yield base
-
-
-@pytest.fixture(scope="module")
-def client(url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
-        yield c
 
 
 def reference(engine: Engine, messages: list[dict], **kw):
@@ -63,13 +44,13 @@ def reference(engine: Engine, messages: list[dict], **kw):
     return engine.generate([TEMPLATE.render(messages)], SamplingParams(stop=[TEMPLATE.end], **kw))[0]
 
 
-def test_official_client_chat_plain_and_streamed(url: str, engine: Engine, chat_tokenizer: Tokenizer) -> None:
+def test_official_client_chat_plain_and_streamed(url: str, engine: Engine, engine_tokenizer: Tokenizer) -> None:
     api = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
     done = api.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0)
     expected = reference(engine, MESSAGES, max_new_tokens=8, temperature=0)
     assert done.object == "chat.completion" and done.choices[0].message.role == "assistant"
     assert done.choices[0].message.content == expected.text and done.choices[0].finish_reason == expected.finish_reason
-    prompt_tokens = len(chat_tokenizer.encode(TEMPLATE.render(MESSAGES)))
+    prompt_tokens = len(engine_tokenizer.encode(TEMPLATE.render(MESSAGES)))
     assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (prompt_tokens, len(expected.tokens))
     assert done.usage.total_tokens == prompt_tokens + len(expected.tokens)
 
@@ -94,8 +75,8 @@ def test_seeded_choices_and_the_rest_of_the_context(client: httpx.Client, engine
                                                                 temperature=0, ignore_eod=True).text
 
 
-def test_the_answer_ends_at_the_end_marker(client: httpx.Client, engine: Engine, chat_tokenizer: Tokenizer) -> None:
-    end_id = chat_tokenizer.hf.token_to_id(TEMPLATE.end)
+def test_the_answer_ends_at_the_end_marker(client: httpx.Client, engine: Engine, engine_tokenizer: Tokenizer) -> None:
+    end_id = engine_tokenizer.hf.token_to_id(TEMPLATE.end)
 
     def prefer_end(_module, _inputs, logits: torch.Tensor) -> torch.Tensor:
         logits[..., end_id] = 1e4
@@ -204,7 +185,7 @@ def test_playground_page_is_public_and_self_contained(url: str) -> None:
 
 def test_the_page_ships_in_the_package() -> None:
     """setuptools only packs the page as package data: the wheel would serve a 500 without it."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
@@ -214,12 +195,12 @@ def test_the_page_ships_in_the_package() -> None:
     assert any(fnmatch(page, pattern) for pattern in globs["mtnlg.generate"]) and PLAYGROUND.is_file()
 
 
-def test_mtnlg_chat_with_piped_stdin(tmp_path, chat_tokenizer: Tokenizer, monkeypatch, capsys) -> None:
-    cfg = Config(model=ModelConfig(vocab_size=chat_tokenizer.vocab_size, seq_len=48, n_layers=1, hidden=32,
+def test_mtnlg_chat_with_piped_stdin(tmp_path, engine_tokenizer: Tokenizer, monkeypatch, capsys) -> None:
+    cfg = Config(model=ModelConfig(vocab_size=engine_tokenizer.vocab_size, seq_len=48, n_layers=1, hidden=32,
                                    n_heads=2, padded_vocab_multiple=64, init_std=0.3))
     torch.manual_seed(0)
     model = GPT(cfg.model)
-    ckpt = save_model(tmp_path / "ckpt", model, cfg, chat_tokenizer)
+    ckpt = save_model(tmp_path / "ckpt", model, cfg, engine_tokenizer)
     messages = ["Pack my box", "/reset", "Pack my box", "The quick", "brown fox", "jumps over", "/exit", "never"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(messages) + "\n"))
     answered = []
@@ -228,7 +209,7 @@ def test_mtnlg_chat_with_piped_stdin(tmp_path, chat_tokenizer: Tokenizer, monkey
     args = ["chat", "--checkpoint", str(ckpt), "--system", "Be brief.", "--max-new-tokens", "6", "--temperature", "0"]
     assert main(args) == 0
     out, answers = capsys.readouterr().out, len(answered)
-    first = reference(Engine(model, chat_tokenizer), [MESSAGES[0], {"role": "user", "content": "Pack my box"}],
+    first = reference(Engine(model, engine_tokenizer), [MESSAGES[0], {"role": "user", "content": "Pack my box"}],
                       max_new_tokens=6, temperature=0).text
     assert out.startswith(f"{first}\n(conversation cleared)\n{first}\n")  # /reset forgot the first exchange
     assert answers == 5 and not re.search("^error:", out, re.M)  # nothing after /exit; the oldest exchanges made room

@@ -24,7 +24,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 OVERRIDES = ["--train.rampup_batch_size=[4, 4, 8]", "--data.data_path=0.3,a,0.7,b", "--train.lr=3e-4",
              "--data.tokenizer=tok \"quoted\"", "--train.peak_flops=1e12", "--model.dropout=0.1"]
 

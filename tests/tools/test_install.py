@@ -17,7 +17,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("install_torch", ROOT / "tools" / "install_torch.py")
 install_torch = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(install_torch)

@@ -8,43 +8,27 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
-from serving import running, tiny_engine
 
 from mtnlg.checkpoint.model import save_model
 from mtnlg.config import Config, ModelConfig
 from mtnlg.generate.engine import Engine, SamplingParams
 from mtnlg.model.gpt import GPT
 from mtnlg.serve.app import create_app
+from tests.harness.serving import AUTH, KEY, running
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-KEY = "test-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def engine(small_tokenizer) -> Engine:
-    return tiny_engine(small_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def url(engine: Engine) -> Iterator[str]:
-    # A generous batching window makes concurrent requests in the tests reliably share batches.
-    with running(create_app(engine, api_key=KEY, model_name="tiny", batch_wait_s=0.2)) as base:
-        yield base
-
-
-@pytest.fixture(scope="module")
-def client(url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
-        yield c
+def app_options() -> dict:
+    return {"batch_wait_s": 0.2}  # a generous batching window: concurrent requests reliably share batches
 
 
 def reference(engine: Engine, prompt: str, **kw) -> str:

@@ -8,11 +8,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from serving import running, tiny_engine, with_chat_markers
 
 from mtnlg.data.chat_template import ChatTemplate
+from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.generate.engine import Engine, SamplingParams
-from mtnlg.serve.app import create_app
+from tests.harness.serving import KEY, with_chat_markers
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -25,19 +25,12 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pi
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-KEY = "page-key"
 PROMPT = "The quick"
 
 
 @pytest.fixture(scope="module")
-def engine(small_tokenizer) -> Engine:
-    return tiny_engine(with_chat_markers(small_tokenizer))
-
-
-@pytest.fixture(scope="module")
-def url(engine: Engine) -> Iterator[str]:
-    with running(create_app(engine, api_key=KEY, model_name="tiny")) as base:
-        yield base
+def engine_tokenizer(small_tokenizer) -> Tokenizer:
+    return with_chat_markers(small_tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,14 @@ from typing import Any
 
 import pytest
 import torch
-from dist_harness import run_world
-from test_trainer import RandomTokens
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 from torch.distributed.tensor import DTensor
 
 from mtnlg.config import Config, ModelConfig, ParallelConfig, TrainConfig
 from mtnlg.parallel.dims import ParallelDims
 from mtnlg.train.build import build_model
 from mtnlg.train.trainer import Trainer
+from tests.harness.dist import run_world
+from tests.harness.training import RandomTokens, full_states, world_dims, world_trainer
 
 STEPS = 5
 
@@ -68,15 +67,8 @@ LAYOUTS = {
 }
 
 
-def _dims(cfg: Config, world_size: int) -> ParallelDims:
-    dims = ParallelDims.from_config(cfg.parallel, world_size)
-    if world_size > 1:
-        dims.build_mesh()
-    return dims
-
-
 def _world(world_size: int, checkpoints: str) -> dict[str, dict[str, Any]]:
-    out = {name: _train(_config(**layout), _dims(_config(**layout), world_size))
+    out = {name: _train(_config(**layout), world_dims(_config(**layout), world_size))
            for name, layout in LAYOUTS[world_size].items()}
     if world_size == 4:
         out |= _reshard_world(Path(checkpoints))
@@ -87,40 +79,24 @@ def _world(world_size: int, checkpoints: str) -> dict[str, dict[str, Any]]:
 RESHARDS = [("one process", "dp2 x pp2"), ("dp2 x pp2", "dp2 x tp2"), ("dp2 x tp2", "dp2 x pp2")]
 
 
-def _full_states(trainer: Trainer) -> dict[str, torch.Tensor]:
-    """Model and optimizer state by flattened name, every entry whole (collective)."""
-    options = StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)
-    model, optim = get_state_dict(trainer.model, trainer.optimizer, options=options)
-    states = {f"model.{k}": v for k, v in model.items()} | {f"optim.{k}": v for k, v in optim.items()}
-    return {k: v for k, v in states.items() if isinstance(v, torch.Tensor)}
-
-
-def _trainer(cfg: Config, out: Path, world_size: int) -> Trainer:
-    """A trainer of ``cfg`` writing to ``out``, on this world (1: one process)."""
-    cfg.train.out = str(out)
-    dims = _dims(cfg, world_size)
-    data = RandomTokens(64, cfg.model.seq_len, cfg.model.vocab_size)
-    return Trainer(cfg, build_model(cfg, torch.device("cpu"), dims), data, dims=dims, progress=False)
-
-
 def _layout_config(layout: str) -> Config:
     return _config(**LAYOUTS[4].get(layout, {}))  # "one process": the defaults
 
 
 def _save_after_one_step(layout: str, checkpoints: Path, world_size: int) -> dict[str, torch.Tensor]:
-    trainer = _trainer(_layout_config(layout), checkpoints / layout, world_size)
+    trainer = world_trainer(_layout_config(layout), checkpoints / layout, world_size)
     trainer.train_step()
     trainer.save()
-    return _full_states(trainer)
+    return full_states(trainer)
 
 
 def _reshard_world(checkpoints: Path) -> dict[str, dict[str, Any]]:
     saved = {saver: _save_after_one_step(saver, checkpoints, 4) for saver, _ in RESHARDS if saver != "one process"}
     loaded = {}
     for saver, loader in RESHARDS:
-        trainer = _trainer(_layout_config(loader), checkpoints / saver, 4)
+        trainer = world_trainer(_layout_config(loader), checkpoints / saver, 4)
         assert trainer.resume() is not None
-        loaded[f"{saver} -> {loader}"] = {"saved": saved.get(saver), "loaded": _full_states(trainer)}
+        loaded[f"{saver} -> {loader}"] = {"saved": saved.get(saver), "loaded": full_states(trainer)}
     return loaded
 
 

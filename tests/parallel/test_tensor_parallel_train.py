@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runs import at_step, losses, small_run_flags, torchrun, valid_losses
 
 from mtnlg.checkpoint.model import load_model
 from mtnlg.cli import main
+from tests.harness.cli import at_step, losses, small_run_flags, torchrun, valid_losses
 
 RTOL = 1e-4
 TRAIN = small_run_flags(n_layers=2, micro_batch_size=4, eval_iters=1)

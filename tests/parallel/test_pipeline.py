@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import torch
-from dist_harness import run_world
 from torch.distributed.tensor import DTensor
 
 from mtnlg.config import Config, ConfigError, ModelConfig, ParallelConfig, TrainConfig
@@ -21,6 +20,7 @@ from mtnlg.parallel.dims import ParallelDims
 from mtnlg.parallel.pipeline import Pipeline, check_pipeline
 from mtnlg.parallel.utils import loss_context
 from mtnlg.train.build import build_model
+from tests.harness.dist import run_world
 
 TOL = 1e-5
 CPU = torch.device("cpu")

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runs import losses, small_run_flags, torchrun
 
 from mtnlg.checkpoint.model import load_model, save_model
 from mtnlg.cli import main
@@ -18,6 +17,7 @@ from mtnlg.config import Config, ModelConfig
 from mtnlg.generate.load import load_for_inference
 from mtnlg.generate.quantize import quantize_checkpoint
 from mtnlg.model.gpt import GPT
+from tests.harness.cli import losses, small_run_flags, torchrun
 
 # tiny-moe shrunk to seconds: 2 blocks of width 32, the second a MoE block (4 experts, top-2).
 TRAIN = [*small_run_flags(n_layers=2, micro_batch_size=2, eval_iters=1), "--preset", "tiny-moe", "--model.hidden=32",
