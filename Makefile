@@ -47,7 +47,7 @@ demo: $(STAMP)
 	@echo "loss curve: $(DEMO_DIR)/run/loss.png, training log: $(DEMO_DIR)/run/log.jsonl"
 
 # The demo's model fine-tuned to follow two instructions, then asked prompts it never saw (see
-# README, "Fine-tuning"); a few minutes on a 2-core CPU. Runs `make demo` first if its checkpoint is missing.
+# docs/finetuning.md); a few minutes on a 2-core CPU. Runs `make demo` first if its checkpoint is missing.
 SFT_PROMPTS := "reverse: file list value" "uppercase: name path" "reverse: error time data line" \
 	"uppercase: string type line"
 

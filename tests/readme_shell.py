@@ -1,7 +1,7 @@
-"""Runs the README's ``mtnlg`` and ``python FILE`` commands in processes forked from one warm server.
+"""Runs the docs' ``mtnlg`` and ``python FILE`` commands in processes forked from one warm server.
 
-Importing torch and mtnlg's modules takes seconds of CPU on the 2-core CI machine, and the README
-has dozens of commands: run as fresh interpreters, the README test would spend most of its time
+Importing torch and mtnlg's modules takes seconds of CPU on the 2-core CI machine, and README.md and
+docs/*.md have dozens of commands: run as fresh interpreters, the docs test would spend most of its time
 importing. Here one server process imports them once; ``mtnlg`` and ``python`` on the PATH are
 shims that hand their arguments, working directory, environment and standard streams (the file
 descriptors themselves, so pipes and redirections behave as for a real process) to it over a Unix
@@ -19,7 +19,7 @@ import sys
 import traceback
 from pathlib import Path
 
-# The modules every README command needs, imported once in the server.
+# The modules every docs command needs, imported once in the server.
 WARM = ("torch", "mtnlg.cli", "mtnlg.checkpoint.model", "mtnlg.generate.engine", "mtnlg.generate.console",
         "mtnlg.train.run", "mtnlg.checkpoint.convert", "mtnlg.generate.quantize", "mtnlg.data.preprocess",
         "matplotlib.pyplot")

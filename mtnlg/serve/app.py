@@ -189,7 +189,7 @@ def create_app(
     return app
 
 
-PLAYGROUND = files("mtnlg.generate").joinpath("static", "playground.html")
+PLAYGROUND = files("mtnlg.serve").joinpath("static", "playground.html")
 
 
 def _add_routes(app: FastAPI, server: ServerState, metrics: ServerMetrics) -> None:

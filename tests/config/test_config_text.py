@@ -1,4 +1,5 @@
-"""Discoverable configuration: `mtnlg config show`, the README's reference, --help, list syntaxes, --version."""
+"""Discoverable configuration: `mtnlg config show`, the reference in docs/configuration.md, --help, list syntaxes,
+--version."""
 
 from __future__ import annotations
 
@@ -84,9 +85,9 @@ def test_version_matches_pyproject(capsys):
     assert capsys.readouterr().out.startswith(f"mtnlg {__version__} (torch ")
 
 
-def test_readme_configuration_reference_matches_the_dataclasses():
-    """Regenerate with: python -m mtnlg config reference --update README.md"""
-    assert reference_in(ROOT / "README.md") == reference_markdown()
+def test_docs_configuration_reference_matches_the_dataclasses():
+    """Regenerate with: python -m mtnlg config reference --update docs/configuration.md"""
+    assert reference_in(ROOT / "docs" / "configuration.md") == reference_markdown()
 
 
 def test_reference_lists_every_field_with_its_default_and_help():

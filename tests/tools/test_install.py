@@ -49,7 +49,7 @@ def test_an_unreachable_url_is_reported_not_raised():
 
 def test_the_documented_install_installs_every_extra_and_the_pinned_torch():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## Installation"):readme.index("## Models and presets")]
+    section = readme.split("\n## Installation\n", 1)[1].split("\n## ", 1)[0]
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     extras = set(pyproject["optional-dependencies"])
     assert set(re.search(r'pip install -e "\.\[([a-z,]+)\]"', section).group(1).split(",")) == extras
