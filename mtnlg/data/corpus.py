@@ -29,6 +29,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mtnlg.util.fs import atomic_file
+
 # Parts of the standard library that are tests, test data or third-party packages, not documentation.
 _SKIP_PARTS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 _TEXT_SUFFIXES = {".txt", ".rst"}
@@ -202,21 +204,13 @@ def build_corpus(
     stats = CorpusStats(path=str(out_path))
     start = time.perf_counter()
     docs = folder_documents(from_dir, stats.skipped) if from_dir is not None else embedded_documents(modules)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            for source, text in docs:
-                line = json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n"
-                f.write(line)
-                stats.documents += 1
-                stats.characters += len(text)
-                stats.bytes += len(line.encode("utf-8"))
-                stats.sources[source.split(":")[0]] += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(out_path) as f:
+        for source, text in docs:
+            line = json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n"
+            f.write(line)
+            stats.documents += 1
+            stats.characters += len(text)
+            stats.bytes += len(line.encode("utf-8"))
+            stats.sources[source.split(":")[0]] += 1
     stats.seconds = time.perf_counter() - start
     return stats

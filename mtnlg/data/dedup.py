@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 import zlib
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from mtnlg.data.jsonl import BadLine, parse_json_line
+from mtnlg.util.fs import atomic_file
 
 _WORD = re.compile(r"\w+")
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant (golden ratio) for combining word hashes
@@ -246,25 +246,19 @@ def dedup_jsonl(
     dedup = _Deduplicator(cfg, report)
     start = time.perf_counter()
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_path.with_name(f".{output_path.name}.tmp-{os.getpid()}")
-    try:
-        with open(input_path, "rb") as src, open(tmp, "wb") as dst:
-            for number, raw in enumerate(src, start=1):
-                if not raw.strip():
-                    continue
-                report.read += 1
-                try:
-                    text = parse_json_line(raw, json_key)
-                except BadLine as exc:
-                    report.note(f"bad line: {exc.kind}", f"{input_path}:{number}: {exc}")
-                    continue
-                if dedup.keep(text, str(input_path), number):
-                    dst.write(raw if raw.endswith(b"\n") else raw + b"\n")
-                    report.kept += 1
-        os.replace(tmp, output_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with open(input_path, "rb") as src, atomic_file(output_path, "wb") as dst:
+        for number, raw in enumerate(src, start=1):
+            if not raw.strip():
+                continue
+            report.read += 1
+            try:
+                text = parse_json_line(raw, json_key)
+            except BadLine as exc:
+                report.note(f"bad line: {exc.kind}", f"{input_path}:{number}: {exc}")
+                continue
+            if dedup.keep(text, str(input_path), number):
+                dst.write(raw if raw.endswith(b"\n") else raw + b"\n")
+                report.kept += 1
     report.seconds = time.perf_counter() - start
     return report
 

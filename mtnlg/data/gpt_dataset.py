@@ -33,6 +33,7 @@ import torch
 
 from mtnlg.config import DataConfig
 from mtnlg.data.indexed import DataError, IndexedDataset
+from mtnlg.util.fs import atomic_file
 
 INDEX_VERSION = 1
 SPLIT_NAMES = ("train", "valid", "test")
@@ -242,13 +243,11 @@ def _save_cached(
         cache.mkdir(parents=True, exist_ok=True)
         files = _cache_files(cache, stem, kinds) + [cache / f"{stem}.json"]
         for path, arr in zip(files, arrays + (None,), strict=True):
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            with open(tmp, "wb") as f:
+            with atomic_file(path, "wb") as f:
                 if arr is None:
                     f.write(json.dumps(desc, indent=1, sort_keys=True).encode())
                 else:
                     np.save(f, arr)
-            os.replace(tmp, path)
     except OSError as exc:
         raise DataError(f"cannot write sample-index cache in {cache} ({exc}); set --data.cache_dir") from None
     return arrays

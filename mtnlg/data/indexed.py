@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import ArrayLike
 
+from mtnlg.util.fs import commit_file, temp_path
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER_SIZE = len(MAGIC) + 8 + 1 + 8 + 8  # 34 bytes
@@ -57,7 +59,7 @@ def idx_path(prefix: str | Path) -> Path:
 
 
 def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return temp_path(path, unique=True)
 
 
 class IndexedDatasetWriter:
@@ -126,8 +128,8 @@ class IndexedDatasetWriter:
                 f.write(sizes.tobytes() + pointers.tobytes() + np.frombuffer(self._doc_index, np.int64).tobytes())
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(self._bin_tmp, self.bin_path)
-            os.replace(self._idx_tmp, self.idx_path)
+            commit_file(self._bin_tmp, self.bin_path)
+            commit_file(self._idx_tmp, self.idx_path)
         except BaseException:
             self.abort()
             raise

@@ -17,7 +17,7 @@ import torch
 from mtnlg.checkpoint.directory import CheckpointError, find_training_checkpoint
 from mtnlg.checkpoint.model import load_model
 from mtnlg.checkpoint.training import load_training_checkpoint, save_training_checkpoint
-from mtnlg.config import Config, ModelConfig
+from mtnlg.config import Config, ModelConfig, config_from_dict
 from mtnlg.model.gpt import GPT
 from mtnlg.train.optim import build_optimizer
 
@@ -165,7 +165,7 @@ def test_loading_into_another_model_shape_names_the_fields(tmp_path, cfg):
 def test_changed_data_settings_warn(tmp_path, cfg):
     model, optimizer = trained(cfg)
     path = save(tmp_path, 1, model, optimizer, cfg)
-    moved = Config.from_dict({**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "seed": 7}})
+    moved = config_from_dict({**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "seed": 7}})
     with pytest.warns(UserWarning, match=r"data.seed: checkpoint 1234, config 7"):
         load_training_checkpoint(path, model, optimizer, moved)
 

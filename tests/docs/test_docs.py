@@ -41,9 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from readme_shell import write_shims
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.harness.docs_shell import write_shims
+
+ROOT = Path(__file__).resolve().parents[2]
 # The pages whose examples run, in this order (paths relative to ROOT): README first, then each page where
 # its sections were in the README they were split from, so that the examples keep their order and a file
 # an example uses exists when it runs. checkpoints.md comes after training.md, where its checkpoint
@@ -258,7 +259,7 @@ class ReadmeRunner:
             return
         sock = shims / "server.sock"
         write_shims(shims, sock)
-        self.server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "readme_shell.py"), str(sock)],
+        self.server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "harness" / "docs_shell.py"), str(sock)],
                                        env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                        start_new_session=True, text=True)
         assert self.server.stdout.readline() == "ready\n", "the command server did not start"
@@ -347,11 +348,11 @@ def readme(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReadmeRunner]:
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)), ids=[b.where for b in BLOCKS])
-def test_readme_example(readme: ReadmeRunner, index: int) -> None:
+def test_docs_example(readme: ReadmeRunner, index: int) -> None:
     readme.run_through(index)
 
 
-def test_readme_marks_examples_and_substitutions_apply() -> None:
+def test_docs_mark_examples_and_substitutions_apply() -> None:
     """The shortenings still find their text (else the docs test would silently run the long version)."""
     texts = "".join(b.text for b in BLOCKS)
     langs = {b.lang for b in BLOCKS}
