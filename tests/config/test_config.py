@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtnlg.config import Config, ConfigError, ModelConfig, build_config, config_from_dict, parse_overrides
+from mtnlg.config import ConfigError, ModelConfig, build_config, config_from_dict, parse_overrides
 from mtnlg.config.presets import PRESETS, get_preset
 from mtnlg.model.counts import flops_per_token, model_info, parameter_count
 from mtnlg.model.gpt import GPT
