@@ -14,13 +14,8 @@ from mtnlg.config import Config, ConfigError, build_config
 def _config_cmd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["show", "reference"],
                    help="show: the effective config as TOML, each field with its help; "
-<<<<<<< HEAD
-                        "reference: every field's default as the README's Markdown tables")
-    config_args(p)
-=======
                         "reference: every field's default as the Markdown tables of docs/configuration.md")
-    _config_args(p)
->>>>>>> docs
+    config_args(p)
     p.add_argument("--update", metavar="FILE", help="reference: rewrite the reference between the markers of FILE")
 
 
