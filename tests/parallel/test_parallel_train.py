@@ -9,6 +9,7 @@ the 20-step run's loss trace), and a killed rank.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -67,9 +68,17 @@ def test_pp2_checkpoint_is_whole_and_generates_in_one_process(runs: dict[str, Pa
 
 
 def test_pp2_resumes_its_checkpoint_bitwise(runs: dict[str, Path], train_data_flags: list[str], tmp_path: Path) -> None:
+    """The pp=2 job's step-5 checkpoint resumed under pp=2 logs the straight job's losses exactly.
+
+    The resume must name ``--parallel.pp=2``: the saved config brings back every section but
+    ``[parallel]`` (the layout of the new launch), so two processes without it run dp=2, another
+    reduction order, equal only to float rounding (by chance bitwise on AVX2, not on AVX-512).
+    """
     again = at_step(runs["pp2"], tmp_path / "pp2-again")
-    out = torchrun(["train", *train_data_flags, "--resume", "--train.exit_interval=5", "--out", str(again)])
-    assert f"resuming from {again / 'step_00000005'}" in out  # the saved config brings pp=2 and the rest back
+    out = torchrun(["train", *train_data_flags, "--resume", "--parallel.pp=2", "--train.exit_interval=5",
+                    "--out", str(again)])
+    assert f"resuming from {again / 'step_00000005'}" in out and "resume: parallel." not in out
+    assert json.loads((again / "step_00000010" / "layout.json").read_text(encoding="utf-8"))["pp"] == 2
     got, want = losses(again), losses(runs["pp2"])
     assert sorted(got) == list(range(1, 11))
     assert [got[s] for s in range(6, 11)] == [want[s] for s in range(6, 11)]  # exact
