@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from mtnlg.checkpoint.directory import (
     TRAIN_STATE_DIR,
     TRAINER_FILE,
     CheckpointError,
+    find_training_checkpoint,
     point_latest,
     prune,
     step_dir_name,
@@ -151,11 +153,27 @@ def _checkpoint_names(model: GPT, optim_state: dict[str, Any]) -> dict[str, str]
     return {k: k.replace(".lm_head.weight.", ".wte.weight.") for k in optim_state if ".lm_head.weight." in k}
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a run resumes from, found and verified once, and the config it was saved with."""
+
+    step_dir: Path
+    config: Config
+
+
+def find_resume_point(run_dir: str | Path) -> ResumePoint | None:
+    """``latest`` of ``run_dir``, or the newest older step that passes its checksums (with a warning),
+    with its config read once; None when the run has no checkpoint yet."""
+    step_dir = find_training_checkpoint(run_dir)
+    return None if step_dir is None else ResumePoint(step_dir, load_config(step_dir))
+
+
 def load_training_checkpoint(
-    step_dir: Path, model: GPT, optimizer: torch.optim.Optimizer, cfg: Config
+    step_dir: Path, model: GPT, optimizer: torch.optim.Optimizer, cfg: Config, saved: Config | None = None
 ) -> dict[str, Any]:
-    """Restore model, optimizer and this rank's RNGs from ``step_dir``; return the saved trainer state."""
-    check_compatible(load_config(step_dir), cfg, step_dir)
+    """Restore model, optimizer and this rank's RNGs from ``step_dir`` (saved with config ``saved``,
+    read from it when not given); return the saved trainer state."""
+    check_compatible(saved or load_config(step_dir), cfg, step_dir)
     model_state, optim_state = get_state_dict(model, optimizer, options=_STATE_OPTIONS)
     names = _checkpoint_names(model, optim_state)
     state = {"model": model_state, "optim": {names.get(k, k): v for k, v in optim_state.items()}}

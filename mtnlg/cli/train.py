@@ -70,6 +70,7 @@ def _run(
     """A training run's config (on --resume the checkpoint's, else on ``base`` of the settings given)
     with the command's ``flags`` (``section.field``: value) set, then ``run`` and its summary."""
     from mtnlg.checkpoint.directory import CheckpointError
+    from mtnlg.checkpoint.training import find_resume_point
     from mtnlg.config import apply_settings, set_field
     from mtnlg.train.run import resume_base
 
@@ -82,12 +83,11 @@ def _run(
     try:
         given = with_flags(apply_settings(Config(), None, args.config, overrides))
         run_dir = args.out or given.train.out
-        start = resume_base(run_dir) if args.resume else None
-        if start is None and base is not None:
-            start = base(given)
+        point = find_resume_point(run_dir) if args.resume else None  # found, verified and read once
+        start = resume_base(point) if point is not None else base(given) if base is not None else None
         cfg = with_flags(build_config(getattr(args, "preset", None), args.config, overrides, base=start))
         cfg.train.out = run_dir
-        summary = run(cfg.validate(), resume=args.resume, progress=not args.no_progress)
+        summary = run(cfg.validate(), resume=point or args.resume, progress=not args.no_progress)
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
     if int(os.environ.get("RANK", "0")) != 0:

@@ -7,6 +7,7 @@ Everything here happens once per run; the loop itself is ``mtnlg.train.trainer.T
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import os
 import time
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from mtnlg.checkpoint.directory import CheckpointError, find_training_checkpoint, resolve
 from mtnlg.checkpoint.model import load_config
+from mtnlg.checkpoint.training import ResumePoint, find_resume_point
 from mtnlg.config import Config, ConfigError, ParallelConfig, changes
 from mtnlg.config.text import toml_value
 from mtnlg.data.gpt_dataset import Dataset, build_datasets
@@ -108,26 +109,16 @@ def _is_weight(text: str) -> bool:
     return True
 
 
-def saved_config(run_dir: str | Path) -> Config | None:
-    """The config of the newest checkpoint in ``run_dir``; None when it holds none."""
-    try:
-        return load_config(resolve(run_dir))
-    except CheckpointError:  # no `latest`, or a broken step behind it: the newest verified one
-        step_dir = find_training_checkpoint(run_dir)
-        return None if step_dir is None else load_config(step_dir)
-
-
-def resume_base(run_dir: str | Path) -> Config | None:
+def resume_base(point: ResumePoint) -> Config:
     """What ``--resume`` builds on: the checkpoint's config, so a resumed run keeps its recipe
-    unless the command line changes a field (None when there is nothing to resume).
+    unless the command line changes a field.
 
     ``[parallel]`` is the exception: it describes this launch (how many processes, how split),
     and the checkpoint loads into any layout, so it comes from the command line alone.
     """
-    saved = saved_config(run_dir)
-    if saved is not None:
-        saved.parallel = ParallelConfig()
-    return saved
+    base = copy.deepcopy(point.config)
+    base.parallel = ParallelConfig()
+    return base
 
 
 def report_changes(saved: Config, cfg: Config) -> list[str]:
@@ -170,13 +161,17 @@ def _plot(trainer: Trainer) -> Path | None:
         return None
 
 
-def run_training(cfg: Config, resume: bool = False, progress: bool = True) -> RunSummary:
-    """Build data, model and trainer from ``cfg``, optionally resume from ``train.out``, and train."""
+Resume = bool | ResumePoint | None  # False/None: a new run; True: from train.out's newest good checkpoint
+
+
+def run_training(cfg: Config, resume: Resume = False, progress: bool = True) -> RunSummary:
+    """Build data, model and trainer from ``cfg``, optionally resume (from ``resume``, a checkpoint
+    found by the caller, or with True from ``train.out``), and train."""
     started = time.monotonic()  # train.exit_duration_mins counts the setup too
     tc = cfg.train
     _record_absolute_paths(cfg)
     tokenizer = _load_tokenizer(cfg)
-    _report_resume(cfg, resume)
+    resume = _report_resume(cfg, resume)
     sizes = (tc.steps * tc.global_batch_size, tc.eval_iters * tc.micro_batch_size, 0)
     train_data, valid_data, _ = build_datasets(cfg.data, cfg.model.seq_len, sizes)
     if tc.eval_interval and len(valid_data) == 0:
@@ -195,7 +190,7 @@ def finetune_base(given: Config) -> Config:
     return Config(model=saved.model, generate=saved.generate)
 
 
-def run_finetune(cfg: Config, resume: bool = False, progress: bool = True) -> RunSummary:
+def run_finetune(cfg: Config, resume: Resume = False, progress: bool = True) -> RunSummary:
     """``mtnlg finetune``: the model of ``finetune.checkpoint`` (its vocabulary grown for the chat
     markers) trained on ``finetune.data`` by the same loop, with the same checkpoints, logs and resume."""
     started = time.monotonic()
@@ -204,7 +199,7 @@ def run_finetune(cfg: Config, resume: bool = False, progress: bool = True) -> Ru
         raise ConfigError("packed fine-tuning samples cannot run through a pipeline (parallel.pp > 1): "
                           "use --finetune.pack=false")
     base, tokenizer = load_base_model(cfg)
-    _report_resume(cfg, resume)
+    resume = _report_resume(cfg, resume)
     num_samples = cfg.train.steps * cfg.train.global_batch_size
     train_data, valid_data, report = build_instruction_data(cfg, tokenizer, num_samples)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -217,10 +212,13 @@ def run_finetune(cfg: Config, resume: bool = False, progress: bool = True) -> Ru
     return _train(cfg, train_data, valid_data, tokenizer, make_model, resume, progress, started)
 
 
-def _report_resume(cfg: Config, resume: bool) -> None:
-    saved = saved_config(cfg.train.out) if resume else None
-    if saved is not None:
-        report_changes(saved, cfg)
+def _report_resume(cfg: Config, resume: Resume) -> ResumePoint | bool:
+    """The checkpoint to resume from (found now if ``resume`` is True), its changes printed; False: none."""
+    point = find_resume_point(cfg.train.out) if resume is True else resume
+    if isinstance(point, ResumePoint):
+        report_changes(point.config, cfg)
+        return point
+    return bool(resume)
 
 
 def _train(
@@ -229,7 +227,7 @@ def _train(
     valid_data: Dataset,
     tokenizer: Tokenizer | None,
     make_model: Callable[[Config, torch.device, ParallelDims], GPT],
-    resume: bool,
+    resume: ResumePoint | bool,
     progress: bool,
     started: float,
 ) -> RunSummary:
@@ -244,7 +242,7 @@ def _train(
     model = make_model(cfg, dims.device, dims)
     trainer = Trainer(cfg, model, train_data, valid_data, tokenizer=tokenizer, dims=dims, progress=progress)
     if resume:
-        step_dir = trainer.resume()
+        step_dir = trainer.resume(resume if isinstance(resume, ResumePoint) else None)
         if trainer.is_main:
             print(f"resuming from {step_dir}" if step_dir else f"no checkpoint in {trainer.out}: starting from step 0")
     trainer.fit(started)

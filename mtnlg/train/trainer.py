@@ -31,8 +31,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mtnlg.checkpoint.directory import find_training_checkpoint
-from mtnlg.checkpoint.training import load_training_checkpoint, save_training_checkpoint
+from mtnlg.checkpoint.training import (
+    ResumePoint,
+    find_resume_point,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
 from mtnlg.config import Config
 from mtnlg.data.batch import split_batch
 from mtnlg.data.gpt_dataset import Dataset, SampleLoader
@@ -254,12 +258,14 @@ class Trainer:
         self.last_saved_step = self.state.step
         return path
 
-    def resume(self) -> Path | None:
-        """Continue from the newest good checkpoint in ``out`` (None if there is none)."""
-        step_dir = find_training_checkpoint(self.out)
-        if step_dir is None:
+    def resume(self, point: ResumePoint | None = None) -> Path | None:
+        """Continue from ``point`` (found by the caller), else from the newest good checkpoint in ``out``;
+        the step directory resumed from (None if there is none)."""
+        point = point or find_resume_point(self.out)
+        if point is None:
             return None
-        saved = load_training_checkpoint(step_dir, self.model, self.optimizer, self.cfg)
+        step_dir = point.step_dir
+        saved = load_training_checkpoint(step_dir, self.model, self.optimizer, self.cfg, point.config)
         self.state = TrainState(**saved["state"])
         self.loader.load_state_dict(saved["loader"])
         if self.scaler is not None and saved["scaler"] is not None:

@@ -191,8 +191,8 @@ def test_the_page_ships_in_the_package() -> None:
     else:  # pragma: no cover
         import tomli as tomllib
     globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    page = PLAYGROUND.relative_to(root / "mtnlg" / "generate").as_posix()
-    assert any(fnmatch(page, pattern) for pattern in globs["mtnlg.generate"]) and PLAYGROUND.is_file()
+    page = PLAYGROUND.relative_to(root / "mtnlg" / "serve").as_posix()
+    assert any(fnmatch(page, pattern) for pattern in globs["mtnlg.serve"]) and PLAYGROUND.is_file()
 
 
 def test_mtnlg_chat_with_piped_stdin(tmp_path, engine_tokenizer: Tokenizer, monkeypatch, capsys) -> None:

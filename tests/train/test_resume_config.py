@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from mtnlg.checkpoint.directory import write_checksums
+from mtnlg.checkpoint.training import find_resume_point
 from mtnlg.cli import main
 from mtnlg.config import Config, ParallelConfig
 from mtnlg.train.metrics import read_log
-from mtnlg.train.run import resume_base, saved_config
+from mtnlg.train.run import resume_base
 
 SMALL = [
     "--no-progress", "--model.seq_len=32", "--model.n_layers=2", "--model.hidden=64", "--model.n_heads=4",
@@ -56,7 +58,8 @@ def test_resume_with_no_flags_continues_the_saved_recipe(corpus, straight, tmp_p
     assert _resume_lines(printed) == ["resume: train.steps 6 -> 8"]
     assert f"resuming from {out / 'step_00000006'}" in printed
     assert _trace(out) == _trace(straight)
-    assert saved_config(out).train.lr == 1e-3 and saved_config(out).train.decay_steps == 8
+    saved = find_resume_point(out).config
+    assert saved.train.lr == 1e-3 and saved.train.decay_steps == 8
 
 
 def test_resume_prints_each_changed_field_and_ignores_a_path_spelled_differently(corpus, tmp_path, monkeypatch,
@@ -88,7 +91,9 @@ def test_the_parallel_layout_comes_from_the_launch(tmp_path):
     cfg.train.lr = 2e-4
     (step / "config.json").write_text(cfg.to_json(), encoding="utf-8")
     (tmp_path / "run" / "latest").write_text(step.name, encoding="utf-8")
-    assert saved_config(tmp_path / "run").parallel.tp == 2
-    base = resume_base(tmp_path / "run")
-    assert base.parallel == ParallelConfig() and base.train.lr == 2e-4
-    assert resume_base(tmp_path / "nothing-here") is None
+    write_checksums(step, local=True)
+    point = find_resume_point(tmp_path / "run")
+    assert point.step_dir == step and point.config.parallel.tp == 2
+    base = resume_base(point)
+    assert base.parallel == ParallelConfig() and base.train.lr == 2e-4 and point.config.parallel.tp == 2
+    assert find_resume_point(tmp_path / "nothing-here") is None
