@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from mtnlg.config import ConfigError, ParallelConfig
+from mtnlg.util import dist as rank_info
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 EP_MESH_DIMS = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")
@@ -170,12 +171,12 @@ class ParallelDims:
 
     @property
     def rank(self) -> int:
-        return dist.get_rank() if dist.is_initialized() else 0
+        return rank_info.rank()
 
     @property
     def is_main(self) -> bool:
         """Rank 0: the process that logs and writes files every rank agrees on."""
-        return self.rank == 0
+        return rank_info.is_main()
 
 
 def _rank_device(device: torch.device | str | None) -> torch.device:
