@@ -216,7 +216,8 @@ def _hash_share(directory: Path, names: list[str], local: bool = False) -> dict[
     once per rank and not all by rank 0. Every rank must pass the same names (the directory is on a
     shared filesystem, as DCP requires).
     """
-    world, rank = (1, 0) if local else (rank_info.world_size(), rank_info.rank())
+    collective = not local and rank_info.distributed()
+    world, rank = (rank_info.world_size(), rank_info.rank()) if collective else (1, 0)
     mine = {name: sha256(directory / name) if (directory / name).is_file() else None for name in names[rank::world]}
     if world == 1:
         return mine
@@ -231,10 +232,11 @@ def write_checksums(directory: Path, local: bool = False) -> None:
     Collective (see ``_hash_share``; rank 0 writes the file) unless ``local``: a directory that
     one process writes alone (an inference checkpoint, an export, a conversion).
     """
-    sums = _hash_share(directory, _files(directory), local)
-    if local or rank_info.is_main():
+    collective = not local and rank_info.distributed()
+    sums = _hash_share(directory, _files(directory), local=not collective)
+    if not collective or rank_info.is_main():
         write_json(directory / CHECKSUM_FILE, sums, sort_keys=True)
-    if not local:
+    if collective:
         rank_info.barrier()  # no rank reads the manifest before it exists
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 
 from mtnlg.cli.args import command, config_args, no_overrides
 from mtnlg.config import Config, ConfigError, build_config
+from mtnlg.util import dist as rank_info
 
 # -- train -----------------------------------------------------------------------------------------
 
@@ -90,7 +90,7 @@ def _run(
         summary = run(cfg.validate(), resume=point or args.resume, progress=not args.no_progress)
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not rank_info.is_main():
         return 0  # under torchrun, one summary for the whole job
     if summary.first_valid_loss is not None:
         print(f"validation loss: first {summary.first_valid_loss:.4f} -> final {summary.final_valid_loss:.4f}")

@@ -14,6 +14,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from mtnlg.data.jsonl import BadLine, numbered_lines, parse_json_object
+
 EOD_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
 CHAT_TEMPLATE_FILE = "chat_template.json"  # see mtnlg/generate/chat.py
@@ -152,17 +154,13 @@ def iter_text_files(paths: Iterable[str | Path]) -> Iterator[str]:
     for p in paths:
         p = Path(p)
         if p.suffix == ".jsonl":
-            with p.open(encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    line = line.strip()
-                    if not line:
-                        continue
-                    try:
-                        text = json.loads(line).get("text")
-                    except (json.JSONDecodeError, AttributeError):
-                        continue  # preprocess reports bad lines; training a tokenizer just skips them
-                    if isinstance(text, str) and text:
-                        yield text
+            for _, raw in numbered_lines(p):
+                try:
+                    text = parse_json_object(raw).get("text")
+                except BadLine:
+                    continue  # preprocess reports bad lines; training a tokenizer just skips them
+                if isinstance(text, str) and text:
+                    yield text
         else:
             yield p.read_text(encoding="utf-8", errors="replace")
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mtnlg.data.gpt_dataset import split_ranges
+from mtnlg.data.indexed import IndexedDataset, idx_path
 from mtnlg.data.jsonl import read_objects
 
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -101,8 +103,6 @@ def read_documents(path: str | Path, json_key: str = "text") -> list[str]:
 
 def is_indexed(path: str | Path) -> bool:
     """Whether ``path`` names an indexed dataset: a prefix with ``.bin``/``.idx`` files, or one of them."""
-    from mtnlg.data.indexed import idx_path
-
     text = str(path)
     return text.endswith((".bin", ".idx")) or idx_path(text).is_file()
 
@@ -110,9 +110,6 @@ def is_indexed(path: str | Path) -> bool:
 def read_indexed_split(path: str | Path, split: str, name: str) -> list[np.ndarray]:
     """The token ids of each document of split ``name`` (train, valid or test) of an indexed dataset,
     with the documents divided as training divides them (``data.split``, e.g. ``949,50,1``)."""
-    from mtnlg.data.gpt_dataset import split_ranges
-    from mtnlg.data.indexed import IndexedDataset
-
     prefix = str(path).removesuffix(".bin").removesuffix(".idx")
     data = IndexedDataset(prefix)
     names = ("train", "valid", "test")

@@ -38,8 +38,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mtnlg.checkpoint.convert import load_tokenizer
 from mtnlg.data.tokenizer import Tokenizer
-from mtnlg.eval.data import DELIMITER, Item
+from mtnlg.eval import data as eval_data
+from mtnlg.eval.data import DELIMITER, Item, is_indexed
+from mtnlg.generate.load import load_for_inference
 from mtnlg.model.gpt import GPT
 
 LOGIT_ROWS = 1024  # positions sent through the output layer at a time (bounds the (rows, vocab) logits)
@@ -88,9 +91,6 @@ class Scorer:
         progress: bool = False,
     ) -> Scorer:
         """Load any checkpoint generation loads (fp32, int8, converted from HF), ``tokenizer`` replacing its own."""
-        from mtnlg.checkpoint.convert import load_tokenizer
-        from mtnlg.generate.load import load_for_inference
-
         model, cfg, found = load_for_inference(path, quantize, device, batch_size)
         tok = load_tokenizer(tokenizer, cfg.model.vocab_size) if tokenizer else found
         if tok is None:
@@ -273,8 +273,6 @@ class EvalSpec:
 def read_task(spec: EvalSpec) -> list:
     """The documents (perplexity) or items with their few-shot prompts (cloze, choice) of ``spec``,
     read and checked before any model loads, so bad data fails fast."""
-    from mtnlg.eval import data as eval_data
-
     if spec.task not in eval_data.TASKS:
         raise ValueError(f"unknown task {spec.task!r}; choose one of: {', '.join(eval_data.TASKS)}")
     if spec.task == "perplexity":
@@ -294,8 +292,6 @@ def read_task(spec: EvalSpec) -> list:
 
 def evaluate(scorer: Scorer, spec: EvalSpec, data: list | None = None) -> dict[str, object]:
     """Run one task on ``data`` (default: ``read_task(spec)``): its metrics, after the settings that produced them."""
-    from mtnlg.eval.data import is_indexed
-
     data = read_task(spec) if data is None else data
     head: dict[str, object] = {"task": spec.task, "data": spec.data}
     if spec.task == "perplexity":

@@ -201,7 +201,7 @@ def init_distributed(cfg: ParallelConfig, device: torch.device | str | None = No
     """
     device = _rank_device(device)
     initialized = dist.is_available() and dist.is_initialized()
-    world_size = dist.get_world_size() if initialized else int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = rank_info.world_size()
     dims = ParallelDims.from_config(cfg, world_size, device)
     if world_size == 1:
         return dims

@@ -32,6 +32,7 @@ from mtnlg.train.build import build_model
 from mtnlg.train.finetune import load_base_model
 from mtnlg.train.metrics import LOG_FILE, plot_loss_curve, precision_warning, read_log
 from mtnlg.train.trainer import Trainer
+from mtnlg.util import dist as rank_info
 from mtnlg.util.extras import missing_package_message
 
 
@@ -129,7 +130,7 @@ def report_changes(saved: Config, cfg: Config) -> list[str]:
     """
     lines = [f"resume: {name} {toml_value(old)} -> {toml_value(new)}"
              for name, old, new in changes(saved, cfg) if name != "train.out"]
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank_info.is_main():
         for line in lines:
             print(line)
         if (warning := schedule_warning(saved, cfg)) is not None:
@@ -202,7 +203,7 @@ def run_finetune(cfg: Config, resume: Resume = False, progress: bool = True) -> 
     resume = _report_resume(cfg, resume)
     num_samples = cfg.train.steps * cfg.train.global_batch_size
     train_data, valid_data, report = build_instruction_data(cfg, tokenizer, num_samples)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank_info.is_main():
         print(report.summary())
 
     def make_model(cfg: Config, device: torch.device, dims: ParallelDims) -> GPT:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
 import sys
 
 import pytest
@@ -134,3 +135,9 @@ def test_generate_until_cuts_at_the_until_strings(harness):
     cut = full[: full.find(stop)]
     assert generate([stop]) == cut
     assert generate(["\x00a", "\x00b", "\x00c", "\x00d", stop]) == cut  # more strings than the engine takes
+
+
+def test_the_old_module_path_says_where_the_adaptor_went() -> None:
+    done = subprocess.run([sys.executable, "-m", "mtnlg.eval_harness", "--model", "mtnlg"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "renamed to `python -m mtnlg.eval.harness`" in done.stderr
