@@ -7,6 +7,7 @@ import json
 
 from mtnlg.cli.args import command, int_in, no_overrides
 from mtnlg.config import ConfigError
+from mtnlg.util.fs import atomic_dir
 
 # -- tokenizer -------------------------------------------------------------------------------------
 
@@ -31,7 +32,7 @@ def cmd_tokenizer(args: argparse.Namespace, overrides: list[str]) -> int:
         if not args.input or not args.out:
             raise ConfigError("tokenizer train needs --input FILE... and --out DIR")
         tok = Tokenizer.train(iter_text_files(args.input), args.vocab_size, args.min_frequency, show_progress=True)
-        tok.save(args.out)
+        atomic_dir(args.out, tok.save)  # a complete tokenizer directory, or the previous one
         print(f"trained a {tok.vocab_size}-token BPE (end of document = id {tok.eod_id}) -> {args.out}")
         return 0
     if not args.tokenizer or args.text is None:

@@ -9,6 +9,7 @@ import sys
 
 from mtnlg.cli.args import command, finite, int_in, no_overrides
 from mtnlg.config import ConfigError
+from mtnlg.util.fs import write_json
 
 # -- convert ---------------------------------------------------------------------------------------
 
@@ -276,7 +277,6 @@ def cmd_evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
                                     progress=not args.quiet)
     results = {"checkpoint": args.checkpoint, **evaluate(scorer, spec, data)}
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.out, results, indent=2)
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     return 0

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from mtnlg.data.jsonl import BadLine, parse_json_line
-from mtnlg.util.fs import atomic_file
+from mtnlg.util.fs import atomic_file, write_text
 
 _WORD = re.compile(r"\w+")
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant (golden ratio) for combining word hashes
@@ -264,4 +264,4 @@ def dedup_jsonl(
 
 
 def write_report(report: DedupReport, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    write_text(path, json.dumps(report.to_dict(), indent=2) + "\n")

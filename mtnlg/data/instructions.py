@@ -15,6 +15,8 @@ import random
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
+from mtnlg.util.fs import write_text
+
 TASKS: dict[str, Callable[[list[str]], str]] = {
     "reverse": lambda words: " ".join(reversed(words)),
     "uppercase": lambda words: " ".join(words).upper(),
@@ -63,5 +65,5 @@ def write_instructions(path: str | Path, items: Sequence[tuple[str, str]]) -> Pa
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps(as_record(prompt, answer, chat=i % 2 == 1)) for i, (prompt, answer) in enumerate(items)]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(path, "\n".join(lines) + "\n")
     return path

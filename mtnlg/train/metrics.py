@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from mtnlg.config import ConfigError
+from mtnlg.util.fs import atomic_file
 
 LOG_FILE = "log.jsonl"
 
@@ -143,6 +144,7 @@ def plot_loss_curve(log_path: str | Path, png_path: str | Path) -> Path:
     ax.legend()
     fig.tight_layout()
     png_path = Path(png_path)
-    fig.savefig(png_path)
+    with atomic_file(png_path, "wb") as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
     return png_path
