@@ -35,8 +35,8 @@ from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mtnlg.serve import handlers
 from mtnlg.generate.engine import Engine
+from mtnlg.serve import handlers
 from mtnlg.serve.handlers import APIError, ServerState
 from mtnlg.serve.metrics import AccessLog, ServerMetrics, log_to_stderr
 from mtnlg.serve.protocol import ChatCompletionRequest, CompletionRequest, MegatronRequest
