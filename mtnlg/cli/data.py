@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mtnlg.cli.args import command, int_in, no_overrides
+from mtnlg.cli.args import command, field_flag, int_in, no_overrides
 from mtnlg.config import ConfigError
 from mtnlg.util.fs import atomic_dir
 
@@ -74,7 +74,7 @@ def cmd_corpus(args: argparse.Namespace, overrides: list[str]) -> int:
 def _preprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", required=True,
                    help=".jsonl files (one JSON object a line), text files (one document each), folders")
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory (tokenizer.json)")
+    field_flag(p, "data.tokenizer", "--tokenizer", required=True)
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx (Megatron MMIDIDX)")
     p.add_argument("--workers", type=int_in(1), default=1, help="tokenizer processes (default 1)")
     p.add_argument("--json-key", default="text", help="JSON key holding the text (default 'text')")

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from mtnlg.cli.args import command, finite, int_in, no_overrides
+from mtnlg.cli.args import command, field_flag, given_fields, int_in, no_overrides
 from mtnlg.config import ConfigError
 from mtnlg.util.fs import write_json
 
@@ -82,17 +82,14 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     _sampling_args(p)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens if it is too long")
-    p.add_argument("--tp", type=int_in(1), default=1,
-                   help="tensor-parallel size; launch with torchrun --nproc_per_node=TP (needs --prompt)")
+    field_flag(p, "parallel.tp", "--tp", type=int_in(1), use_default=True,
+               note="Launch with torchrun --nproc_per_node=TP (needs --prompt).")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int_in(0), help="tokens to generate (default: generate.max_new_tokens)")
-    p.add_argument("--temperature", type=finite, help="softmax temperature in [0, 100]; 0 means greedy")
-    p.add_argument("--top-k", type=int_in(0), help="sample among the k most likely tokens; 0 disables")
-    p.add_argument("--top-p", type=finite, help="sample from the smallest set with mass >= p, in (0, 1]; 1 disables")
-    p.add_argument("--repetition-penalty", type=finite, help="CTRL repetition penalty in [0.01, 100]; 1 disables")
-    p.add_argument("--seed", type=int_in(0, 2**63 - 1), help="sampler seed >= 0 (same seed, same text)")
+    """--max-new-tokens, --temperature, ... : the [generate] fields, over the checkpoint's values."""
+    for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"):
+        field_flag(p, f"generate.{name}", "--" + name.replace("_", "-"), fallback="the checkpoint's")
     p.add_argument("--stop", action="append", help="stop string (repeatable); it is not printed")
 
 
@@ -148,8 +145,7 @@ def _sampling_params(args: argparse.Namespace, config: object, overrides: list[s
     """The checkpoint's [generate] defaults, then --generate.* overrides, then the flags given."""
     from mtnlg.generate.console import sampling_params
 
-    flags = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")}
-    return sampling_params(config, overrides, repetition_penalty=args.repetition_penalty, **flags)
+    return sampling_params(config, overrides, stop=args.stop, **given_fields(args, "generate"))
 
 
 def _generate_tensor_parallel(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -254,7 +250,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prepend-eod", action="store_true",
                    help="perplexity: score each document's first token too, given <|endoftext|>")
     p.add_argument("--json-key", default="text", help="perplexity: JSON key holding the text (default 'text')")
-    p.add_argument("--split", default="949,50,1", help="indexed dataset: train/valid/test proportions")
+    field_flag(p, "data.split", "--split", use_default=True, note="For an indexed dataset.")
     p.add_argument("--split-name", choices=["train", "valid", "test"], default="valid",
                    help="indexed dataset: the split to score (default valid)")
     p.add_argument("--batch-size", type=int_in(1), default=8, help="sequences scored together (default 8)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from mtnlg.cli.args import command, config_args, no_overrides
+from mtnlg.cli.args import command, config_args, field_flag, given_fields, no_overrides
 from mtnlg.config import Config, ConfigError, build_config
 from mtnlg.util import dist as rank_info
 
@@ -14,7 +14,7 @@ from mtnlg.util import dist as rank_info
 
 def _run_args(p: argparse.ArgumentParser) -> None:
     """The flags of a training run (train, finetune)."""
-    p.add_argument("--out", help="run directory for checkpoints, log.jsonl and loss.png (train.out)")
+    field_flag(p, "train.out", "--out")
     p.add_argument("--resume", action="store_true",
                    help="continue exactly from the newest good checkpoint in --out, with its saved config; "
                         "the options given change it (each change is printed)")
@@ -23,8 +23,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     config_args(p)
-    p.add_argument("--data-path", nargs="+", help="indexed dataset prefix(es), optionally weighted: 0.3 a 0.7 b")
-    p.add_argument("--tokenizer", help="tokenizer directory; the model's vocabulary size follows it")
+    field_flag(p, "data.data_path", "--data-path")
+    field_flag(p, "data.tokenizer", "--tokenizer", note="The model's vocabulary size follows it.")
     _run_args(p)
 
 
@@ -36,14 +36,14 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     """
     from mtnlg.train.run import run_training
 
-    return _run(args, overrides, run_training, {"data.data_path": args.data_path, "data.tokenizer": args.tokenizer})
+    return _run(args, overrides, run_training)
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:
     config_args(p, preset=False)
-    p.add_argument("--checkpoint", help="model to start from: run directory, step, export or HF conversion")
-    p.add_argument("--data", nargs="+", help="JSONL files of {prompt, completion} or {messages: [...]} records")
-    p.add_argument("--tokenizer", help="tokenizer directory, for a checkpoint that has none")
+    field_flag(p, "finetune.checkpoint", "--checkpoint")
+    field_flag(p, "finetune.data", "--data")
+    field_flag(p, "data.tokenizer", "--tokenizer", note="Needed for a checkpoint that has none.")
     _run_args(p)
 
 
@@ -56,26 +56,25 @@ def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
     """
     from mtnlg.train.run import finetune_base, run_finetune
 
-    flags = {"finetune.checkpoint": args.checkpoint, "finetune.data": args.data, "data.tokenizer": args.tokenizer}
-    return _run(args, overrides, run_finetune, flags, finetune_base)
+    return _run(args, overrides, run_finetune, finetune_base)
 
 
 def _run(
     args: argparse.Namespace,
     overrides: list[str],
     run: Callable[..., object],
-    flags: dict[str, object],
     base: Callable[[Config], Config] | None = None,
 ) -> int:
     """A training run's config (on --resume the checkpoint's, else on ``base`` of the settings given)
-    with the command's ``flags`` (``section.field``: value) set, then ``run`` and its summary."""
+    with the command's field flags (``--out``, ``--tokenizer``, ...) that were given set last, then
+    ``run`` and its summary."""
     from mtnlg.checkpoint.directory import CheckpointError
     from mtnlg.checkpoint.training import find_resume_point
     from mtnlg.config import apply_settings, set_field
     from mtnlg.train.run import resume_base
 
     def with_flags(cfg: Config) -> Config:
-        for dotted, value in flags.items():
+        for dotted, value in given_fields(args).items():
             if value:
                 set_field(cfg, dotted, value, f"--{dotted}")
         return cfg

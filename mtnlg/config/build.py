@@ -82,19 +82,32 @@ def _parse_list(text: str, where: str) -> list[Any]:
     return items
 
 
-def set_field(cfg: Config, dotted: str, value: Any, where: str = "override") -> None:
-    """Set ``section.field`` on ``cfg`` with type conversion; unknown names are errors."""
+def lookup(dotted: str, where: str = "override") -> tuple[dataclasses.Field, Any]:
+    """The dataclass field ``section.field`` names and its declared type; unknown names are errors
+    (with a close match suggested). The CLI's flags take their help, default and type from it."""
     parts = dotted.split(".")
     if len(parts) != 2:
         raise ConfigError(f"{where}: expected section.field, got {dotted!r}")
     section_name, field_name = parts
-    if section_name not in _section_names(cfg):
-        raise _unknown("section", section_name, _section_names(cfg), where)
-    section = getattr(cfg, section_name)
-    hints = typing.get_type_hints(type(section))
-    if field_name not in hints:
-        raise _unknown(f"field of [{section_name}]", field_name, _section_names(section), where)
-    setattr(section, field_name, _coerce(value, hints[field_name], f"{where}: {dotted}"))
+    sections = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+    if section_name not in sections:
+        raise _unknown("section", section_name, list(sections), where)
+    section_cls = sections[section_name]
+    fields = {f.name: f for f in dataclasses.fields(section_cls)}
+    if field_name not in fields:
+        raise _unknown(f"field of [{section_name}]", field_name, list(fields), where)
+    return fields[field_name], typing.get_type_hints(section_cls)[field_name]
+
+
+def coerce(value: Any, dotted: str, where: str = "override") -> Any:
+    """``value`` converted to the declared type of field ``section.field``, or a ConfigError."""
+    return _coerce(value, lookup(dotted, where)[1], f"{where}: {dotted}")
+
+
+def set_field(cfg: Config, dotted: str, value: Any, where: str = "override") -> None:
+    """Set ``section.field`` on ``cfg`` with type conversion; unknown names are errors."""
+    section_name, field_name = dotted.split(".")[0], lookup(dotted, where)[0].name
+    setattr(getattr(cfg, section_name), field_name, coerce(value, dotted, where))
 
 
 def update(cfg: Config, data: dict[str, Any], source: str) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mtnlg.config.errors import ConfigError
+from mtnlg.config.sampling import SAMPLING, sampling_help
 from mtnlg.config.schedules import SCHEDULES
 
 
@@ -183,7 +184,7 @@ class DataConfig:
     """Where training tokens come from and how they are split."""
 
     data_path: list[str] = _f(
-        [], "Indexed dataset prefixes, optionally weighted: ['a'] or ['0.3', 'a', '0.7', 'b']."
+        [], "Indexed dataset prefixes, each optionally preceded by its weight: a, or 0.3 a 0.7 b."
     )
     tokenizer: str = _f("", "Tokenizer directory (tokenizer.json) used to build the data.")
     split: str = _f("949,50,1", "Train/valid/test proportions by document, Megatron style.")
@@ -300,24 +301,30 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.max_bad_records must be >= 0, got {self.max_bad_records}")
 
 
+def _sampling(name: str) -> Any:
+    """A [generate] field whose default, range and help are ``SAMPLING[name]``'s (one table for the
+    config, the engine, the HTTP schema and the CLI flags)."""
+    return field(default=SAMPLING[name].default, metadata={"help": sampling_help(name), "runtime": False,
+                                                           "sampling": name})
+
+
 @dataclass
 class GenerateConfig:
     """Sampling defaults for generation and serving."""
 
-    max_new_tokens: int = _f(64, "Tokens to generate after the prompt.")
-    temperature: float = _f(1.0, "Softmax temperature; 0 means greedy.")
-    top_k: int = _f(0, "Sample among the k most likely tokens; 0 disables.")
-    top_p: float = _f(1.0, "Sample from the smallest set with probability mass >= p; 1 disables.")
-    repetition_penalty: float = _f(1.0, "Divide logits of already-seen tokens by this (CTRL style).")
-    seed: int = _f(0, "Seed of the sampler.")
+    max_new_tokens: int = _sampling("max_new_tokens")
+    temperature: float = _sampling("temperature")
+    top_k: int = _sampling("top_k")
+    top_p: float = _sampling("top_p")
+    repetition_penalty: float = _sampling("repetition_penalty")
+    seed: int = _sampling("seed")
 
     def validate(self) -> None:
-        if self.max_new_tokens < 0 or self.temperature < 0 or self.top_k < 0:
-            raise ConfigError("generate.max_new_tokens, temperature and top_k must be >= 0")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"generate.top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ConfigError("generate.repetition_penalty must be positive")
+        for f in dataclasses.fields(self):
+            try:
+                SAMPLING[f.name].check(f"generate.{f.name}", getattr(self, f.name))
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
 
 
 @dataclass

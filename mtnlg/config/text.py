@@ -12,7 +12,6 @@ import dataclasses
 import inspect
 import json
 import math
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -103,12 +102,11 @@ def update_reference(path: str | Path) -> bool:
 
 
 def overrides_help() -> str:
-    """The --section.field options of every section, for the --help of commands that take a config."""
-    lines = ["configuration overrides (applied after --preset and --config): --section.field=value,",
-             "lists as 4,4,8 or [4,4,8]. `mtnlg config show [--preset X] [--config F] [overrides]`",
-             "prints every field with its effective value and help; the \"Configuration reference\" of",
-             "docs/configuration.md lists the defaults. Fields:"]
-    for name, section in _sections(Config()):
-        names = " ".join(field_help(type(section)))
-        lines += textwrap.wrap(names, 96, initial_indent=f"  {name + ':':10s}", subsequent_indent=" " * 12)
-    return "\n".join(lines)
+    """How --section.field overrides are written, for the --help of commands that take a config (the
+    fields themselves are listed above it, one group per section, by ``mtnlg.cli.args``)."""
+    return "\n".join([
+        "configuration overrides (applied after --preset and --config): --section.field=value or",
+        "--section.field value, lists as 4,4,8 or [4,4,8]; the [section] groups above list every field.",
+        "`mtnlg config show [--preset X] [--config F] [overrides]` prints every field with its effective",
+        'value and help; the "Configuration reference" of docs/configuration.md lists the defaults.',
+    ])

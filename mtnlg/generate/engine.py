@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 
 from mtnlg.config import Config
+from mtnlg.config.sampling import MAX_TOP_LOGPROBS
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.generate.decoder import Decoder
 from mtnlg.generate.load import load_for_inference
-from mtnlg.generate.sequence import MAX_TOP_LOGPROBS, Completion, Request, SamplingParams, TokenEvent
+from mtnlg.generate.sequence import Completion, Request, SamplingParams, TokenEvent
 from mtnlg.model.gpt import GPT
 
 __all__ = ["MAX_TOP_LOGPROBS", "Completion", "Decoder", "Engine", "Request", "SamplingParams", "TokenEvent"]

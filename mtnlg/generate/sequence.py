@@ -8,28 +8,27 @@ still become a stop string or is an incomplete UTF-8 character) and decides when
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tokenizers.decoders import DecodeStream
 
 from mtnlg.config import GenerateConfig
+from mtnlg.config.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, OPTIONAL, SAMPLING
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.generate.sampling import make_generator
-
-MAX_TOP_LOGPROBS = 20  # as many alternatives as OpenAI's chat API returns
 
 
 @dataclass
 class SamplingParams:
-    """How one sequence is continued (the per-request settings; defaults come from GenerateConfig)."""
+    """How one sequence is continued (the per-request settings). The defaults and ranges are
+    ``mtnlg.config.sampling.SAMPLING``'s, the table GenerateConfig, the HTTP schema and the CLI read."""
 
-    max_new_tokens: int = 64
-    temperature: float = 1.0  # 0 means greedy
-    top_k: int = 0  # 0 disables
-    top_p: float = 1.0  # 1 disables
-    repetition_penalty: float = 1.0  # 1 disables
+    max_new_tokens: int = SAMPLING["max_new_tokens"].default
+    temperature: float = SAMPLING["temperature"].default  # 0 means greedy
+    top_k: int = SAMPLING["top_k"].default  # 0 disables
+    top_p: float = SAMPLING["top_p"].default  # 1 disables
+    repetition_penalty: float = SAMPLING["repetition_penalty"].default  # 1 disables
     seed: int | None = None  # None: drawn from the engine's seed stream
     stop: Sequence[str] = ()  # strings that end the completion (excluded from its text)
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-prob and the k most likely
@@ -43,15 +42,13 @@ class SamplingParams:
         return cls(**base)  # type: ignore[arg-type]
 
     def validate(self, vocab_size: int | None = None) -> SamplingParams:
-        """Raise ValueError naming the first bad field. The ranges keep every float32 step of the
-        sampler finite (see ``LIMITS``); ``top_k`` may not exceed ``vocab_size`` when it is given."""
-        for name, (low, high, rule) in LIMITS.items():
+        """Raise ValueError naming the first bad field (the message starts with its name). The ranges
+        are ``SAMPLING``'s; ``top_k`` may not exceed ``vocab_size`` when it is given."""
+        for name, setting in SAMPLING.items():
             value = getattr(self, name)
-            if value is None and name in ("seed", "logprobs"):
+            if value is None and name in OPTIONAL:
                 continue
-            kind = int if name in _INT_FIELDS else float
-            if not _is_number(value, kind) or not low <= value <= high:
-                raise ValueError(f"{name} {rule}, got {value!r}")
+            setting.check(name, value)
         if vocab_size is not None and self.top_k > vocab_size:
             raise ValueError(f"top_k must be <= the vocabulary size {vocab_size} (0 disables), got {self.top_k}")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
@@ -59,32 +56,6 @@ class SamplingParams:
         if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
             raise ValueError(f"stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
         return self
-
-
-# Inclusive ranges of the numeric settings, and what the error says. Temperatures are applied to
-# max-subtracted logits, so any T > 0 up to the bound is finite; a penalty in [1e-2, 1e2] keeps
-# float32 logits finite (|logit| < 3e36); seeds fit torch.Generator.manual_seed.
-LIMITS: dict[str, tuple[float, float, str]] = {
-    "max_new_tokens": (0, 2**31 - 1, "must be an integer >= 0"),
-    "temperature": (0.0, 100.0, "must be a number in [0, 100] (0 means greedy)"),
-    "top_k": (0, 2**31 - 1, "must be an integer >= 0 (0 disables)"),
-    "top_p": (math.ulp(0.0), 1.0, "must be a number in (0, 1] (1 disables)"),
-    "repetition_penalty": (1e-2, 1e2, "must be a number in [0.01, 100] (1 disables)"),
-    "seed": (0, 2**63 - 1, "must be an integer in [0, 2**63)"),
-    "logprobs": (0, MAX_TOP_LOGPROBS, f"must be None or an integer in [0, {MAX_TOP_LOGPROBS}]"),
-}
-_INT_FIELDS = {"max_new_tokens", "top_k", "seed", "logprobs"}
-MAX_STOP_STRINGS = 4  # as OpenAI's API
-MAX_STOP_CHARS = 256
-
-
-def _is_number(value: object, kind: type) -> bool:
-    """An int for integer fields, a finite int or float for float fields (never a bool)."""
-    if isinstance(value, bool):
-        return False
-    if kind is int:
-        return isinstance(value, int)
-    return isinstance(value, int | float) and math.isfinite(value)
 
 
 _PARAM_NAMES = {f.name for f in dataclasses.fields(SamplingParams)}

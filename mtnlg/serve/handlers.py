@@ -21,10 +21,10 @@ from functools import cached_property
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from mtnlg.config.sampling import SAMPLING
 from mtnlg.data.chat_template import ChatTemplate
 from mtnlg.generate.engine import Completion, Engine, SamplingParams, TokenEvent
 from mtnlg.generate.engine import Request as EngineRequest
-from mtnlg.generate.sequence import LIMITS
 from mtnlg.serve.batcher import Batcher, BatchObserver, Job
 from mtnlg.serve.protocol import ChatCompletionRequest, CompletionRequest, MegatronRequest, _SamplingBody
 
@@ -67,7 +67,7 @@ class ServerState:
             return await asyncio.to_thread(self._requests, prompts, params)
         except ValueError as exc:  # messages start with the field: SamplingParams' name, or the prompt's
             field = str(exc).split(" ", 1)[0]
-            if field in LIMITS or field in _API_NAMES:
+            if field in SAMPLING or field in _API_NAMES:
                 raise APIError(400, str(exc), param=_API_NAMES.get(field, field)) from None
             about = "" if prompt_field == "prompt" else f"{prompt_field} (rendered with the chat template): "
             raise APIError(400, about + str(exc), param=prompt_field) from None

@@ -3,7 +3,7 @@
 Strict JSON: wrong types and unknown fields are errors (400, naming the field), not silently
 coerced or ignored. Every field is range-checked here, at the edge, so that nothing a client can
 send makes the batch worker fail: numbers must be finite (JSON's non-standard ``NaN`` and
-``Infinity`` are refused) and within the ranges of ``SamplingParams.LIMITS`` (OpenAI's documented
+``Infinity`` are refused) and within the ranges of ``mtnlg.config.sampling.SAMPLING`` (OpenAI's documented
 ones where it has them), strings must be valid Unicode (a lone UTF-16 surrogate, which JSON's
 ``\\ud800`` escape can carry, is refused), and lists are bounded. Known OpenAI options this server
 does not implement are refused by name, each with its own reason (``unsupported``).
@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from mtnlg.generate.sequence import LIMITS, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
+from mtnlg.config.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SAMPLING, sampling_help
 
 MAX_PROMPTS = 64  # strings or token lists in one request
 MAX_PROMPT_IDS = 1 << 20  # token ids in one prompt (the context length decides much earlier)
@@ -35,10 +35,21 @@ TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 TokenIds = Annotated[list[TokenId], Field(max_length=MAX_PROMPT_IDS)]
 
 
-def _limit(name: str, default: float | None, exclusive_low: bool = False) -> object:
-    """A pydantic Field bounded by ``SamplingParams``' range for ``name`` (one source of truth)."""
-    low, high, _ = LIMITS[name]
-    return Field(default, gt=0, le=high) if exclusive_low else Field(default, ge=low, le=high)
+MAX_CHOICES = 16  # n: completions per prompt
+
+_DEFAULT = object()
+
+
+def _limit(name: str, default: object = _DEFAULT, **bounds: float) -> object:
+    """A pydantic Field with ``SAMPLING[name]``'s range, default and help (the one table the config,
+    the engine and the CLI read). ``bounds`` replace the table's where an API's meaning differs
+    (Megatron's temperature must be > 0, its top_p 0 means off, -1 a random seed); such a field's
+    schema then has no description, since the table's would be wrong for it."""
+    s = SAMPLING[name]
+    low = {} if bounds.keys() & {"gt", "ge"} else {"gt": s.low} if s.low_open else {"ge": s.low}
+    limits = {**low, "le": s.high, **bounds}
+    described = {} if bounds else {"description": sampling_help(name)}
+    return Field(s.default if default is _DEFAULT else default, **limits, **described)
 
 
 class _Body(BaseModel):
@@ -72,20 +83,20 @@ class _SamplingBody(_Body):
     and ignore_eos."""
 
     model: Text | None = None
-    max_tokens: int | None = _limit("max_new_tokens", 16)
-    temperature: float = Field(1.0, ge=0, le=LIMITS["temperature"][1])
-    top_p: float = _limit("top_p", 1.0, exclusive_low=True)
-    n: int = Field(1, ge=1, le=16)
+    max_tokens: int | None = _limit("max_new_tokens", 16)  # OpenAI's default
+    temperature: float = _limit("temperature")
+    top_p: float = _limit("top_p")
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**62)  # choice j uses seed + j
+    seed: int | None = _limit("seed", None, le=SAMPLING["seed"].high - (MAX_CHOICES - 1))  # choice j: seed + j
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[Text, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=300)
     user: Text | None = None
-    top_k: int = _limit("top_k", 0)
-    repetition_penalty: float = _limit("repetition_penalty", 1.0)
+    top_k: int = _limit("top_k")
+    repetition_penalty: float = _limit("repetition_penalty")
     ignore_eos: bool = False
 
     @property
@@ -116,10 +127,10 @@ class CompletionRequest(_SamplingBody):
     prompt: Text | TokenIds | Annotated[list[Text], Field(max_length=MAX_PROMPTS)] | Annotated[
         list[TokenIds], Field(max_length=MAX_PROMPTS)] = ""
     max_tokens: int = _limit("max_new_tokens", 16)
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    logprobs: int | None = _limit("logprobs", None)
     echo: bool = False
     suffix: Text | None = None
-    best_of: int | None = Field(None, ge=1, le=16)
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
 
     @property
     def alternatives(self) -> int | None:
@@ -159,7 +170,7 @@ class ChatCompletionRequest(_SamplingBody):
     max_completion_tokens: int | None = _limit("max_new_tokens", None)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS - 1)] | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int | None = _limit("logprobs", None)
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.top_logprobs is not None and not self.logprobs:
@@ -183,11 +194,11 @@ class MegatronRequest(_Body):
 
     prompts: list[Text] = Field(min_length=1, max_length=MAX_PROMPTS)
     tokens_to_generate: int = _limit("max_new_tokens", 64)
-    temperature: float = _limit("temperature", 1.0, exclusive_low=True)
-    top_k: int = _limit("top_k", 0)
-    top_p: float = Field(0.0, ge=0, le=1)
+    temperature: float = _limit("temperature", gt=0)  # Megatron's: 0 is no temperature
+    top_k: int = _limit("top_k")
+    top_p: float = _limit("top_p", 0.0, ge=0)  # Megatron's: 0 means off
     logprobs: bool = False
-    random_seed: int = Field(-1, ge=-1, lt=2**62)
+    random_seed: int = _limit("seed", -1, ge=-1)  # -1: a random seed
     stop_on_eol: bool = False
     stop_on_double_eol: bool = False
 
