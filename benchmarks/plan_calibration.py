@@ -1,5 +1,5 @@
 """The planner against published step times: MT-NLG 530B, Megatron-LM's weak-scaling table, and
-Korthikanti et al.'s recomputation table. Prints a Markdown table (used in the README) and writes JSON.
+Korthikanti et al.'s recomputation table. Prints a Markdown table (used in docs/planning.md) and writes JSON.
 
 Published step times come from the papers: MT-NLG reports seconds per iteration (Smith et al. 2022);
 Narayanan et al. 2021 (Table 1) report TFLOP/s per GPU, converted back to seconds with their FLOP

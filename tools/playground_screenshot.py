@@ -1,4 +1,4 @@
-"""Screenshot of the playground with generated text (the README's docs/playground.png).
+"""Screenshot of the playground with generated text (docs/playground.png, shown in docs/generation.md).
 
     python tools/playground_screenshot.py --checkpoint demo_out/run --out docs/playground.png
 

@@ -31,8 +31,7 @@ from mtnlg.checkpoint.directory import (
     write_checksums,
 )
 from mtnlg.checkpoint.model import dcp_call, load_config, save_consolidated_weights, write_model_files
-from mtnlg.config import Config, runtime_fields
-from mtnlg.config.sections import ModelConfig
+from mtnlg.config import Config, ModelConfig, runtime_fields
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.model.gpt import GPT
 from mtnlg.parallel.dims import ParallelDims

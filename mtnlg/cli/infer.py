@@ -240,7 +240,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     _checkpoint_args(p)
     p.add_argument("--task", required=True, choices=["perplexity", "cloze", "choice"],
                    help="perplexity of documents; cloze: predict a passage's last word; choice: multiple choice")
-    p.add_argument("--data", required=True, help="JSONL file (formats: README, 'Evaluating a checkpoint'); "
+    p.add_argument("--data", required=True, help="JSONL file (formats: docs/evaluation.md); "
                    "perplexity also takes a plain-text file or an indexed dataset prefix")
     p.add_argument("--shots", type=int_in(0), default=0, help="solved examples before each item (cloze, choice)")
     p.add_argument("--fewshot-data", metavar="FILE", help="JSONL file the few-shot examples are drawn from")

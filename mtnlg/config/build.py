@@ -106,8 +106,8 @@ def coerce(value: Any, dotted: str, where: str = "override") -> Any:
 
 def set_field(cfg: Config, dotted: str, value: Any, where: str = "override") -> None:
     """Set ``section.field`` on ``cfg`` with type conversion; unknown names are errors."""
-    section_name, field_name = dotted.split(".")[0], lookup(dotted, where)[0].name
-    setattr(getattr(cfg, section_name), field_name, coerce(value, dotted, where))
+    field, annotation = lookup(dotted, where)
+    setattr(getattr(cfg, dotted.split(".")[0]), field.name, _coerce(value, annotation, f"{where}: {dotted}"))
 
 
 def update(cfg: Config, data: dict[str, Any], source: str) -> None:

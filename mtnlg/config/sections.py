@@ -356,7 +356,7 @@ def runtime_fields(section_cls: type) -> set[str]:
 
 
 def field_help(section_cls: type) -> dict[str, str]:
-    """Help text of each field of a config section, for --help and the README reference."""
+    """Help text of each field of a config section, for --help and the reference in docs/configuration.md."""
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(section_cls)}
 
 

@@ -58,10 +58,6 @@ def idx_path(prefix: str | Path) -> Path:
     return Path(f"{prefix}.idx")
 
 
-def _tmp(path: Path) -> Path:
-    return temp_path(path, unique=True)
-
-
 class IndexedDatasetWriter:
     """Streams documents into ``PREFIX.bin`` and writes ``PREFIX.idx`` at :meth:`finalize`.
 
@@ -76,7 +72,7 @@ class IndexedDatasetWriter:
             raise ValueError(f"token dtype {self.dtype} is not an integer dtype with an MMIDIDX code")
         self.bin_path, self.idx_path = bin_path(prefix), idx_path(prefix)
         self.bin_path.parent.mkdir(parents=True, exist_ok=True)
-        self._bin_tmp, self._idx_tmp = _tmp(self.bin_path), _tmp(self.idx_path)
+        self._bin_tmp, self._idx_tmp = temp_path(self.bin_path, unique=True), temp_path(self.idx_path, unique=True)
         self._bin = open(self._bin_tmp, "wb")  # closed by finalize() or abort()
         self._sizes = array("i")
         self._doc_index = array("q", [0])

@@ -5,7 +5,7 @@ Transformations apply in a fixed order, each taking the previous one's module:
 1. pipeline parallelism: keep only the parts of this rank's stages (``pipeline.py``); it comes
    first because it decides which parameters exist on this rank at all;
 2. tensor (+ sequence) parallelism: shard every remaining layer over the ``tp`` mesh (``tensor.py``);
-3. materialise: a model built on the meta device (``mtnlg.train.trainer.build_model``) has only
+3. materialise: a model built on the meta device (``mtnlg.train.build.build_model``) has only
    its tensor-parallel shards allocated on the rank's device, each filled with its slice of the
    single-process initial value (made from ``train.seed`` and the weight's name, one block at a
    time), so every layout starts from the single-process weights and no rank ever holds more

@@ -207,7 +207,7 @@ def apply_tensor_parallel(
     if converted:
         raise TypeError(
             f"tensor parallelism shards nn.Linear layers, but this model has {sorted(converted)}: "
-            "parallelize the plain model (mtnlg.checkpoint.load_model) before any inference conversion"
+            "parallelize the plain model (mtnlg.checkpoint.model.load_model) before any inference conversion"
         )
     plan = {path: style for path, style in tp_plan(sequence_parallel, loss_parallel).items()
             if getattr(model, path.split(".")[0], None) is not None}  # a pipeline stage holds only some parts

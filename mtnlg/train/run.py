@@ -214,7 +214,8 @@ def run_finetune(cfg: Config, resume: Resume = False, progress: bool = True) -> 
 
 
 def _report_resume(cfg: Config, resume: Resume) -> ResumePoint | bool:
-    """The checkpoint to resume from (found now if ``resume`` is True), its changes printed; False: none."""
+    """The checkpoint to resume from (found now if ``resume`` is True), its changes printed; True when
+    one was asked for and the run has none yet, False for a new run."""
     point = find_resume_point(cfg.train.out) if resume is True else resume
     if isinstance(point, ResumePoint):
         report_changes(point.config, cfg)
@@ -243,7 +244,7 @@ def _train(
     model = make_model(cfg, dims.device, dims)
     trainer = Trainer(cfg, model, train_data, valid_data, tokenizer=tokenizer, dims=dims, progress=progress)
     if resume:
-        step_dir = trainer.resume(resume if isinstance(resume, ResumePoint) else None)
+        step_dir = trainer.resume(resume) if isinstance(resume, ResumePoint) else None  # searched already
         if trainer.is_main:
             print(f"resuming from {step_dir}" if step_dir else f"no checkpoint in {trainer.out}: starting from step 0")
     trainer.fit(started)

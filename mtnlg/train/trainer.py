@@ -83,7 +83,7 @@ class StepStats:
 
 class Trainer:
     """Trains ``model`` on ``train_data`` (any object with ``len`` and int64 samples of seq_len + 1 tokens,
-    or fine-tuning's stacked token / label / document rows: ``mtnlg.train.finetune``).
+    or fine-tuning's stacked token / label / document rows: ``mtnlg.data.sft``).
 
     ``dims`` (the run's ``ParallelDims``; default: one process) places this process among the
     data-parallel replicas: each replica draws its share of every global batch, and its tensor-

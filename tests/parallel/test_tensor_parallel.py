@@ -281,7 +281,7 @@ def test_misuse_fails_clearly_in_a_world(world: list[dict[str, Any]]) -> None:
     assert "processes, but the world has" in world[0]["world mismatch"]
     assert "model.n_heads" in world[0]["heads"]
     assert "inside `with mtnlg.parallel.loss_context(dims):`" in world[0]["no loss context"]
-    assert "parallelize the plain model (mtnlg.checkpoint.load_model)" in world[0]["converted"]
+    assert "parallelize the plain model (mtnlg.checkpoint.model.load_model)" in world[0]["converted"]
 
 
 def test_impossible_layouts_name_the_field() -> None:
