@@ -145,11 +145,10 @@ class ZeroAdamW(torch.optim.AdamW):
         self._grads: dict[nn.Parameter, torch.Tensor] = {}  # owned rows of the reduced gradients
         self._next = 0  # the next bucket to launch
         self.armed = False  # reduce in the coming backward (its last micro-batch)
-        self.overlap = overlap
+        self.overlap = overlap  # False: every bucket waits for the end of backward (to measure the overlap)
         for p in params:
             self._init_state(p)
-            if overlap:
-                p.register_post_accumulate_grad_hook(self._on_gradient)
+            p.register_post_accumulate_grad_hook(self._on_gradient)
 
     def _init_state(self, p: nn.Parameter) -> None:
         """Zero moments for the owned rows (created now, so that a resume loads into them)."""
@@ -166,7 +165,7 @@ class ZeroAdamW(torch.optim.AdamW):
         self.armed = sync
 
     def _on_gradient(self, param: torch.Tensor) -> None:
-        if not self.armed:
+        if not (self.armed and self.overlap):
             return
         bucket = self.buckets[self._bucket_of[param]]  # type: ignore[index]
         bucket.ready.add(id(param))
