@@ -102,12 +102,12 @@ def _report(cfg: Config, dims: ParallelDims, model: nn.Module, optimizer: torch.
         "stage_layers": {str(s): [split[s][0], split[s][-1]] for s in stages} if dims.pp > 1 else {},
         "parameters": sum(_local(p).numel() for p in params),
         "parameter_bytes": parameter_bytes, "gradient_bytes": gradient_bytes, "optimizer_bytes": optimizer_bytes,
-        "collectives": _collectives(cfg, dims, model, optimizer, len(layers)),
+        "collectives": _collectives(cfg, dims, model, optimizer, len(layers), stages),
     }
 
 
 def _collectives(cfg: Config, dims: ParallelDims, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 layers: int) -> list[dict[str, Any]]:
+                 layers: int, stages: list[int]) -> list[dict[str, Any]]:
     """The collectives of one step on this rank: kind, group, how many, bytes this rank puts in."""
     m = microbatches(cfg, dims.dp, cfg.train.global_batch_size)
     out: list[dict[str, Any]] = []
@@ -132,9 +132,11 @@ def _collectives(cfg: Config, dims: ParallelDims, model: nn.Module, optimizer: t
         act = cfg.train.micro_batch_size * cfg.model.seq_len * cfg.model.hidden * 2  # bf16/fp16 activations
         op = "all_gather+reduce_scatter" if cfg.parallel.sequence_parallel else "all_reduce"
         add(op, "tp", 4 * layers * m, 4 * layers * m * act, "per block, per micro-batch")
-    if dims.pp > 1:
-        act = cfg.train.micro_batch_size * cfg.model.seq_len * cfg.model.hidden * 2 / dims.tp
-        hops = sum(1 for _ in range(cfg.parallel.pp_stages_per_rank)) * 2  # activations out, gradients back
+    if dims.pp > 1:  # the fp32 residual stream (split by sequence under sp), out and its gradient back, per boundary
+        act = cfg.train.micro_batch_size * cfg.model.seq_len * cfg.model.hidden * FP32
+        act /= dims.tp if cfg.parallel.sequence_parallel else 1
+        last = dims.pp * cfg.parallel.pp_stages_per_rank - 1
+        hops = sum(2 * ((s > 0) + (s < last)) for s in stages)
         add("send/recv", "pp", hops * m, hops * m * act, "per stage boundary, per micro-batch")
     return out
 
