@@ -208,15 +208,25 @@ class ZeroAdamW(torch.optim.AdamW):
             self._unpack(bucket)
 
     def _unpack(self, bucket: _Bucket) -> None:
+        """The reduced gradients: zero=1 back into ``.grad`` (whole, replicated; this rank's rows are
+        views of it, so the fp16 loss scaler unscales what the update reads), zero=2 this rank's rows."""
         assert bucket.buffer is not None
-        dp_rank, offset = self.dp_mesh.get_local_rank(), 0
-        mine = bucket.buffer[dp_rank] if self.stage == 1 else bucket.buffer
+        offset = 0
+        if self.stage == 1:
+            bucket.buffer.div_(self.dp)
         for s in bucket.shards:
-            n = (s.end - s.start) * s.row_numel
-            rows = mine[offset:offset + n].div_(self.dp)
-            self._grads[s.param] = rows.view(s.end - s.start, *s.local().shape[1:]) if s.local().dim() else rows
+            if self.stage == 1 and s.param.grad is not None:
+                grad = s.local(s.param.grad)
+                grad.view(-1).copy_(bucket.buffer[:, offset:offset + s.padded].reshape(-1)[:grad.numel()])
+                self._grads[s.param] = s.owned(grad)
+            else:  # zero=2, or no gradient this step (a zero one, as one process would see)
+                mine = bucket.buffer[self.dp_mesh.get_local_rank()] if self.stage == 1 else bucket.buffer
+                rows = mine[offset:offset + (s.end - s.start) * s.row_numel]
+                if self.stage == 2:
+                    rows.div_(self.dp)
+                self._grads[s.param] = rows.view(s.end - s.start, *s.local().shape[1:]) if s.local().dim() else rows
             offset += s.padded
-        bucket.buffer = None if self.stage == 2 else bucket.buffer
+        bucket.buffer = None
 
     def gradients(self, params: Iterable[nn.Parameter]) -> Iterator[torch.Tensor]:
         """The reduced gradients of ``params``, each as the DTensor of its owned rows (norms, clipping)."""
