@@ -30,8 +30,10 @@ from torch.distributed.tensor import DTensor
 
 from mtnlg.config import Config, ConfigError
 from mtnlg.config.schedules import layer_split, stage_ids
+from mtnlg.model.gpt import GPT
 from mtnlg.parallel.dims import ParallelDims
 from mtnlg.parallel.pipeline import microbatches
+from mtnlg.parallel.utils import loss_context
 from mtnlg.parallel.zero import ZeroAdamW
 from mtnlg.train.build import build_model
 from mtnlg.train.optim import build_optimizer, validate_batch_sizes
@@ -48,11 +50,27 @@ def fake_world(world_size: int, rank: int) -> Iterator[None]:
         raise RuntimeError("a dry run needs a process of its own: torch.distributed is already initialized")
     if not 0 <= rank < world_size:
         raise ConfigError(f"--rank {rank} is not a rank of --world-size {world_size} (0 .. {world_size - 1})")
+    _clear_dtensor_caches()
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         yield
     finally:
         dist.destroy_process_group()
+
+
+def _clear_dtensor_caches() -> None:
+    """Forget DTensor's cached sharding decisions: they hold the meshes (and process-group names) of an
+    earlier world of this process, equal by shape to the new world's, and would send its collectives there."""
+    from torch.distributed.tensor import _redistribute
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+    torch._C._clear_DTensor_sharding_propagator_cache()  # the C++ dispatch's own cache
+    propagator = DTensor._op_dispatcher.sharding_propagator
+    propagator.propagate_op_sharding.cache_clear()
+    ShardingPropagator._propagate_tensor_meta_cached.cache_clear()
+    _redistribute.clear_redistribute_planner_cache()
+    if hasattr(_redistribute._gen_transform_infos, "cache_clear"):
+        _redistribute._gen_transform_infos.cache_clear()
 
 
 def dry_run(cfg: Config, world_size: int, rank: int) -> dict[str, Any]:
@@ -79,7 +97,7 @@ def _bytes(tensors: Iterator[torch.Tensor]) -> int:
     return sum(_local(t).numel() * _local(t).element_size() for t in tensors)
 
 
-def _report(cfg: Config, dims: ParallelDims, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def _report(cfg: Config, dims: ParallelDims, model: GPT, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     pc = cfg.parallel
     num_stages = dims.pp * pc.pp_stages_per_rank
     split = layer_split(cfg.model.n_layers, num_stages)
@@ -103,7 +121,38 @@ def _report(cfg: Config, dims: ParallelDims, model: nn.Module, optimizer: torch.
         "parameters": sum(_local(p).numel() for p in params),
         "parameter_bytes": parameter_bytes, "gradient_bytes": gradient_bytes, "optimizer_bytes": optimizer_bytes,
         "collectives": _collectives(cfg, dims, model, optimizer, len(layers), stages),
+        "activation_bytes": _activation_bytes(cfg, dims, model, [split[s] for s in stages], stages),
     }
+
+
+def _activation_bytes(cfg: Config, dims: ParallelDims, model: GPT, splits: list[range],
+                      stages: list[int]) -> int | None:
+    """Bytes autograd saves for backward in one micro-batch's forward through this rank's stages (local
+    shards), measured by running the real forward on meta tensors through the fake process group.
+
+    Meta tensors have shapes but no autocast, so these are fp32 activations; FSDP refuses to run on
+    meta parameters, so under zero=3 with dp > 1 there is no figure (None).
+    """
+    if dims.dp > 1 and cfg.parallel.zero == 3:
+        return None
+    last = dims.pp * cfg.parallel.pp_stages_per_rank - 1
+    b, t = cfg.train.micro_batch_size, cfg.model.seq_len
+    saved: dict[int, tuple[torch.Tensor, int]] = {}  # each tensor once (kept alive, so ids stay unique)
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        base = x._base if x._base is not None else x
+        if not isinstance(base, nn.Parameter) and id(base) not in saved:  # weights are not activations
+            saved[id(base)] = (base, _local(base).numel() * _local(base).element_size())
+        return x
+
+    ids = torch.zeros(b, t, dtype=torch.long, device="meta")
+    local_t = t // dims.tp if cfg.parallel.sequence_parallel and dims.tp > 1 else t  # a stage's input, split under sp
+    with loss_context(dims), torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        for layers, stage in zip(splits, stages, strict=True):
+            view = model.view(layers, embeddings=stage == 0, head=stage == last) if dims.pp > 1 else model
+            x = ids if stage == 0 else torch.empty(b, local_t, cfg.model.hidden, device="meta", requires_grad=True)
+            view(x, ids if stage == last else None)
+    return sum(n for _, n in saved.values())
 
 
 def _collectives(cfg: Config, dims: ParallelDims, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -165,6 +214,8 @@ def render(report: dict[str, Any]) -> str:
         "collectives of one step:",
         *(f"  {c['op']:<26s} {c['group']:<13s} x{c['count']:<6d} {c['bytes'] / gib:9.2f} GiB  {c['when']}"
           for c in report["collectives"]),
+        *([f"activations      {report['activation_bytes'] / gib:.2f} GiB saved for backward by one micro-batch "
+           "(fp32: meta tensors do not autocast)"] if report["activation_bytes"] is not None else []),
         f"built in {report['seconds']:.1f} s",
     ]
     return "\n".join(lines)

@@ -85,3 +85,22 @@ def test_every_layout_the_search_ranks_builds_as_printed(capsys) -> None:
 def test_a_dry_run_names_a_rank_outside_the_world(capsys) -> None:
     assert main(["train", "--preset", "tiny", "--dry-run", "--world-size", "2", "--rank", "2"]) != 0
     assert "--rank 2 is not a rank of --world-size 2" in capsys.readouterr().err
+
+
+def test_the_activations_of_a_micro_batch_match_the_planners_formula(capsys) -> None:
+    """Saved for backward by one micro-batch of a 530B middle stage (fp32: meta tensors do not autocast),
+    against Korthikanti et al.'s per-layer formula in its fp32 form; with sequence parallelism torch's
+    SequenceParallel also keeps each column-parallel layer's all-gathered input (4 bytes x sbh, 2 a layer)."""
+    from mtnlg.config.presets import get_preset
+    from mtnlg.planner import make_layout
+    from mtnlg.planner.memory import layer_activation_bytes
+
+    cfg = get_preset("mt-nlg-530b")
+    for sp in (False, True):
+        built = _dry_run(capsys, [*MT_NLG, "--parallel.tp=8", "--parallel.pp=35", "--parallel.zero=1",
+                                  f"--parallel.sequence_parallel={str(sp).lower()}"], 2240, 1100)
+        lay = make_layout(2240, 8, 35, global_batch=1920, precision="fp32", zero=1, sequence_parallel=sp)
+        gathered = 2 * 4 * cfg.seq_len * cfg.hidden if sp else 0
+        assert built["activation_bytes"] == pytest.approx(3 * (layer_activation_bytes(cfg, lay) + gathered), rel=0.05)
+    fsdp = _dry_run(capsys, [*MT_NLG, "--parallel.tp=8", "--parallel.pp=35"], 2240, 1100)
+    assert fsdp["activation_bytes"] is None  # FSDP does not run on meta parameters
