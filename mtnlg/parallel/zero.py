@@ -318,3 +318,23 @@ def set_gradient_sync(model: nn.Module, optimizer: torch.optim.Optimizer, sync: 
     from mtnlg.parallel.data import set_gradient_sync as fsdp_sync
 
     fsdp_sync(model, sync)
+
+
+def finish_gradient_reduction(optimizer: torch.optim.Optimizer) -> None:
+    """Wait for the distributed optimizer's reductions (a no-op for any other optimizer)."""
+    if isinstance(optimizer, ZeroAdamW):
+        optimizer.finish_gradient_reduction()
+
+
+def step_gradients(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> Iterator[torch.Tensor]:
+    """The gradients of ``params`` that the step uses: the distributed optimizer's reduced rows, else ``.grad``."""
+    if isinstance(optimizer, ZeroAdamW):
+        return optimizer.gradients(params)
+    return (p.grad for p in params if p.grad is not None)
+
+
+def sharded_gradients(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor] | None:
+    """What clipping scales instead of the parameters' ``.grad``: the distributed optimizer's rows (else None)."""
+    if not isinstance(optimizer, ZeroAdamW):
+        return None
+    return optimizer.gradients(p for g in optimizer.param_groups for p in g["params"])

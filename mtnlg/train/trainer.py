@@ -48,7 +48,7 @@ from mtnlg.parallel.dims import ParallelDims
 from mtnlg.parallel.expert import ExpertStatistics
 from mtnlg.parallel.pipeline import Pipeline, microbatches
 from mtnlg.parallel.utils import clip_grads, grad_norm, loss_context
-from mtnlg.parallel.zero import ZeroAdamW, set_gradient_sync
+from mtnlg.parallel.zero import finish_gradient_reduction, set_gradient_sync, sharded_gradients, step_gradients
 from mtnlg.train.limits import JobLimits, StopRequest
 from mtnlg.train.metrics import MetricsLog, measure_matmul_flops
 from mtnlg.train.optim import build_optimizer, global_batch_size, learning_rate, validate_batch_sizes
@@ -189,21 +189,16 @@ class Trainer:
 
     def _grad_norm(self) -> torch.Tensor:
         """Global L2 norm of all gradients (sharded DTensor gradients and pipeline stages reduced to the full norm)."""
-        zero = self.optimizer if isinstance(self.optimizer, ZeroAdamW) else None
-        if zero is not None:
-            zero.finish_gradient_reduction()  # ZeRO 1/2: the buckets still in flight after backward
+        finish_gradient_reduction(self.optimizer)  # ZeRO 1/2: the buckets still in flight after backward
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = self.pipeline.counted_parameters() if self.pipeline is not None else self.model.parameters()
-        grads = zero.gradients(params) if zero is not None else (p.grad for p in params if p.grad is not None)
-        norm = grad_norm(grads)
+        norm = grad_norm(step_gradients(self.optimizer, params))
         return self.pipeline.reduce_norm(norm) if self.pipeline is not None else norm
 
     def _optimizer_step(self, lr: float, grad_norm: torch.Tensor) -> None:
         if 0 < self.tc.grad_clip < grad_norm:  # scaling by 1 would cost a pass over every gradient
-            zero = self.optimizer if isinstance(self.optimizer, ZeroAdamW) else None
-            grads = zero.gradients(self.model.parameters()) if zero is not None else None
-            clip_grads(self.model.parameters(), self.tc.grad_clip, grad_norm, grads)
+            clip_grads(self.model.parameters(), self.tc.grad_clip, grad_norm, sharded_gradients(self.optimizer))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.scaler is not None:
