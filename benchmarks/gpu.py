@@ -11,7 +11,13 @@ Runs only where CUDA is present (elsewhere it says so and exits 0). Two parts, o
 * decoding: the generation engine against HF ``GPT2LMHeadModel.generate`` on the same bf16
   gpt2-medium weights, greedy, batch 1 and 8, ``--new-tokens`` tokens each: tokens/s and ratio.
 
+``--zero`` instead compares the distributed optimizer with FSDP on the GPUs of one node, under
+``torchrun --nproc_per_node=N``: the same bf16 training (``--models``, data parallel over the N
+GPUs, 4 micro-batches a step) with ``parallel.zero=1`` and ``=3``: median step time, tokens/s and
+peak memory per GPU; rank 0 writes ``results/gpu_zero.json``.
+
     python benchmarks/gpu.py [--steps 20] [--warmup 5] [--models gpt2-medium,gpt3-1.3b] [--out FILE]
+    torchrun --nproc_per_node=8 benchmarks/gpu.py --zero [--models gpt3-1.3b]
 """
 
 from __future__ import annotations
@@ -30,13 +36,15 @@ from generate import hf_model  # the CPU generation benchmark's HF conversion, r
 from run_info import run_info
 from train import RandomTokens  # the CPU training benchmark's random samples, reused
 
-from mtnlg.config import Config, TrainConfig
+from mtnlg.config import Config, ParallelConfig, TrainConfig
 from mtnlg.config.presets import get_preset
 from mtnlg.generate.engine import Engine, SamplingParams
 from mtnlg.model.counts import flops_per_token
 from mtnlg.model.gpt import GPT
+from mtnlg.parallel.dims import destroy_distributed, init_distributed
 from mtnlg.train.build import build_model
 from mtnlg.train.trainer import Trainer
+from mtnlg.util import dist as rank_info
 
 RESULTS = Path(__file__).parent / "results" / "gpu.json"
 # Dense (no sparsity) bf16 tensor-core peaks from the vendor's data sheets, FLOP/s, by a substring
@@ -88,6 +96,66 @@ def train_benchmark(preset: str, steps: int, warmup: int, peak: float, workdir: 
     return result
 
 
+ZERO_MICROBATCHES = 4
+
+
+def zero_config(preset: str, zero: int, dp: int, workdir: Path) -> Config:
+    """bf16 training of ``preset`` over ``dp`` GPUs with ZeRO stage ``zero``, ``ZERO_MICROBATCHES`` micro-batches."""
+    model_cfg = get_preset(preset)
+    batch = BATCH.get(preset, 4)
+    tc = TrainConfig(micro_batch_size=batch, global_batch_size=batch * dp * ZERO_MICROBATCHES, steps=10**6,
+                     warmup_steps=10, device="cuda", precision="bf16", compile=True, peak_flops=1e15,
+                     out=str(workdir / f"{preset}-zero{zero}"))
+    return Config(model=model_cfg, parallel=ParallelConfig(zero=zero), train=tc).validate()
+
+
+def zero_benchmark(preset: str, zero: int, steps: int, warmup: int, workdir: Path) -> dict:
+    """One ZeRO stage's step time and memory on this node (collective: every rank calls it)."""
+    dims = init_distributed(ParallelConfig(zero=zero), "cuda")
+    cfg = zero_config(preset, zero, dims.dp, workdir)
+    data = RandomTokens(4096, cfg.model.seq_len, cfg.model.vocab_size)
+    trainer = Trainer(cfg, build_model(cfg, dims.device, dims), data, dims=dims, progress=False)
+    times = []
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        trainer.train_step()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    step = statistics.median(times)
+    result = {"dp": dims.dp, "global_batch": cfg.train.global_batch_size, "step_seconds": step,
+              "tokens_per_s": cfg.train.global_batch_size * cfg.model.seq_len / step,
+              "peak_memory_GiB": torch.cuda.max_memory_allocated() / 2**30}
+    del trainer
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return result
+
+
+def compare_zero(results: dict[int, dict]) -> dict:
+    """zero=1 against zero=3: the ratios of their step times and memory."""
+    one, three = results[1], results[3]
+    return {"zero1": one, "zero3": three, "step_time_zero1_over_zero3": one["step_seconds"] / three["step_seconds"],
+            "memory_zero1_over_zero3": one["peak_memory_GiB"] / three["peak_memory_GiB"]}
+
+
+def zero_main(args: argparse.Namespace) -> int:
+    """``--zero``: zero=1 and zero=3 of each model on this node's GPUs (under torchrun)."""
+    load_start = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = {m: compare_zero({z: zero_benchmark(m, z, args.steps, args.warmup, Path(tmp)) for z in (1, 3)})
+                  for m in args.models.split(",")}
+    if rank_info.is_main():
+        out = args.out if args.out != RESULTS else RESULTS.with_name("gpu_zero.json")
+        result = {"gpu": torch.cuda.get_device_name(), "gpus": rank_info.world_size(), **result,
+                  "run": run_info(load_start)}
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+    destroy_distributed()
+    return 0
+
+
 def decode_benchmark(new_tokens: int, workdir: Path) -> dict:
     model_cfg = get_preset("gpt2-medium")
     torch.manual_seed(0)
@@ -132,10 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the table")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--zero", action="store_true", help="compare parallel.zero=1 and 3 on this node (torchrun)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/gpu.py needs a CUDA GPU; none is visible here, nothing measured")
         return 0
+    if args.zero:
+        return zero_main(args)
     load_start = os.getloadavg()
     name = torch.cuda.get_device_name()
     peak = peak_flops(name, args.peak_tflops)

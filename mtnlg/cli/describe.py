@@ -115,5 +115,7 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     """
     from mtnlg.planner.report import run
 
-    print(run(args, build_config(args.preset or "gpt2-small", args.config, overrides).model))
+    preset = args.preset or "gpt2-small"
+    model_flags = [f"--preset {preset}", *([f"--config {args.config}"] if args.config else []), *overrides]
+    print(run(args, build_config(preset, args.config, overrides).model, model_flags))
     return 0

@@ -26,6 +26,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     field_flag(p, "data.data_path", "--data-path")
     field_flag(p, "data.tokenizer", "--tokenizer", note="The model's vocabulary size follows it.")
     _run_args(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="build one rank of the run (--rank of --world-size) in this process with a fake process "
+                        "group and meta tensors, print what it holds and sends, and train nothing")
+    p.add_argument("--world-size", type=int, help="--dry-run: the ranks of the run (e.g. 2240)")
+    p.add_argument("--rank", type=int, default=0, help="--dry-run: the rank to build (default 0)")
+    p.add_argument("--json", action="store_true", help="--dry-run: print one JSON object")
 
 
 @command("train", _train_args)
@@ -36,7 +42,29 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     """
     from mtnlg.train.run import run_training
 
+    if args.dry_run:
+        return _dry_run(args, overrides)
+    if args.world_size is not None:
+        raise ConfigError("--world-size is a --dry-run flag; a real run takes its world from torchrun")
     return _run(args, overrides, run_training)
+
+
+def _dry_run(args: argparse.Namespace, overrides: list[str]) -> int:
+    """``train --dry-run``: the config as a real run builds it, then one rank of the world built and reported."""
+    import json
+
+    from mtnlg.config import set_field
+    from mtnlg.train.dryrun import dry_run, render
+
+    if args.world_size is None or args.world_size < 1:
+        raise ConfigError("--dry-run needs --world-size N (the ranks of the run to simulate)")
+    cfg = build_config(getattr(args, "preset", None), args.config, overrides)
+    for dotted, value in given_fields(args).items():
+        if value:
+            set_field(cfg, dotted, value, f"--{dotted}")
+    report = dry_run(cfg.validate(), args.world_size, args.rank)
+    print(json.dumps(report) if args.json else render(report))
+    return 0
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:

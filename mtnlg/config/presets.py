@@ -1,7 +1,7 @@
 """Named model shapes, from a CPU-sized ``tiny`` to MT-NLG 530B.
 
 Shapes follow the published models: GPT-2 (Radford et al. 2019), GPT-3 XL (Brown et al. 2020)
-and Megatron-Turing NLG 530B (Smith et al. 2022: 105 layers, hidden 20480, 128 heads, 2048 tokens).
+GPT-3 175B, and Megatron-Turing NLG 530B (Smith et al. 2022: 105 layers, hidden 20480, 128 heads, 2048 tokens).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ PRESETS: dict[str, ModelConfig] = {
     # in every other layer, 52B parameters with the compute of 1.3B.
     "ds-moe-1.3b-128": ModelConfig(vocab_size=50257, seq_len=2048, n_layers=24, hidden=2048, n_heads=16,
                                    moe_experts=128, moe_top_k=1, moe_every=2, moe_capacity_factor=1.0),
+    # GPT-3 175B (Brown et al. 2020, table 2.1): the layout planning examples of Narayanan et al. 2021.
+    "gpt3-175b": ModelConfig(vocab_size=50257, seq_len=2048, n_layers=96, hidden=12288, n_heads=96),
     "mt-nlg-530b": ModelConfig(
         vocab_size=50257, seq_len=2048, n_layers=105, hidden=20480, n_heads=128, init_std=0.004, activation="gelu"
     ),

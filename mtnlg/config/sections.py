@@ -148,6 +148,10 @@ class ParallelConfig:
     reshard_after_forward: bool = _f(
         True, "FSDP frees each block's gathered weights after forward (less memory, one more all-gather in backward)."
     )
+    zero: int = _f(
+        3, "ZeRO stage over dp: 1 shards the optimizer state, 2 also the gradients, 3 also the weights (FSDP2)."
+    )
+    bucket_mb: float = _f(25.0, "ZeRO 1/2: MiB of gradients reduced (and of weights gathered) per collective.")
     sequence_parallel: bool = _f(False, "Shard LayerNorm/dropout activations along the sequence under tp.")
     pp_schedule: str = _f(
         "1f1b", "Pipeline schedule: 1f1b, gpipe, interleaved_1f1b (pp_stages_per_rank >= 2), zbv or dualpipev "
@@ -173,6 +177,11 @@ class ParallelConfig:
         if self.pp_schedule not in SCHEDULES:
             raise ConfigError(f"parallel.pp_schedule={self.pp_schedule!r} is unknown; choose one of "
                               f"{', '.join(SCHEDULES)}")
+        if self.zero not in (1, 2, 3):
+            raise ConfigError(f"parallel.zero must be 1 (optimizer state), 2 (+ gradients) or 3 (+ weights: FSDP), "
+                              f"got {self.zero}")
+        if not self.bucket_mb > 0:
+            raise ConfigError(f"parallel.bucket_mb must be positive, got {self.bucket_mb}")
         if self.dp == 0 or self.dp < -1:
             raise ConfigError(f"parallel.dp must be >= 1 or -1 (derive), got {self.dp}")
         if not self.timeout_s > 0:

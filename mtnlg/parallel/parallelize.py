@@ -14,7 +14,8 @@ Transformations apply in a fixed order, each taking the previous one's module:
 4. activation checkpointing: the model's own ``model.activation_checkpointing`` flag;
 5. compile (``train.compile``): each block in place, so parameter names stay those of the plain model;
 6. data parallelism (FSDP2, ``data.py``), outermost, so it shards the already tensor-parallel
-   parameters again over the data-parallel ranks.
+   parameters again over the data-parallel ranks; under ``parallel.zero`` 1 or 2 the weights stay
+   whole and the optimizer shards its state instead (``zero.py``, built by the trainer).
 
 The pipeline schedule itself is run by the trainer (``pipeline.Pipeline``) over this rank's part.
 The single-process model is the reference every layout is tested against.
@@ -32,6 +33,7 @@ from mtnlg.parallel.dims import ParallelDims
 from mtnlg.parallel.expert import apply_expert_parallel, check_expert_parallel
 from mtnlg.parallel.pipeline import check_pipeline, keep_rank_stages
 from mtnlg.parallel.tensor import apply_tensor_parallel
+from mtnlg.parallel.zero import check_zero
 
 
 def parallelize(model: GPT, dims: ParallelDims, cfg: Config, *, inference: bool = False) -> GPT:
@@ -57,15 +59,18 @@ def parallelize(model: GPT, dims: ParallelDims, cfg: Config, *, inference: bool 
             sequence_parallel=cfg.parallel.sequence_parallel and not inference,
             loss_parallel=not inference,
         )
-    if any(p.is_meta for p in model.parameters()):
+    if any(p.is_meta for p in model.parameters()) and dims.device.type != "meta":  # meta: a dry run
         materialize(model, dims.device, cfg.train.seed)
     if dims.ep > 1:
         apply_expert_parallel(model, dims)
     if cfg.train.compile and not inference:
         for block in model.blocks.values():
             block.compile()
-    if dims.dp > 1:
+    if dims.dp > 1 and cfg.parallel.zero == 3:  # zero 1/2: weights stay whole; the optimizer shards (zero.py)
+        check_zero(cfg, dims)
         apply_data_parallel(model, dims, cfg)
+    elif dims.dp > 1:
+        check_zero(cfg, dims)
     return model
 
 

@@ -149,7 +149,7 @@ class Pipeline:
         self.views = [
             model.view(split[s], embeddings=s == 0, head=s == self.num_stages - 1) for s in self.stage_ids
         ]
-        if dims.dp > 1:
+        if dims.dp > 1 and cfg.parallel.zero == 3:  # zero 1/2 reduce after the schedule (zero.py)
             self.views = [shard_stage(view, cfg, dims) for view in self.views]
         self.has_first, self.has_last = 0 in self.stage_ids, self.num_stages - 1 in self.stage_ids
         self._schedules: dict[tuple[int, bool], Any] = {}

@@ -34,10 +34,22 @@ def grad_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
-def clip_grads(params: Iterable[nn.Parameter], max_norm: float, total_norm: torch.Tensor) -> None:
-    """``clip_grads_with_norm_`` for parameters on several meshes, one mesh at a time."""
+def clip_grads(params: Iterable[nn.Parameter], max_norm: float, total_norm: torch.Tensor,
+               grads: Iterable[torch.Tensor] | None = None) -> None:
+    """``clip_grads_with_norm_`` for parameters on several meshes, one mesh at a time; ``grads``: clip
+    these gradients instead of the parameters' (the distributed optimizer's shards)."""
+    if grads is not None:
+        for group in _by_mesh(grads):
+            torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in group],
+                                _clip_coefficient(max_norm, total_norm))
+        return
     for group in _by_mesh(p for p in params if p.grad is not None):
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total_norm)
+
+
+def _clip_coefficient(max_norm: float, total_norm: torch.Tensor) -> torch.Tensor:
+    """``clip_grads_with_norm_``'s factor, so that shards are scaled exactly as whole gradients."""
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
 
 
 def loss_context(dims: ParallelDims) -> contextlib.AbstractContextManager:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from mtnlg.config import ModelConfig
 from mtnlg.model.counts import flops_per_token, parameter_count
 from mtnlg.planner.hardware import GIB, GPUS, Efficiency, GpuSpec, resolve_gpu
-from mtnlg.planner.layout import RECOMPUTE, Layout, check_model, make_layout
+from mtnlg.planner.layout import RUNNABLE_RECOMPUTE, Layout, check_model, make_layout
 from mtnlg.planner.memory import Memory, peak_memory
 from mtnlg.planner.timing import StepTime, step_time
 
@@ -117,10 +117,10 @@ def plan(cfg: ModelConfig, layout: Layout, gpu: GpuSpec, *, tokens: float = 0.0,
 
 
 def plan_auto(cfg: ModelConfig, layout: Layout, gpu: GpuSpec, **kwargs: object) -> Plan:
-    """``plan`` with the least recomputation that fits (none, then selective, then full); the last
+    """``plan`` with the least recomputation ``mtnlg train`` has that fits (none, then full); the last
     one tried if none fits."""
     result = None
-    for level in RECOMPUTE:
+    for level in RUNNABLE_RECOMPUTE:
         result = plan(cfg, dataclasses.replace(layout, recompute=level), gpu, **kwargs)  # type: ignore[arg-type]
         if result.fits:
             break

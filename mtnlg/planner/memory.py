@@ -21,16 +21,19 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from mtnlg.config import ModelConfig
+from mtnlg.config import ConfigError, ModelConfig
+from mtnlg.config.schedules import layer_split, stage_ids
 from mtnlg.model.counts import parameter_count
 from mtnlg.planner.layout import Layout, in_flight, layers_per_rank
 
 GIB = float(1 << 30)
 
-# Bytes per parameter of each training-state part, by precision: Megatron's mixed precision keeps a
-# 16-bit compute copy, fp32 gradients (main_grad) and fp32 master weights + Adam moments (18 B);
-# fp32 training keeps the weights, their gradients and the two moments (16 B).
-STATE_BYTES = {"bf16": (2, 4, 12), "fp16": (2, 4, 12), "fp32": (4, 4, 8)}
+# Bytes per parameter of each training-state part (weights, gradients, optimizer), by precision, as
+# mtnlg train allocates them: the weights stay fp32 (they are the master weights; autocast, or FSDP's
+# mixed precision, computes on 16-bit copies that do not outlive a layer), fp32 gradients and AdamW's
+# two fp32 moments: 16 B at every precision. (Megatron keeps a 16-bit copy beside fp32 master weights,
+# 2 + 4 + 12 = 18 B, and its ZeRO-1 shards the 12; mtnlg's shards the 8 of the moments.)
+STATE_BYTES = {"bf16": (4, 4, 8), "fp16": (4, 4, 8), "fp32": (4, 4, 8)}
 
 
 @dataclass
@@ -52,8 +55,8 @@ class Memory:
         return {**parts, "total": self.total / GIB}
 
 
-def rank_parameters(cfg: ModelConfig, lay: Layout, *, first: bool, last: bool) -> float:
-    """Parameters held by one tp rank of a pipeline rank (busiest layer count).
+def rank_parameters(cfg: ModelConfig, lay: Layout, *, first: bool, last: bool, layers: int | None = None) -> float:
+    """Parameters held by one tp rank of a pipeline rank (``layers``; default: the busiest rank's count).
 
     Column- and row-parallel weights and the column-parallel biases are split by tp; LayerNorms and
     row-parallel output biases (4C + 2C per layer) are replicated. The first rank holds the
@@ -63,7 +66,7 @@ def rank_parameters(cfg: ModelConfig, lay: Layout, *, first: bool, last: bool) -
     counts = parameter_count(cfg)
     replicated = 6 * cfg.hidden
     per_layer = (counts["per_layer"] - replicated) / lay.tp + replicated
-    params = layers_per_rank(cfg, lay) * per_layer
+    params = (layers_per_rank(cfg, lay) if layers is None else layers) * per_layer
     vocab = cfg.padded_vocab_size * cfg.hidden / lay.tp
     if first:
         params += vocab + cfg.seq_len * cfg.hidden
@@ -138,3 +141,24 @@ def peak_memory(cfg: ModelConfig, lay: Layout) -> Memory:
     first = rank_memory(cfg, lay, first=True, last=False)
     last = rank_memory(cfg, lay, first=False, last=True)
     return first if first.total >= last.total else last
+
+
+def rank_state(cfg: ModelConfig, lay: Layout, rank: int) -> dict[str, object]:
+    """Rank ``rank``'s stages, layers and bytes of weights, gradients and optimizer state as mtnlg
+    allocates them (``STATE_BYTES``), each divided by dp where ``lay.zero`` shards it (3: all three;
+    2: gradients and moments; 1: moments). ``mtnlg train --dry-run`` reports the same names, measured
+    on the real objects. Ranks are numbered as the trainer's mesh numbers them (pp-major, tp-minor).
+    """
+    if not 0 <= rank < lay.gpus:
+        raise ConfigError(f"plan: --rank {rank} is not a rank of --gpus {lay.gpus} (0 .. {lay.gpus - 1})")
+    pp_rank = rank // (lay.dp * lay.tp)
+    num_stages = lay.pp * lay.virtual_stages
+    stages = stage_ids(pp_rank, lay.pp, lay.virtual_stages, lay.schedule) if lay.pp > 1 else [0]
+    split = layer_split(cfg.n_layers, num_stages)
+    layers = sorted(layer for s in stages for layer in split[s])
+    params = rank_parameters(cfg, lay, first=0 in stages, last=num_stages - 1 in stages, layers=len(layers))
+    zero = lay.zero if lay.dp > 1 else 0
+    w, g, o = (b * params / (lay.dp if zero >= level else 1) for b, level in zip(STATE_BYTES[lay.precision], (3, 2, 1),
+                                                                                strict=True))
+    return {"rank": rank, "stage": stages[0], "stages": stages, "layers": [layers[0], layers[-1]],
+            "parameters": int(params), "parameter_bytes": int(w), "gradient_bytes": int(g), "optimizer_bytes": int(o)}

@@ -2,7 +2,10 @@
 
 The search varies what the caller did not fix: tp over powers of two within a node that divide
 the heads, pp over the divisors of gpus / tp (at most one stage per layer), micro-batch 1-8,
-interleaving, ZeRO stage, recomputation and sequence parallelism. The global batch is fixed (it
+stages per rank and schedule (interleaved 1F1B; with two, also the V schedules zbv and dualpipev,
+which ``mtnlg train`` runs with data parallelism under ZeRO 1/2 only), ZeRO stage, recomputation
+(none or full: the modes ``mtnlg train`` has) and sequence parallelism. Every layout it ranks is
+one ``mtnlg train`` runs (``report.train_command`` prints it). The global batch is fixed (it
 changes the optimisation, not only the speed).
 """
 
@@ -12,11 +15,12 @@ import itertools
 from collections.abc import Iterable
 
 from mtnlg.config import ConfigError, ModelConfig
+from mtnlg.config.schedules import SCHEDULES
 from mtnlg.planner import Plan, plan
 from mtnlg.planner.hardware import GpuSpec
-from mtnlg.planner.layout import RECOMPUTE, make_layout
+from mtnlg.planner.layout import RECOMPUTE, RUNNABLE_RECOMPUTE, make_layout
 
-FIXABLE = ("tp", "pp", "dp", "micro_batch", "virtual_stages", "zero", "recompute", "sequence_parallel")
+FIXABLE = ("tp", "pp", "dp", "micro_batch", "virtual_stages", "zero", "recompute", "sequence_parallel", "schedule")
 
 
 def _choices(cfg: ModelConfig, gpu: GpuSpec, gpus: int, fixed: dict[str, object]) -> dict[str, list[object]]:
@@ -27,14 +31,25 @@ def _choices(cfg: ModelConfig, gpu: GpuSpec, gpus: int, fixed: dict[str, object]
         "pp": [p for p in range(1, min(gpus, cfg.n_layers) + 1) if gpus % p == 0],
         "micro_batch": [1, 2, 4, 8],
         "virtual_stages": [1, 2, 3, 4],
-        "zero": [0, 1, 3],
-        "recompute": list(RECOMPUTE),
+        "zero": [0, 1, 2, 3],
+        "recompute": list(RUNNABLE_RECOMPUTE),
         "sequence_parallel": [False, True],
     }
     for key, value in fixed.items():
         if value is not None and key in choices:
             choices[key] = [value]
+    if fixed.get("recompute") in RECOMPUTE:
+        choices["recompute"] = [fixed["recompute"]]
     return choices
+
+
+def _schedules(pp: int, v: int, zero: int, dp: int, fixed: object) -> list[str]:
+    """Schedules for ``v`` stages per rank that mtnlg train runs under this data parallelism."""
+    if pp == 1:
+        return ["1f1b"]
+    names = ["1f1b"] if v == 1 else ["interleaved_1f1b"] + (["zbv", "dualpipev"] if v == 2 else [])
+    names = [n for n in names if not (SCHEDULES[n].v_shaped and dp > 1 and zero in (0, 3))]
+    return [n for n in names if n == fixed] if fixed else names
 
 
 def candidates(cfg: ModelConfig, gpu: GpuSpec, gpus: int, global_batch: int,
@@ -50,13 +65,13 @@ def candidates(cfg: ModelConfig, gpu: GpuSpec, gpus: int, global_batch: int,
         dp = fixed.get("dp") or gpus // (tp * pp)
         if tp * pp * dp != gpus or (zero and dp == 1):
             continue
-        try:
-            lay = make_layout(gpus, tp, pp, dp, micro_batch=mb, global_batch=global_batch, virtual_stages=v,
-                              zero=zero, recompute=rec, sequence_parallel=sp,
-                              schedule="interleaved_1f1b" if v > 1 else "1f1b", **common)
-            yield plan(cfg, lay, gpu, tokens=tokens)
-        except ConfigError:
-            continue
+        for name in _schedules(pp, v, zero, dp, fixed.get("schedule")):
+            try:
+                lay = make_layout(gpus, tp, pp, dp, micro_batch=mb, global_batch=global_batch, virtual_stages=v,
+                                  zero=zero, recompute=rec, sequence_parallel=sp, schedule=name, **common)
+                yield plan(cfg, lay, gpu, tokens=tokens)
+            except ConfigError:
+                continue
 
 
 def search(cfg: ModelConfig, gpu: GpuSpec, gpus: int, global_batch: int, *, fixed: dict[str, object] | None = None,

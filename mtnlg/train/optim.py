@@ -11,7 +11,9 @@ import math
 import torch
 from torch import nn
 
-from mtnlg.config import ConfigError, TrainConfig
+from mtnlg.config import ConfigError, ParallelConfig, TrainConfig
+from mtnlg.parallel.dims import ParallelDims
+from mtnlg.parallel.zero import ZeroAdamW
 
 
 def parameter_groups(
@@ -44,8 +46,10 @@ def _fused_supported(params: list[torch.Tensor]) -> bool:
     return len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over ``parameter_groups``, using torch's fused kernel where it exists, else foreach.
+def build_optimizer(model: nn.Module, cfg: TrainConfig, dims: ParallelDims | None = None,
+                    parallel: ParallelConfig | None = None) -> torch.optim.AdamW:
+    """AdamW over ``parameter_groups``, using torch's fused kernel where it exists, else foreach;
+    under ``parallel.zero`` 1 or 2 with dp > 1, the distributed optimizer (``mtnlg.parallel.zero``).
 
     The fused kernel updates every parameter in one pass over memory (param, grad, two moments),
     which matters on CPUs where the step is memory-bound.
@@ -53,14 +57,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     groups = parameter_groups(model, cfg.weight_decay, cfg.weight_decay_position_embedding)
     params = [p for g in groups for p in g["params"]]  # type: ignore[attr-defined]
     fused = _fused_supported(params)
-    return torch.optim.AdamW(
-        groups,
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps,
-        fused=fused or None,
-        foreach=None if fused else True,
-    )
+    options = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None,
+                   foreach=None if fused else True)
+    if dims is not None and parallel is not None and dims.dp > 1 and parallel.zero < 3:
+        return ZeroAdamW(groups, dims, parallel.zero, parallel.bucket_mb, **options)
+    return torch.optim.AdamW(groups, **options)
 
 
 def learning_rate(cfg: TrainConfig, step: int, consumed_tokens: int) -> float:

@@ -43,11 +43,12 @@ from mtnlg.data.gpt_dataset import Dataset, SampleLoader
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.model.counts import flops_per_token
 from mtnlg.model.gpt import GPT
-from mtnlg.parallel.data import fsdp_mixed_precision, set_gradient_sync
+from mtnlg.parallel.data import fsdp_mixed_precision
 from mtnlg.parallel.dims import ParallelDims
 from mtnlg.parallel.expert import ExpertStatistics
 from mtnlg.parallel.pipeline import Pipeline, microbatches
 from mtnlg.parallel.utils import clip_grads, grad_norm, loss_context
+from mtnlg.parallel.zero import finish_gradient_reduction, set_gradient_sync, sharded_gradients, step_gradients
 from mtnlg.train.limits import JobLimits, StopRequest
 from mtnlg.train.metrics import MetricsLog, measure_matmul_flops
 from mtnlg.train.optim import build_optimizer, global_batch_size, learning_rate, validate_batch_sizes
@@ -107,7 +108,7 @@ class Trainer:
         validate_batch_sizes(self.tc, dp_size)
         self.model, self.tokenizer, self.progress = model, tokenizer, progress
         self.device = next(model.parameters()).device
-        self.optimizer = build_optimizer(model, self.tc)
+        self.optimizer = build_optimizer(model, self.tc, self.dims, cfg.parallel)
         self.micro = self.tc.micro_batch_size * dp_size  # samples per micro-batch, all dp ranks together
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.loader = SampleLoader(train_data, self.micro, dp_rank, dp_size)
@@ -161,7 +162,7 @@ class Trainer:
         for i in range(micro_batches):
             batch = self.loader.next_batch(self.micro).to(self.device, non_blocking=True)  # (b, T + 1)
             if self.dims.dp > 1:  # reduce gradients over data-parallel ranks once, after the last micro-batch
-                set_gradient_sync(self.model, i == micro_batches - 1)
+                set_gradient_sync(self.model, self.optimizer, i == micro_batches - 1)
             with self._autocast():
                 loss = self._loss(batch)
             scaled = loss / micro_batches
@@ -188,15 +189,16 @@ class Trainer:
 
     def _grad_norm(self) -> torch.Tensor:
         """Global L2 norm of all gradients (sharded DTensor gradients and pipeline stages reduced to the full norm)."""
+        finish_gradient_reduction(self.optimizer)  # ZeRO 1/2: the buckets still in flight after backward
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = self.pipeline.counted_parameters() if self.pipeline is not None else self.model.parameters()
-        norm = grad_norm(p.grad for p in params if p.grad is not None)
+        norm = grad_norm(step_gradients(self.optimizer, params))
         return self.pipeline.reduce_norm(norm) if self.pipeline is not None else norm
 
     def _optimizer_step(self, lr: float, grad_norm: torch.Tensor) -> None:
         if 0 < self.tc.grad_clip < grad_norm:  # scaling by 1 would cost a pass over every gradient
-            clip_grads(self.model.parameters(), self.tc.grad_clip, grad_norm)
+            clip_grads(self.model.parameters(), self.tc.grad_clip, grad_norm, sharded_gradients(self.optimizer))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.scaler is not None:

@@ -2,7 +2,8 @@
 
 Runs are shared (each ``torchrun`` launch costs seconds on 2 cores): a single-process run of 20
 steps, two pp=2 runs (1f1b, stopped by ``train.exit_interval=10`` as a cluster job would be;
-interleaved 1f1b with 2 stages per rank) and a dp=2 (FSDP) run of 10 steps, checkpointed every 5;
+interleaved 1f1b with 2 stages per rank), a dp=2 (FSDP) run and a dp=2 zero=1 (distributed optimizer) run
+of 10 steps, checkpointed every 5;
 then resumes under other layouts (the pp=2 job's rest in one process and under dp=2 must continue
 the 20-step run's loss trace), and a killed rank.
 """
@@ -36,10 +37,11 @@ def runs(train_data_flags: list[str], tmp_path_factory: pytest.TempPathFactory) 
     torchrun([*args, str(root / "pp2"), "--parallel.pp=2", "--train.steps=20", "--train.exit_interval=10"])
     torchrun([*args, str(root / "pp2-interleaved"), "--parallel.pp=2", *INTERLEAVED])
     torchrun([*args, str(root / "dp2")])  # two processes and no other axis: dp=2
-    return {name: root / name for name in ("single", "pp2", "pp2-interleaved", "dp2")}
+    torchrun([*args, str(root / "dp2-zero1"), "--parallel.dp=2", "--parallel.zero=1"])  # the distributed optimizer
+    return {name: root / name for name in ("single", "pp2", "pp2-interleaved", "dp2", "dp2-zero1")}
 
 
-@pytest.mark.parametrize("layout", ["pp2", "pp2-interleaved", "dp2"])
+@pytest.mark.parametrize("layout", ["pp2", "pp2-interleaved", "dp2", "dp2-zero1"])
 def test_ten_steps_log_the_single_process_losses(runs: dict[str, Path], layout: str) -> None:
     single, pp = losses(runs["single"]), losses(runs[layout])
     assert sorted(single) == list(range(1, 21)) and sorted(pp) == list(range(1, 11))

@@ -29,3 +29,13 @@ def test_without_cuda_it_measures_nothing_and_writes_nothing(tmp_path: Path, cap
 def test_random_tokens_have_the_sample_shape() -> None:
     data = gpu.RandomTokens(4, seq_len=16, vocab=100)
     assert len(data) == 4 and data[0].shape == (17,) and data[0].max() < 100
+
+
+def test_the_zero_comparison_trains_each_stage_on_the_same_batches(tmp_path: Path) -> None:
+    one, three = (gpu.zero_config("gpt3-1.3b", zero, 8, tmp_path) for zero in (1, 3))
+    assert (one.parallel.zero, three.parallel.zero) == (1, 3)
+    assert one.train.global_batch_size == three.train.global_batch_size == 8 * 8 * gpu.ZERO_MICROBATCHES
+    assert one.train.precision == "bf16" and one.train.out != three.train.out
+    ratios = gpu.compare_zero({1: {"step_seconds": 1.5, "peak_memory_GiB": 30.0},
+                               3: {"step_seconds": 2.0, "peak_memory_GiB": 20.0}})
+    assert ratios["step_time_zero1_over_zero3"] == 0.75 and ratios["memory_zero1_over_zero3"] == 1.5
