@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -15,16 +16,29 @@ from mtnlg.train.resilience import StragglerReport
 from mtnlg.util import dist as rank_info
 from mtnlg.util.fmt import format_flops
 
-if TYPE_CHECKING:
-    from mtnlg.train.trainer import StepStats, Trainer
-
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step did (loss averaged over the global batch)."""
+
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    batch_size: int
+    tokens: int
+    seconds: float
+    skipped: bool
+    busy: float = 0.0  # seconds not spent waiting for other ranks (the straggler report's measure)
 
 
 class Reporter:
     """Progress bar, log records and printed lines for one ``fit``; only the main rank writes."""
 
-    def __init__(self, trainer: Trainer, log: MetricsLog | None) -> None:
+    def __init__(self, trainer: Any, log: MetricsLog | None) -> None:
+        """``trainer``: the ``mtnlg.train.trainer.Trainer`` whose steps are reported."""
         self.trainer, self.log = trainer, log
         self.window: list[StepStats] = []
         tc = trainer.tc

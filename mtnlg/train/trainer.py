@@ -55,7 +55,7 @@ from mtnlg.parallel.utils import clip_grads, grad_norm, loss_context
 from mtnlg.train.limits import JobLimits, StopRequest
 from mtnlg.train.metrics import MetricsLog
 from mtnlg.train.optim import build_optimizer, global_batch_size, learning_rate, validate_batch_sizes
-from mtnlg.train.report import AUTOCAST_DTYPES, Reporter
+from mtnlg.train.report import AUTOCAST_DTYPES, Reporter, StepStats
 from mtnlg.train.resilience import CollectiveMonitor
 from mtnlg.util import dist as rank_info
 
@@ -68,21 +68,6 @@ class TrainState:
     consumed_samples: int = 0
     consumed_tokens: int = 0
     skipped_steps: int = 0
-
-
-@dataclass
-class StepStats:
-    """What one optimizer step did (loss averaged over the global batch)."""
-
-    step: int
-    loss: float
-    grad_norm: float
-    lr: float
-    batch_size: int
-    tokens: int
-    seconds: float
-    skipped: bool
-    busy: float = 0.0  # seconds not spent waiting for other ranks (the straggler report's measure)
 
 
 class Trainer:
