@@ -57,9 +57,11 @@ def guard_run(out: str | Path, device: torch.device) -> DirectoryLock | None:
 
 # -- collectives -------------------------------------------------------------------------------------
 
+# Not isend/irecv: P2POp checks its op *is* torch.distributed.isend or irecv; pipelines send
+# through batch_isend_irecv.
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "reduce_scatter",
                 "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "barrier", "all_to_all",
-                "all_to_all_single", "gather", "scatter", "send", "recv", "isend", "irecv", "batch_isend_irecv")
+                "all_to_all_single", "gather", "scatter", "send", "recv", "batch_isend_irecv")
 _ACTIVE: list[CollectiveMonitor] = []  # the installed monitor (one per process)
 
 
