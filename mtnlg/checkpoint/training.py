@@ -49,6 +49,10 @@ from mtnlg.util.fs import commit_dir, fresh_dir, read_json, temp_path, write_jso
 # keyed by parameter name, so pipeline stages, each holding other parameters, do not overwrite each
 # other's param_groups, and a checkpoint loads under any layout.
 _STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+# DCP's note that it saves "in a single process" when torch.distributed is not initialized: meant
+# so in one process, and an asynchronous save says it from its writer thread, where a
+# catch_warnings of the caller does not reach.
+warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
 
 
 
@@ -137,11 +141,9 @@ def save_training_checkpoint_async(
     rng = rng_state()  # this step's generators, before training draws from them again
     with _cleanup_on_failure(run_dir, step, staging):
         model_state, optim_state = get_state_dict(model, optimizer, options=_STATE_OPTIONS)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
-            written = dcp.async_save({"model": model_state, "optim": optim_state},
-                                     checkpoint_id=staging / TRAIN_STATE_DIR, process_group=writer.group,
-                                     async_stager=writer.stager, no_dist=not rank_info.distributed())
+        written = dcp.async_save({"model": model_state, "optim": optim_state},
+                                 checkpoint_id=staging / TRAIN_STATE_DIR, process_group=writer.group,
+                                 async_stager=writer.stager, no_dist=not rank_info.distributed())
 
     def finish() -> Path:
         with _cleanup_on_failure(run_dir, step, staging):
