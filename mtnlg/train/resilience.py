@@ -85,8 +85,9 @@ class CollectiveMonitor:
     and NCCL's own watchdog and flight recorder (``guard_run``) cover hangs there.
     """
 
-    def __init__(self, out: str | Path, timeout_s: float, keep: int = 64, poll_s: float = 0.5) -> None:
-        self.out, self.timeout_s, self.poll_s = Path(out), timeout_s, poll_s
+    def __init__(self, out: str | Path, timeout_s: float, keep: int = 64, poll_s: float = 0.5,
+                 store_poll_s: float = 2.0) -> None:
+        self.out, self.timeout_s, self.poll_s, self.store_poll_s = Path(out), timeout_s, poll_s, store_poll_s
         self.entered: collections.deque[Entered] = collections.deque(maxlen=keep)
         self.seq = 0
         self.wait_seconds = 0.0  # the main thread's, since install
@@ -158,12 +159,17 @@ class CollectiveMonitor:
         return timed
 
     def _watch(self) -> None:
-        """Every ``poll_s``: a wait of this rank over the timeout, or another rank's report, ends it."""
+        """Every ``poll_s`` a wait of this rank over the timeout ends it; every ``store_poll_s`` (one
+        request to the job's store: thousands of ranks ask it) another rank's report does."""
         store = dist.distributed_c10d._get_default_store()
+        asked = time.monotonic()
         while not self._stop.wait(self.poll_s):
             waiting = self.waiting
             if waiting is not None and time.monotonic() - waiting[0] > self.timeout_s:
                 self.report_hang(f"waited more than parallel.timeout_s={self.timeout_s:g} s in {waiting[1]}")
+            if time.monotonic() - asked < self.store_poll_s:
+                continue
+            asked = time.monotonic()
             try:
                 if store.check([_HANG_KEY]):
                     self.report_hang(f"another rank reported a hang: {store.get(_HANG_KEY).decode()}")
