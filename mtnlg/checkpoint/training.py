@@ -7,6 +7,7 @@ Every function here is collective under torch.distributed: every rank calls it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import random
 import shutil
@@ -139,6 +140,7 @@ def save_training_checkpoint_async(
     run_dir = Path(run_dir)
     target, staging = _begin(run_dir, step)
     rng = rng_state()  # this step's generators, before training draws from them again
+    trainer_state = copy.deepcopy(trainer_state)  # this step's counters, whatever the caller does next
     with _cleanup_on_failure(run_dir, step, staging):
         model_state, optim_state = get_state_dict(model, optimizer, options=_STATE_OPTIONS)
         written = dcp.async_save({"model": model_state, "optim": optim_state},
