@@ -36,7 +36,8 @@ HANG_DIR = "hangs"
 _HANG_KEY = "mtnlg/hang"
 
 # The NCCL flight recorder (a ring buffer of every NCCL collective, dumped on a timeout): set
-# before the process group is made; the dump is RUN/hangs/nccl_trace_rank_<R>.
+# before the process group is made; the dump is RUN/hangs/nccl/nccl_trace_rank_<R> (a directory of
+# its own: torch.distributed.flight_recorder.fr_trace reads every file of the one it is given).
 FLIGHT_RECORDER = {"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}
 FLIGHT_RECORDER_FILE = "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"
 
@@ -50,8 +51,8 @@ def guard_run(out: str | Path, device: torch.device) -> DirectoryLock | None:
     if device.type == "cuda":
         for name, value in FLIGHT_RECORDER.items():
             os.environ.setdefault(name, value)
-        os.environ.setdefault(FLIGHT_RECORDER_FILE, str(Path(out).absolute() / HANG_DIR / "nccl_trace_rank_"))
-        (Path(out) / HANG_DIR).mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault(FLIGHT_RECORDER_FILE, str(Path(out).absolute() / HANG_DIR / "nccl" / "nccl_trace_rank_"))
+        (Path(out) / HANG_DIR / "nccl").mkdir(parents=True, exist_ok=True)
     return DirectoryLock(out).acquire() if rank_info.is_main() else None
 
 
