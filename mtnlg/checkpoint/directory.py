@@ -32,6 +32,7 @@ import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 
@@ -111,14 +112,22 @@ def prune(run_dir: Path, keep_last: int) -> None:
 
 
 def find_training_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint to resume from: ``latest``, or, if it fails its checksums, the newest older one
+    """The checkpoint to resume from: ``latest``, or, if it is incomplete (no ``train_state/`` or
+    ``trainer.json``, e.g. after a tool wrote into it) or fails its checksums, the newest older one
     that passes (with a warning). None when ``run_dir`` has no checkpoint at all."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return None
     candidates = _candidates(run_dir)
-    return _first_good(run_dir, candidates, verify_checksums) if candidates else None
+    return _first_good(run_dir, candidates, _check_resumable) if candidates else None
 
+
+def _check_resumable(step_dir: Path) -> None:
+    """What ``--resume`` reads is there (on every rank alike: no collective before it), then checksums."""
+    missing = [name for name in (TRAIN_STATE_DIR, TRAINER_FILE) if not (step_dir / name).exists()]
+    if missing:
+        raise CheckpointError(f"{step_dir} is incomplete: no {' and no '.join(missing)}")
+    verify_checksums(step_dir)
 
 
 # -- verification on load --------------------------------------------------------------------------------
@@ -208,13 +217,13 @@ def _files(directory: Path) -> list[str]:
     )
 
 
-def _hash_share(directory: Path, names: list[str], local: bool = False) -> dict[str, str | None]:
+def _hash_share(directory: Path, names: list[str], local: bool = False, group: Any = None) -> dict[str, str | None]:
     """SHA-256 of every file named, None for a missing one, the reading split across the ranks.
 
     Collective under torch.distributed (unless ``local``): rank r hashes names r, r + world, ...
     and the digests are gathered, so a checkpoint of hundreds of shards is read once in total, not
     once per rank and not all by rank 0. Every rank must pass the same names (the directory is on a
-    shared filesystem, as DCP requires).
+    shared filesystem, as DCP requires). ``group``: the process group to gather over (default: all).
     """
     collective = not local and rank_info.distributed()
     world, rank = (rank_info.world_size(), rank_info.rank()) if collective else (1, 0)
@@ -222,22 +231,23 @@ def _hash_share(directory: Path, names: list[str], local: bool = False) -> dict[
     if world == 1:
         return mine
     parts: list[dict[str, str | None]] = [{} for _ in range(world)]
-    dist.all_gather_object(parts, mine)
+    dist.all_gather_object(parts, mine, group=group)
     return {name: digest for part in parts for name, digest in part.items()}
 
 
-def write_checksums(directory: Path, local: bool = False) -> None:
+def write_checksums(directory: Path, local: bool = False, group: Any = None) -> None:
     """Hash every file into ``checksums.json``, the one manifest writer of every checkpoint.
 
     Collective (see ``_hash_share``; rank 0 writes the file) unless ``local``: a directory that
-    one process writes alone (an inference checkpoint, an export, a conversion).
+    one process writes alone (an inference checkpoint, an export, a conversion). ``group``: the
+    process group of the collective (an asynchronous save's own, beside the training's).
     """
     collective = not local and rank_info.distributed()
-    sums = _hash_share(directory, _files(directory), local=not collective)
+    sums = _hash_share(directory, _files(directory), local=not collective, group=group)
     if not collective or rank_info.is_main():
         write_json(directory / CHECKSUM_FILE, sums, sort_keys=True)
     if collective:
-        rank_info.barrier()  # no rank reads the manifest before it exists
+        dist.barrier(group=group)  # no rank reads the manifest before it exists
 
 
 def _read_manifest(path: Path) -> dict[str, str]:

@@ -6,21 +6,29 @@ Every function here is collective under torch.distributed: every rank calls it.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import errno
 import random
 import shutil
 import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from mtnlg.checkpoint.directory import (
+    LATEST_FILE,
     LAYOUT_FILE,
     RNG_DIR,
+    STEP_DIR,
     TRAIN_STATE_DIR,
     TRAINER_FILE,
     CheckpointError,
@@ -42,6 +50,10 @@ from mtnlg.util.fs import commit_dir, fresh_dir, read_json, temp_path, write_jso
 # keyed by parameter name, so pipeline stages, each holding other parameters, do not overwrite each
 # other's param_groups, and a checkpoint loads under any layout.
 _STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+# DCP's note that it saves "in a single process" when torch.distributed is not initialized: meant
+# so in one process, and an asynchronous save says it from its writer thread, where a
+# catch_warnings of the caller does not reach.
+warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
 
 
 
@@ -90,38 +102,179 @@ def save_training_checkpoint(
     ``weights``: also write the consolidated ``model.safetensors`` (a run does at its last save).
 
     Collective under torch.distributed: every rank calls it; DCP writes each rank's shards and each
-    rank its RNG file, rank 0 the rest. ``trainer_state`` must be JSON-serialisable.
+    rank its RNG file, rank 0 the rest. ``trainer_state`` must be JSON-serialisable. A full disk
+    raises NoSpaceError (the previous checkpoint is untouched).
     """
     run_dir = Path(run_dir)
-    target = run_dir / step_dir_name(step)
-    staging = temp_path(target)  # a fixed name: every rank writes its shards into rank 0's directory
-    main = rank_info.is_main()
-    if main:
-        fresh_dir(target)
-    rank_info.barrier()
-    try:
+    target, staging = _begin(run_dir, step)
+    with _cleanup_on_failure(run_dir, step, staging):
         model_state, optim_state = get_state_dict(model, optimizer, options=_STATE_OPTIONS)
         dcp_call(dcp.save, {"model": model_state, "optim": optim_state}, staging / TRAIN_STATE_DIR)
-        (staging / RNG_DIR).mkdir(exist_ok=True)
-        torch.save(rng_state(), staging / RNG_DIR / f"rank_{rank_info.rank():05d}.pt")
-        if weights:
-            save_consolidated_weights(model, staging)
-        if main:
-            write_model_files(staging, None, cfg, tokenizer)
-            write_json(staging / TRAINER_FILE, trainer_state)
-            write_json(staging / LAYOUT_FILE, run_layout(cfg))
-        rank_info.barrier()
-        write_checksums(staging)
-        if main:
-            commit_dir(staging, target)
-            point_latest(run_dir, target)
-            prune(run_dir, keep_last)
-    except BaseException:
-        if main:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
+        _agree(lambda: _write_files(staging, cfg, tokenizer, trainer_state, rng_state(),
+                                    model if weights else None))
+        _commit(run_dir, target, staging, keep_last)
     rank_info.barrier()
     return target
+
+
+def save_training_checkpoint_async(
+    run_dir: str | Path,
+    step: int,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    cfg: Config,
+    tokenizer: Tokenizer | None,
+    trainer_state: dict[str, Any],
+    keep_last: int,
+    writer: AsyncWriter,
+) -> Future[Path]:
+    """``save_training_checkpoint`` without the weights, returning once the state is staged.
+
+    DCP's ``async_save`` copies model and optimizer state to CPU (pinned) memory and writes it in
+    a background thread; ``writer``'s one thread then writes the RNG and trainer files, the
+    checksums, and commits the step (rename, ``latest``, pruning) only when every rank's write
+    has finished. Until then the step is a ``.step_XXXXXXXX.tmp`` directory that resume never
+    reads. The background collectives run on ``writer.group`` (gloo), not the training's.
+    Collective: every rank calls it; the caller waits for the previous future first.
+    """
+    run_dir = Path(run_dir)
+    target, staging = _begin(run_dir, step)
+    rng = rng_state()  # this step's generators, before training draws from them again
+    trainer_state = copy.deepcopy(trainer_state)  # this step's counters, whatever the caller does next
+    with _cleanup_on_failure(run_dir, step, staging):
+        model_state, optim_state = get_state_dict(model, optimizer, options=_STATE_OPTIONS)
+        written = dcp.async_save({"model": model_state, "optim": optim_state},
+                                 checkpoint_id=staging / TRAIN_STATE_DIR, process_group=writer.group,
+                                 async_stager=writer.stager, no_dist=not rank_info.distributed())
+
+    def finish() -> Path:
+        with _cleanup_on_failure(run_dir, step, staging):
+            written.result()
+            _agree(lambda: _write_files(staging, cfg, tokenizer, trainer_state, rng, None), writer.group)
+            _commit(run_dir, target, staging, keep_last, writer.group)
+        return target
+
+    return writer.executor.submit(finish)
+
+
+@dataclass
+class AsyncWriter:
+    """What asynchronous saves share: one background thread (so at most one commit runs at a
+    time), DCP's stager (pinned CPU memory on CUDA) and a gloo group of every rank for the
+    background collectives (None in one process). Built on every rank together; ``close`` at the end."""
+
+    group: Any
+    stager: Any
+    executor: ThreadPoolExecutor
+
+    @classmethod
+    def create(cls, pinned: bool) -> AsyncWriter:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        group = dist.new_group(backend="gloo") if rank_info.distributed() else None
+        stager = DefaultStager(StagingOptions(pinned, False, False, False))
+        return cls(group, stager, ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer"))
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.stager.close()
+
+
+def _begin(run_dir: Path, step: int) -> tuple[Path, Path]:
+    """The step directory and its empty staging sibling (a fixed name: every rank writes its shards
+    into the directory rank 0 made)."""
+    target = run_dir / step_dir_name(step)
+    if rank_info.is_main():
+        fresh_dir(target)
+    rank_info.barrier()
+    return target, temp_path(target)
+
+
+def _write_files(staging: Path, cfg: Config, tokenizer: Tokenizer | None, trainer_state: dict[str, Any],
+                 rng: dict[str, Any], model: GPT | None) -> None:
+    """Everything beside ``train_state/``: this rank's RNG file, rank 0 the config, tokenizer,
+    trainer and layout files; with ``model``, the consolidated weights (collective)."""
+    (staging / RNG_DIR).mkdir(exist_ok=True)
+    torch.save(rng, staging / RNG_DIR / f"rank_{rank_info.rank():05d}.pt")
+    if model is not None:
+        save_consolidated_weights(model, staging)
+    if rank_info.is_main():
+        write_model_files(staging, None, cfg, tokenizer)
+        write_json(staging / TRAINER_FILE, trainer_state)
+        write_json(staging / LAYOUT_FILE, run_layout(cfg))
+
+
+def _agree(write: Callable[[], None], group: Any = None) -> None:
+    """Run this rank's ``write``, then learn whether every rank's succeeded (one all-reduce in place
+    of a barrier): a rank whose disk filled up must not leave the others waiting for it."""
+    failure: BaseException | None = None
+    try:
+        write()
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after the ranks agree
+        failure = exc
+    if rank_info.distributed():
+        flag = torch.tensor([float(failure is not None)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        if failure is None and flag.item():
+            raise CheckpointError("another rank failed to write its part of the checkpoint")
+    if failure is not None:
+        raise failure
+
+
+def _commit(run_dir: Path, target: Path, staging: Path, keep_last: int, group: Any = None) -> None:
+    """Checksums (collective), then rank 0 renames the step into place, names it in ``latest`` and prunes."""
+    write_checksums(staging, group=group)
+    if rank_info.is_main():
+        commit_dir(staging, target)
+        point_latest(run_dir, target)
+        prune(run_dir, keep_last)
+
+
+@contextlib.contextmanager
+def _cleanup_on_failure(run_dir: Path, step: int, staging: Path) -> Iterator[None]:
+    """On any failure rank 0 removes the staging directory (the last good step is untouched);
+    a full disk becomes NoSpaceError naming the step that is kept."""
+    try:
+        yield
+    except BaseException as exc:
+        full = no_space(exc, run_dir)
+        if rank_info.is_main():
+            shutil.rmtree(staging, ignore_errors=True)
+        if full:
+            latest = run_dir / LATEST_FILE
+            kept = STEP_DIR.match(latest.read_text(encoding="utf-8").strip()) if latest.is_file() else None
+            raise NoSpaceError(f"cannot save step {step} to {run_dir}: no space left on device "
+                               f"({f'step {int(kept.group(1))} is kept' if kept else 'no earlier step'})") from exc
+        raise
+
+
+class NoSpaceError(CheckpointError):
+    """A save ran out of disk; the message (one line) names the step that is kept."""
+
+
+def no_space(exc: BaseException, where: Path) -> bool:
+    """Whether ``exc`` (or what it wraps: a cause, DCP's per-rank failures) is a full disk.
+
+    DCP and ``torch.save`` may report one as ``RuntimeError: [enforce fail at inline_container.cc]
+    ... file write failed`` without the errno; that counts when ``where`` has under 64 MiB free."""
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e in seen:
+            continue
+        seen.append(e)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in str(e):
+            return True
+        todo += [x for x in (e.__cause__, e.__context__) if x is not None]
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()
+                     if isinstance(f[0] if isinstance(f, tuple) else f, BaseException)]
+    if any("write failed" in str(e) for e in seen):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(where).free < 64 << 20
+    return False
 
 
 def check_compatible(saved: Config, current: Config, where: Path) -> None:

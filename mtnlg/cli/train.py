@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
 from mtnlg.cli.args import command, config_args, field_flag, given_fields, no_overrides
@@ -15,9 +16,11 @@ from mtnlg.util import dist as rank_info
 def _run_args(p: argparse.ArgumentParser) -> None:
     """The flags of a training run (train, finetune)."""
     field_flag(p, "train.out", "--out")
-    p.add_argument("--resume", action="store_true",
-                   help="continue exactly from the newest good checkpoint in --out, with its saved config; "
-                        "the options given change it (each change is printed)")
+    p.add_argument("--resume", nargs="?", const="auto", choices=["auto"],
+                   help="continue exactly from the newest good checkpoint in --out, with its saved config "
+                        "(the options given change it; each change is printed), or start from step 0 when "
+                        "--out has none; --resume=auto spells the same, so one command line serves the first "
+                        "launch and every restart (torchrun --max-restarts)")
     p.add_argument("--no-progress", action="store_true", help="print log lines instead of a progress bar")
 
 
@@ -38,7 +41,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     """Pretrain a GPT: AdamW, warmup + cosine LR, mixed precision, exact-resume checkpoints.
 
-    Ctrl-C stops after the current step and saves a checkpoint; --resume continues from it.
+    Ctrl-C or SIGTERM stops after the current step and saves a checkpoint (SIGUSR1 saves and goes
+    on); --resume continues from it.
     """
     from mtnlg.train.run import run_training
 
@@ -100,6 +104,7 @@ def _run(
     from mtnlg.checkpoint.training import find_resume_point
     from mtnlg.config import apply_settings, set_field
     from mtnlg.train.run import resume_base
+    from mtnlg.util.process import DirectoryInUse
 
     def with_flags(cfg: Config) -> Config:
         for dotted, value in given_fields(args).items():
@@ -114,9 +119,12 @@ def _run(
         start = resume_base(point) if point is not None else base(given) if base is not None else None
         cfg = with_flags(build_config(getattr(args, "preset", None), args.config, overrides, base=start))
         cfg.train.out = run_dir
-        summary = run(cfg.validate(), resume=point or args.resume, progress=not args.no_progress)
+        summary = run(cfg.validate(), resume=point or bool(args.resume), progress=not args.no_progress)
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
+    except DirectoryInUse as exc:  # another job's directory: not this command's input, exit 1
+        print(f"mtnlg {args.command}: {exc}", file=sys.stderr)
+        return 1
     if not rank_info.is_main():
         return 0  # under torchrun, one summary for the whole job
     if summary.first_valid_loss is not None:

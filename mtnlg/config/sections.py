@@ -255,6 +255,15 @@ class TrainConfig:
         0.0, "Stop (checkpoint saved) once this job has run this many minutes; 0: no limit. Leave room "
         "for one step and one save below the cluster's wall-clock limit."
     )
+    async_save: bool = _f(
+        False, "Write checkpoints in the background (DCP async save): a save stalls training only to copy "
+        "the state to CPU memory; the commit (checksums, rename, `latest`) follows the write. The last save "
+        "of a job is synchronous."
+    )
+    straggler_threshold: float = _f(
+        2.0, "Warn when a rank's busy time per step (the step minus its waits for other ranks) exceeds the "
+        "median of the other ranks by this factor; 0: never."
+    )
 
     def validate(self) -> None:
         if self.micro_batch_size < 1 or self.global_batch_size < 1 or self.steps < 0:
@@ -269,6 +278,9 @@ class TrainConfig:
             raise ConfigError("train.eval_interval and save_interval must be >= 0, log_interval >= 1")
         if self.exit_interval < 0 or self.exit_duration_mins < 0:
             raise ConfigError("train.exit_interval and train.exit_duration_mins must be >= 0 (0: no limit)")
+        if self.straggler_threshold and self.straggler_threshold <= 1:
+            raise ConfigError(f"train.straggler_threshold must be > 1 (a factor over the median) or 0 (off), "
+                              f"got {self.straggler_threshold:g}")
 
     def batch_sizes(self) -> list[int]:
         """Every global batch size the run will use: the ramp-up sizes, then the final one."""

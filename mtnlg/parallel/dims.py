@@ -209,14 +209,29 @@ def init_distributed(cfg: ParallelConfig, device: torch.device | str | None = No
         torch.cuda.set_device(device)
     if not initialized:
         backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = timedelta(seconds=cfg.timeout_s)
         try:
-            dist.init_process_group(backend=backend, timeout=timedelta(seconds=cfg.timeout_s))
+            dist.init_process_group(backend=backend, timeout=timeout, **_attempt_store(timeout))
         except dist.DistError as exc:
             rank = os.environ.get("RANK", "?")
             raise RuntimeError(f"rank {rank} of {world_size}: the other ranks did not all join within "
                                f"parallel.timeout_s={cfg.timeout_s:g} s: {exc}") from exc
     dims.build_mesh()
     return dims
+
+
+def _attempt_store(timeout: timedelta) -> dict:
+    """Under ``torchrun --max-restarts``, the process group's keys under this attempt's own prefix.
+
+    torchrun's workers share its rendezvous store, which outlives a restart; the keys a process
+    group writes (the gloo peers' addresses, ...) would be found there by the next attempt, which
+    then connects to the dead ranks. An empty dict (init_process_group's own store) otherwise.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return {}
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    return {"store": dist.PrefixStore(f"mtnlg/attempt_{attempt}", store), "rank": rank, "world_size": world_size}
 
 
 def destroy_distributed() -> None:

@@ -31,6 +31,7 @@ from mtnlg.parallel.parallelize import parallelize
 from mtnlg.train.build import build_model
 from mtnlg.train.finetune import load_base_model
 from mtnlg.train.metrics import LOG_FILE, plot_loss_curve, precision_warning, read_log
+from mtnlg.train.resilience import guard_run
 from mtnlg.train.trainer import Trainer
 from mtnlg.util import dist as rank_info
 from mtnlg.util.extras import missing_package_message
@@ -240,15 +241,21 @@ def _train(
         warnings.warn(slow, stacklevel=3)
     if device.type == "cpu":
         reuse_freed_cpu_memory()
-    dims = init_distributed(cfg.parallel, device)  # torchrun: one process per device
-    model = make_model(cfg, dims.device, dims)
-    trainer = Trainer(cfg, model, train_data, valid_data, tokenizer=tokenizer, dims=dims, progress=progress)
-    if resume:
-        step_dir = trainer.resume(resume) if isinstance(resume, ResumePoint) else None  # searched already
-        if trainer.is_main:
-            print(f"resuming from {step_dir}" if step_dir else f"no checkpoint in {trainer.out}: starting from step 0")
-    trainer.fit(started)
-    destroy_distributed()  # the collectives are over; what follows is per process
+    lock = guard_run(tc.out, device)  # before anything is written: this job's directory alone
+    try:
+        dims = init_distributed(cfg.parallel, device)  # torchrun: one process per device
+        model = make_model(cfg, dims.device, dims)
+        trainer = Trainer(cfg, model, train_data, valid_data, tokenizer=tokenizer, dims=dims, progress=progress)
+        if resume:
+            step_dir = trainer.resume(resume) if isinstance(resume, ResumePoint) else None  # searched already
+            if trainer.is_main:
+                print(f"resuming from {step_dir}" if step_dir
+                      else f"no checkpoint in {trainer.out}: starting from step 0")
+        trainer.fit(started)
+        destroy_distributed()  # the collectives are over; what follows is per process
+    finally:
+        if lock is not None:
+            lock.release()
     valid = [r["loss"] for r in read_log(trainer.out / LOG_FILE) if r["kind"] == "valid"]
     plot = _plot(trainer) if trainer.is_main else None
     return RunSummary(trainer.out, trainer.state.step, trainer.state.step >= tc.steps, trainer.state.skipped_steps,

@@ -21,8 +21,9 @@ bitwise-identically on CPU.
 from __future__ import annotations
 
 import contextlib
-import math
+import sys
 import time
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from mtnlg.checkpoint.directory import step_dir_name
 from mtnlg.checkpoint.training import (
+    AsyncWriter,
     ResumePoint,
     find_resume_point,
     load_training_checkpoint,
     save_training_checkpoint,
+    save_training_checkpoint_async,
 )
 from mtnlg.config import Config
 from mtnlg.data.batch import split_batch
@@ -50,12 +54,11 @@ from mtnlg.parallel.pipeline import Pipeline, microbatches
 from mtnlg.parallel.utils import clip_grads, grad_norm, loss_context
 from mtnlg.parallel.zero import finish_gradient_reduction, set_gradient_sync, sharded_gradients, step_gradients
 from mtnlg.train.limits import JobLimits, StopRequest
-from mtnlg.train.metrics import MetricsLog, measure_matmul_flops
+from mtnlg.train.metrics import MetricsLog
 from mtnlg.train.optim import build_optimizer, global_batch_size, learning_rate, validate_batch_sizes
+from mtnlg.train.report import AUTOCAST_DTYPES, Reporter, StepStats
+from mtnlg.train.resilience import CollectiveMonitor
 from mtnlg.util import dist as rank_info
-from mtnlg.util.fmt import format_flops
-
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -66,20 +69,6 @@ class TrainState:
     consumed_samples: int = 0
     consumed_tokens: int = 0
     skipped_steps: int = 0
-
-
-@dataclass
-class StepStats:
-    """What one optimizer step did (loss averaged over the global batch)."""
-
-    step: int
-    loss: float
-    grad_norm: float
-    lr: float
-    batch_size: int
-    tokens: int
-    seconds: float
-    skipped: bool
 
 
 class Trainer:
@@ -121,6 +110,9 @@ class Trainer:
         self.last_saved_step = -1
         self.pipeline = Pipeline(model, self.dims, cfg) if self.dims.pp > 1 else None
         self.experts = ExpertStatistics(model, self.optimizer, self.dims)  # MoE load and bias, before each step
+        self.collectives = CollectiveMonitor(self.out, cfg.parallel.timeout_s)
+        self.writer = AsyncWriter.create(self.device.type == "cuda") if self.tc.async_save else None
+        self.pending: Future[Path] | None = None  # the asynchronous save in flight
 
     # -- one step ----------------------------------------------------------------------------------
 
@@ -131,7 +123,7 @@ class Trainer:
 
     def train_step(self) -> StepStats:
         """Accumulate gradients over the global batch, then step (or skip a non-finite step)."""
-        start = time.perf_counter()
+        start, waited = time.perf_counter(), self.collectives.wait_seconds
         batch_size = global_batch_size(self.tc, self.state.consumed_samples)
         lr = learning_rate(self.tc, self.state.step, self.state.consumed_tokens)
         with loss_context(self.dims):  # under tp, cross-entropy runs on vocabulary shards
@@ -153,8 +145,9 @@ class Trainer:
         self.state.consumed_samples += batch_size
         self.state.consumed_tokens += tokens
         mean_loss = self._all_reduce(loss, dist.ReduceOp.SUM, self.dims.dp_group) / self.dp_size
-        return StepStats(self.state.step, float(mean_loss), float(grad_norm), lr, batch_size, tokens,
-                         time.perf_counter() - start, skipped)
+        seconds = time.perf_counter() - start
+        return StepStats(self.state.step, float(mean_loss), float(grad_norm), lr, batch_size, tokens, seconds,
+                         skipped, seconds - (self.collectives.wait_seconds - waited))
 
     def _forward_backward(self, micro_batches: int) -> torch.Tensor:
         """Mean loss over ``micro_batches`` micro-batches of this rank; gradients accumulate in .grad."""
@@ -249,16 +242,29 @@ class Trainer:
 
     def save(self, weights: bool = True) -> Path:
         """Checkpoint everything the next step depends on into ``out/step_XXXXXXXX``; ``weights``: with
-        the consolidated ``model.safetensors`` too (a run writes it when it ends)."""
+        the consolidated ``model.safetensors`` too (a run writes it when it ends).
+
+        With ``train.async_save`` a save without weights returns once the state is staged and is
+        committed in the background; any save first waits for the one in flight."""
         trainer_state = {
             "state": asdict(self.state),
             "loader": self.loader.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
-        path = save_training_checkpoint(self.out, self.state.step, self.model, self.optimizer, self.cfg,
-                                        self.tokenizer, trainer_state, self.tc.keep_last, weights)
+        args = (self.out, self.state.step, self.model, self.optimizer, self.cfg, self.tokenizer, trainer_state,
+                self.tc.keep_last)
+        self.wait_for_save()
         self.last_saved_step = self.state.step
-        return path
+        if self.writer is not None and not weights:
+            self.pending = save_training_checkpoint_async(*args, self.writer)
+            return self.out / step_dir_name(self.state.step)
+        return save_training_checkpoint(*args, weights)
+
+    def wait_for_save(self) -> None:
+        """Wait for the asynchronous save in flight, if any (its failure is raised here)."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
 
     def resume(self, point: ResumePoint | None = None) -> Path | None:
         """Continue from ``point`` (found by the caller), else from the newest good checkpoint in ``out``;
@@ -284,23 +290,32 @@ class Trainer:
         ``started``, a ``time.monotonic()`` value; default: now) ends this job early with a
         checkpoint and returns; the schedule still runs to ``train.steps``, so ``--resume``
         continues it and jobs split this way train exactly as one. Ctrl-C finishes the current
-        step, saves a checkpoint and raises KeyboardInterrupt.
+        step, saves a checkpoint and raises KeyboardInterrupt; SIGTERM does the same and returns
+        (a preemption notice: the job ends cleanly); SIGUSR1 saves after the current step and goes on.
+        An asynchronous save still in flight is waited for, however ``fit`` ends.
         """
         limits = JobLimits(self.tc, self.state.step, time.monotonic() if started is None else started)
         log = MetricsLog(self.out, self.tc.tensorboard, resume_step=self.state.step) if self.is_main else None
-        reporter = _Reporter(self, log)
+        reporter = Reporter(self, log)
         reason = None
         try:
-            with StopRequest() as stop:
+            with StopRequest() as stop, self.collectives:
                 if self.state.step == 0 and self.tc.eval_interval:
                     reporter.validation(self.evaluate())
                 while self.state.step < self.tc.steps and reason is None:
                     reporter.step(self.train_step())
+                    save_now = False
                     if self.state.step < self.tc.steps:  # a job limit reached at the last step ends nothing early
-                        reason = self._stop_reason(stop.requested, limits)
-                    self._on_interval(reporter, last=self.state.step == self.tc.steps, stopping=reason is not None)
+                        reason, save_now = self._stop_reason(stop, limits)
+                    self._on_interval(reporter, last=self.state.step == self.tc.steps, stopping=reason is not None,
+                                      save_now=save_now)
+                self.wait_for_save()
+        except BaseException:
+            self._close_writer(quiet=True)
+            raise
         finally:
             reporter.close()
+        self._close_writer()
         if reason is not None:
             message = f"training stopped at step {self.state.step} ({reason}); checkpoint saved in {self.out}"
             if self.is_main:
@@ -309,87 +324,41 @@ class Trainer:
                 raise KeyboardInterrupt(message)
         return self.state
 
-    def _stop_reason(self, interrupted: bool, limits: JobLimits) -> str | None:
-        """Why this job ends after this step, if it does: decided by all ranks together (any rank's
-        Ctrl-C or clock counts), so that every rank stops after the same step and saves with the others."""
-        flags = torch.tensor([interrupted, *limits.reached(self.state.step)], dtype=torch.float32, device=self.device)
-        flags = self._all_reduce(flags, dist.ReduceOp.MAX)
-        reasons = [StopRequest.REASON, *limits.reasons]
-        return next((reason for reason, flag in zip(reasons, flags.tolist(), strict=True) if flag), None)
+    def _stop_reason(self, stop: StopRequest, limits: JobLimits) -> tuple[str | None, bool]:
+        """Why this job ends after this step, if it does, and whether SIGUSR1 asked for a checkpoint:
+        decided by all ranks together (any rank's signal or clock counts), so that every rank stops
+        or saves after the same step, with the others."""
+        flags = torch.tensor([stop.requested, stop.terminated, *limits.reached(self.state.step),
+                              stop.take_save_request()], dtype=torch.float32, device=self.device)
+        *stops, save_now = self._all_reduce(flags, dist.ReduceOp.MAX).tolist()
+        reasons = [StopRequest.REASON, StopRequest.TERMINATED, *limits.reasons]
+        return next((reason for reason, flag in zip(reasons, stops, strict=True) if flag), None), bool(save_now)
 
-    def _on_interval(self, reporter: _Reporter, last: bool, stopping: bool = False) -> None:
+    def _close_writer(self, quiet: bool = False) -> None:
+        """Wait for a save in flight; ``quiet``: another exception ends ``fit``, so its failure is only printed."""
+        if self.writer is None:
+            return
+        try:
+            self.wait_for_save()
+        except Exception as exc:  # noqa: BLE001 - the exception that ended fit is the one to see
+            if not quiet:
+                raise
+            print(f"the checkpoint being written failed too: {exc}", file=sys.stderr)
+        finally:
+            self.writer.close()
+            self.writer = None
+
+    def _on_interval(self, reporter: Reporter, last: bool, stopping: bool = False, save_now: bool = False) -> None:
         """Log, validate and save when due; ``last``: the final step; ``stopping``: this job ends early
-        (logged and saved, not validated: validation keeps its schedule across the jobs of a run)."""
+        (logged and saved, not validated: validation keeps its schedule across the jobs of a run);
+        ``save_now``: a checkpoint was asked for (SIGUSR1)."""
         step, tc = self.state.step, self.tc
         if step % tc.log_interval == 0 or last or stopping:
             reporter.flush()
         if tc.eval_interval and (step % tc.eval_interval == 0 or last):
             reporter.validation(self.evaluate())
-        due = (tc.save_interval and step % tc.save_interval == 0) or last or stopping
+        due = (tc.save_interval and step % tc.save_interval == 0) or last or stopping or save_now
         if due and step != self.last_saved_step:
             self.save(weights=last or stopping)
-
-
-class _Reporter:
-    """Progress bar, log records and printed lines for one ``fit``; only the main rank writes."""
-
-    def __init__(self, trainer: Trainer, log: MetricsLog | None) -> None:
-        self.trainer, self.log = trainer, log
-        self.window: list[StepStats] = []
-        tc = trainer.tc
-        self.bar = tqdm(total=tc.steps, initial=trainer.state.step, unit="step", dynamic_ncols=True,
-                        disable=not (trainer.progress and trainer.is_main))
-        dtype = AUTOCAST_DTYPES[tc.precision] or torch.float32
-        self.peak = tc.peak_flops or measure_matmul_flops(trainer.device, dtype)
-        source = "train.peak_flops" if tc.peak_flops else f"measured {tc.precision} matmul; noisy on a busy machine"
-        self._print(f"MFU is relative to {format_flops(self.peak)} per device ({source})")
-        self.devices = rank_info.world_size()
-
-    def _print(self, text: str) -> None:
-        if self.trainer.is_main:
-            tqdm.write(text)
-
-    def step(self, stats: StepStats) -> None:
-        self.window.append(stats)
-        self.bar.update(1)
-        if stats.skipped:
-            self._print(f"step {stats.step}: loss {stats.loss} / grad norm {stats.grad_norm} is not finite: "
-                        f"step skipped ({self.trainer.state.skipped_steps} so far)")
-
-    def flush(self) -> None:
-        """One log record summarising the steps since the last one."""
-        if not self.window:
-            return
-        good = [s for s in self.window if not s.skipped]
-        last, seconds = self.window[-1], sum(s.seconds for s in self.window)
-        tokens_per_s = sum(s.tokens for s in self.window) / seconds
-        mfu = tokens_per_s * self.trainer.flops_per_token / (self.peak * self.devices)
-        record = {
-            "kind": "train", "step": last.step, "loss": sum(s.loss for s in good) / len(good) if good else None,
-            "lr": last.lr, "grad_norm": last.grad_norm, "batch_size": last.batch_size,
-            "tokens_per_s": tokens_per_s, "mfu": mfu, "skipped": sum(s.skipped for s in self.window),
-            "consumed_tokens": self.trainer.state.consumed_tokens, "peak_flops": self.peak, "time": time.time(),
-            **self.trainer.experts.log_record(),
-        }
-        self.window = []
-        if self.log is not None:
-            self.log.write(record)
-        loss = f"{record['loss']:.4f}" if record["loss"] is not None else "skipped"
-        self.bar.set_postfix_str(f"loss {loss} lr {last.lr:.2e} {tokens_per_s:,.0f} tok/s mfu {mfu:.0%}")
-        if self.bar.disable:
-            self._print(f"step {last.step}/{self.trainer.tc.steps}: loss {loss} lr {last.lr:.3e} "
-                        f"grad norm {last.grad_norm:.3f} {tokens_per_s:,.0f} tok/s MFU {mfu:.1%}")
-
-    def validation(self, loss: float | None) -> None:
-        if loss is None:
-            return
-        step = self.trainer.state.step
-        ppl = math.exp(min(loss, 50.0))
-        if self.log is not None:
-            self.log.write({"kind": "valid", "step": step, "loss": loss, "ppl": ppl, "time": time.time()})
-        self._print(f"step {step}: validation loss {loss:.4f} (perplexity {ppl:,.1f})")
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.log is not None:
-            self.log.close()
+            if save_now and self.is_main:
+                tqdm.write(f"step {step}: checkpoint saved (SIGUSR1)")

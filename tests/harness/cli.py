@@ -26,10 +26,10 @@ def small_run_flags(n_layers: int, micro_batch_size: int, eval_iters: int) -> li
     ]  # fmt: skip
 
 
-def start_torchrun(args: list[str], nproc: int = 2) -> subprocess.Popen:
-    """``torchrun --nproc_per_node=N -m mtnlg ARGS`` in its own process group, output piped."""
+def start_torchrun(args: list[str], nproc: int = 2, launcher: list[str] | None = None) -> subprocess.Popen:
+    """``torchrun LAUNCHER --nproc_per_node=N -m mtnlg ARGS`` in its own process group, output piped."""
     return subprocess.Popen(
-        [*TORCHRUN, f"--nproc_per_node={nproc}", "-m", "mtnlg", *args],
+        [*TORCHRUN, *(launcher or []), f"--nproc_per_node={nproc}", "-m", "mtnlg", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

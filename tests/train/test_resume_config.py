@@ -90,6 +90,8 @@ def test_the_parallel_layout_comes_from_the_launch(tmp_path):
     cfg = Config(parallel=ParallelConfig(tp=2))
     cfg.train.lr = 2e-4
     (step / "config.json").write_text(cfg.to_json(), encoding="utf-8")
+    (step / "train_state").mkdir()  # what a resumable step has beside its config (not read here)
+    (step / "trainer.json").write_text("{}", encoding="utf-8")
     (tmp_path / "run" / "latest").write_text(step.name, encoding="utf-8")
     write_checksums(step, local=True)
     point = find_resume_point(tmp_path / "run")
