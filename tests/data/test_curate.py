@@ -126,7 +126,8 @@ def test_a_failed_task_is_redone_alone_and_the_output_equals_an_uninterrupted_ru
 def test_contamination_is_removed_or_reported_per_task(tmp_path: Path) -> None:
     item = "the quick brown fox jumps over the lazy dog while the farmer sleeps in the barn"
     (tmp_path / "cloze.jsonl").write_text(json.dumps({"text": item + " tonight"}) + "\n")
-    (tmp_path / "choice.jsonl").write_text(json.dumps({"context": "pick one", "choices": ["a", "b"], "label": 0}) + "\n")
+    choice = {"context": "pick one", "choices": ["a", "b"], "label": 0}
+    (tmp_path / "choice.jsonl").write_text(json.dumps(choice) + "\n")
     docs = [f"intro words here {item[:70]} and more", "an unrelated document about sailing boats on a lake",
             "the quick brown fox jumps over the lazy dog only"]
     write_shards(tmp_path / "in", [{"text": t, "n": i} for i, t in enumerate(docs)], 1)
