@@ -70,18 +70,21 @@ class CurateConfig:
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
-def input_files(inputs: list[str]) -> tuple[Path, list[str]]:
-    """The JSONL files (folders expanded, sorted) as paths relative to their common folder."""
+def input_files(inputs: list[str]) -> tuple[Path, list[str], list[str]]:
+    """The JSONL files (folders expanded, sorted): their common folder, their paths relative to it,
+    and their paths as the user spelled them (for messages)."""
     from mtnlg.data.preprocess import JSON_SUFFIXES, expand_inputs
 
-    paths = [p.resolve() for p in expand_inputs(inputs)]
-    if bad := [str(p) for p in paths if p.suffix not in JSON_SUFFIXES]:
+    given = expand_inputs(inputs)
+    if bad := [str(p) for p in given if p.suffix not in JSON_SUFFIXES]:
         raise DataError(f"curate reads JSON Lines (.jsonl/.json); not: {', '.join(bad[:3])}")
+    paths = [p.resolve() for p in given]
     root = Path(os.path.commonpath([p.parent for p in paths]))
-    return root, [str(p.relative_to(root)) for p in paths]
+    return root, [str(p.relative_to(root)) for p in paths], [str(p) for p in given]
 
 
-def _stage_pipelines(cfg: CurateConfig, work: Path, root: Path, files: list[str], tasks: int) -> dict[str, tuple]:
+def _stage_pipelines(cfg: CurateConfig, work: Path, root: Path, files: list[str], shown: list[str],
+                     tasks: int) -> dict[str, tuple]:
     """Stage name -> (pipeline steps, number of tasks)."""
     from datatrove.pipeline.dedup.minhash import (
         MinhashConfig,
@@ -109,7 +112,6 @@ def _stage_pipelines(cfg: CurateConfig, work: Path, root: Path, files: list[str]
     prepare += [OrderKeys(str(work / "keys")), staging_writer(str(work / "staged"))]
     write: list = [StagedReader(str(work / "staged"))]
     stages = {}
-    shown = [str(root / f) for f in files]
     if cfg.dedup:
         prepare.append(MinhashDedupSignature(str(work / "sigs"), mh, language=Words(cfg.ngram)))
         stages["2-buckets"] = ([MinhashDedupBuckets(str(work / "sigs"), str(work / "buckets"), config=mh)], bands)
@@ -143,12 +145,12 @@ def run_curation(cfg: CurateConfig) -> dict:
     from mtnlg.data.curate.engines import make_executor
 
     cfg.validate()
-    root, files = input_files(cfg.inputs)
+    root, files, shown = input_files(cfg.inputs)
     tasks = cfg.tasks or len(files)
     work = Path(cfg.output) / ".curate"
     _check_work_folder(cfg, work, files)
     previous = None
-    for name, (steps, count) in _stage_pipelines(cfg, work, root, files, tasks).items():
+    for name, (steps, count) in _stage_pipelines(cfg, work, root, files, shown, tasks).items():
         executor = make_executor(cfg, steps, count, str(work / "logs" / name), previous)
         if cfg.engine == "slurm":  # submitted as a chain of dependent jobs; the last run() submits all
             previous = executor
@@ -178,7 +180,8 @@ class _progress:
 
         with tqdm(total=self.total, desc=self.name, unit="task", initial=self._done()) as bar:
             while not self._stop.wait(0.2):
-                bar.update(self._done() - bar.n)
+                if (done := self._done()) != bar.n:
+                    bar.update(done - bar.n)
             bar.update(self._done() - bar.n)
 
     def __enter__(self) -> _progress:
@@ -199,7 +202,7 @@ def _counter(value: object) -> float:
 
 def _step_name(name: str) -> str:
     """datatrove's step names without their emoji and type prefix ("📖 - READER: x" -> "READER: x")."""
-    return re.sub(r"[^\x20-\x7e]", "", name).strip(" -")
+    return " ".join(re.sub(r"[^\x20-\x7e]", "", name).split()).strip(" -")
 
 
 def collect_stats(work: Path, stages: list[str]) -> dict:
@@ -239,4 +242,4 @@ def summarize(stages: dict) -> dict:
                     summary["kept"] += value
                 elif label.startswith(SUMMARY_PREFIXES) or ": contaminated" in label or ": overlapping" in label:
                     summary[label] = summary.get(label, 0) + value
-    return summary
+    return {"read": summary.pop("read"), "kept": summary.pop("kept"), **dict(sorted(summary.items()))}
