@@ -31,7 +31,8 @@ from pathlib import Path
 from preprocess import MemorySampler, _kb
 from run_info import run_info
 
-SHARD_DOCS = 25_000
+SHARD_DOCS = 12_500  # documents per shard (so per task) of the curate runs
+ENGINE_SHARD_DOCS = 6_250  # 8 shards of the engine comparison: a lost task is an eighth of the work
 
 
 class TreeSampler(MemorySampler):
@@ -64,17 +65,17 @@ class TreeSampler(MemorySampler):
             time.sleep(0.1)
 
 
-def make_corpus(folder: Path, docs: int, seed: int = 0) -> list[str]:
-    """Shards of ``SHARD_DOCS`` short documents (40 letter-only words), 4% near and 2% exact copies
+def make_corpus(folder: Path, docs: int, shard_docs: int = SHARD_DOCS, seed: int = 0) -> list[str]:
+    """Shards of ``shard_docs`` short documents (40 letter-only words), 4% near and 2% exact copies
     of earlier ones, one in 20 with an e-mail address or phone number."""
     rng = random.Random(seed)
     vocab = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 9))) for _ in range(20000)]
     folder.mkdir(parents=True, exist_ok=True)
     recent: list[str] = []  # copies come from the recent past, across shard boundaries too
     paths = []
-    for first in range(0, docs, SHARD_DOCS):
+    for first in range(0, docs, shard_docs):
         shard = []
-        for _ in range(first, min(docs, first + SHARD_DOCS)):
+        for _ in range(first, min(docs, first + shard_docs)):
             r = rng.random()
             if r < 0.02 and recent:
                 text = rng.choice(recent)
@@ -115,7 +116,10 @@ def case_datatrove(corpus: Path, work: Path) -> dict:
 
     seconds = run()
     (work / "logs" / "completions" / "00001").unlink()  # one task lost: the rerun redoes it alone
-    return {"seconds": seconds, "rerun_after_one_lost_task_seconds": run(), "tasks": len(files)}
+    rerun = run()
+    redone = sum(1 for _ in open(corpus / files[1]))
+    return {"seconds": seconds, "rerun_after_one_lost_task_seconds": rerun, "tasks": len(files),
+            "rerun_documents": redone}
 
 
 def case_ray(corpus: Path, work: Path) -> dict:
@@ -148,7 +152,8 @@ def case_ray(corpus: Path, work: Path) -> dict:
     shutil.rmtree(work / "ray-out")
     rerun = run()  # Ray Data keeps no per-task completion: a rerun processes everything again
     ray.shutdown()
-    return {"seconds": seconds, "rerun_after_one_lost_task_seconds": rerun}
+    return {"seconds": seconds, "rerun_after_one_lost_task_seconds": rerun,
+            "rerun_documents": sum(1 for p in corpus.glob("*.jsonl") for _ in open(p))}
 
 
 def case_curate(corpus: Path, work: Path) -> dict:
@@ -157,16 +162,23 @@ def case_curate(corpus: Path, work: Path) -> dict:
     start = time.perf_counter()
     stats = run_curation(CurateConfig([str(corpus)], str(work / "out"), workers=2, redact_pii=True, progress=False))
     seconds = time.perf_counter() - start
-    rates = {}
-    for stage, steps in stats.items():
-        if stage in ("summary", "duplicates"):
-            continue
-        for name, counters in steps.items():
-            docs = counters.get("total") or counters.get("documents") or counters.get("documents read")
-            if counters["seconds"] and docs:
-                rates[f"{stage} / {name}"] = round(docs / counters["seconds"])
-    return {"seconds": seconds, "summary": stats["summary"], "duplicates": stats["duplicates"]["removed"],
-            "documents_per_cpu_second_by_step": rates}
+    docs = {"1-prepare": stats["summary"]["read"], "4-write": stats["4-write"]["DEDUP: MinHash stage 4"]["total"]}
+    rates = {f"{stage} / {name}": round(docs[stage] / counters["seconds"])
+             for stage, steps in stats.items() if stage in docs
+             for name, counters in steps.items() if counters.get("seconds")}
+    seconds_by_step = {f"{stage} / {name}": counters["seconds"] for stage, steps in stats.items()
+                       if stage.startswith(("2-", "3-")) for name, counters in steps.items()}
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds(), "summary": stats["summary"],
+            "duplicates": stats["duplicates"]["removed"], "documents_per_task_second_by_step": rates,
+            "task_seconds_by_step": seconds_by_step}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the workers)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def case_blend(_: Path, __: Path) -> dict:
@@ -180,23 +192,37 @@ def case_blend(_: Path, __: Path) -> dict:
     vectorised = time.perf_counter() - start
     counts = np.bincount(d, minlength=10)
     start = time.perf_counter()
-    greedy_loop(weights, 10**6)
+    old = greedy_loop(weights, 10**6)
     loop = time.perf_counter() - start
+
+    def worst(chosen: np.ndarray) -> float:  # the largest |served - n w_d| over every prefix and source
+        out = 0.0
+        for k in range(10):
+            served = np.cumsum(chosen == k)
+            out = max(out, float(np.abs(served - np.arange(1, chosen.size + 1) * weights[k]).max()))
+        return out
+
     return {"sources": 10, "samples": 10**8, "vectorised_seconds": vectorised, "loop_seconds_at_1e6": loop,
             "loop_seconds_extrapolated_to_1e8": loop * 100,
-            "largest_final_count_error": float(np.abs(counts - 10**8 * np.asarray(weights)).max())}
+            "largest_final_count_error": float(np.abs(counts - 10**8 * np.asarray(weights)).max()),
+            "largest_prefix_error_at_1e6": {"vectorised": worst(d[:10**6]), "greedy_loop": worst(old)}}
 
 
-def greedy_loop(weights: list[float], size: int) -> None:
+def greedy_loop(weights: list[float], size: int):  # noqa: ANN201
     """The blending loop mtnlg had before (Megatron's greedy rule in Python), for its time."""
+    import numpy as np
+
     w = [float(x) for x in weights]
     served = [0] * len(w)
+    chosen = np.empty(size, dtype=np.int16)
     for n in range(1, size + 1):
         best, deficit = 0, w[0] * n - served[0]
         for d in range(1, len(w)):
             if w[d] * n - served[d] > deficit:
                 best, deficit = d, w[d] * n - served[d]
+        chosen[n - 1] = best
         served[best] += 1
+    return chosen
 
 
 CASES = {"datatrove": case_datatrove, "ray_data": case_ray, "curate": case_curate, "blend": case_blend}
@@ -231,7 +257,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        make_corpus(root / "engines", args.engine_docs)
+        make_corpus(root / "engines", args.engine_docs, ENGINE_SHARD_DOCS)
         for case in ("datatrove", "ray_data"):
             results.append({"documents": args.engine_docs, **measure(case, root / "engines", root / case)})
         for scale in (1, 4):
@@ -239,7 +265,8 @@ def main() -> None:
             result = measure("curate", root / f"x{scale}", root / f"c{scale}")
             results.append({"documents": args.docs * scale, "shards": -(-args.docs * scale // SHARD_DOCS), **result})
         results.append(measure("blend", root, root))
-    report = {**run_info(load), "shard_documents": SHARD_DOCS, "results": results}
+    report = {**run_info(load), "shard_documents": SHARD_DOCS, "engine_shard_documents": ENGINE_SHARD_DOCS,
+              "results": results}
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))
 

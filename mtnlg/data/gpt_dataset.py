@@ -112,9 +112,9 @@ def blending_indices(weights: Sequence[float], size: int, chunk: int = 1 << 22) 
     The ``k``-th sample of dataset ``d`` is due at time ``(k + 1/2) / w_d`` and samples are served in
     the order they fall due (ties to the lower index): Sainte-Lague's divisor sequence, which puts
     every prefix within one sample of the exact proportions for two datasets (half a sample) and
-    three (the measured worst is 0.95), and within 1.7 for ten (benchmarks/curate.py). Unlike the
-    greedy loop it replaces, every due time is known in advance, so numpy sorts them in windows of
-    ``chunk`` samples: 10 datasets x 10^8 samples in about a minute instead of an hour of Python.
+    three (0.95 at worst over random weights), within 1.9 for ten (the greedy loop it replaces: 1.0;
+    benchmarks/curate.py). Every due time is known in advance, so numpy sorts them in windows of
+    ``chunk`` samples: 10 datasets x 10^8 samples in 20 s instead of 5.5 minutes of Python loop.
     """
     w = np.asarray([float(x) for x in weights], dtype=np.float64)
     chosen, local = np.empty(size, dtype=np.int16), np.empty(size, dtype=np.int64)

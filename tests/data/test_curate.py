@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import string
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,12 @@ def test_tokenized_shards_merge_into_their_concatenation(tmp_path: Path, small_t
     assert all(np.array_equal(merged[i], parts[i]) for i in range(9))
     expected = [small_tokenizer.encode(r["text"]) + [small_tokenizer.eod_id] for r in records]
     assert [merged[i].tolist() for i in range(9)] == expected
+    with warnings.catch_warnings():  # megatron-core warns that Transformer Engine and Apex are absent
+        warnings.simplefilter("ignore")
+        megatron = pytest.importorskip("megatron.core.datasets.indexed_dataset")
+    theirs = megatron.IndexedDataset(str(tmp_path / "merged"))
+    assert [theirs[i].tolist() for i in range(len(theirs))] == expected
+    assert theirs.document_indices.tolist() == list(range(10))
 
 
 def test_without_datatrove_the_command_says_what_to_install(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from mtnlg.data.indexed import DataError
 from mtnlg.util.fs import read_json, write_text
 
+JSON_SUFFIXES = (".jsonl", ".json")
 STAGES = ("1-prepare", "2-buckets", "3-clusters", "4-write")
 ENGINES = ("local", "ray", "slurm")
 
@@ -70,14 +71,25 @@ class CurateConfig:
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
-def input_files(inputs: list[str]) -> tuple[Path, list[str], list[str]]:
-    """The JSONL files (folders expanded, sorted): their common folder, their paths relative to it,
-    and their paths as the user spelled them (for messages)."""
-    from mtnlg.data.preprocess import JSON_SUFFIXES, expand_inputs
-
-    given = expand_inputs(inputs)
-    if bad := [str(p) for p in given if p.suffix not in JSON_SUFFIXES]:
-        raise DataError(f"curate reads JSON Lines (.jsonl/.json); not: {', '.join(bad[:3])}")
+def input_files(inputs: list[str], output: str) -> tuple[Path, list[str], list[str]]:
+    """The JSONL files: as given, and the ``.jsonl``/``.json`` files of folders (sorted; hidden
+    folders and the output folder left out); their common folder, their paths relative to it, and
+    their paths as the user spelled them (for messages)."""
+    out = Path(output).resolve()
+    given: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            given += sorted(f for f in item.rglob("*") if f.suffix in JSON_SUFFIXES and f.is_file()
+                            and not any(part.startswith(".") for part in f.relative_to(item).parts)
+                            and out not in f.resolve().parents)
+        elif item.is_file():
+            if item.suffix not in JSON_SUFFIXES:
+                raise DataError(f"curate reads JSON Lines (.jsonl/.json), not {item}")
+            given.append(item)
+        else:
+            raise FileNotFoundError(f"input not found: {item}")
+    if not given:
+        raise FileNotFoundError(f"no .jsonl/.json files in {', '.join(inputs)}")
     paths = [p.resolve() for p in given]
     root = Path(os.path.commonpath([p.parent for p in paths]))
     return root, [str(p.relative_to(root)) for p in paths], [str(p) for p in given]
@@ -145,7 +157,7 @@ def run_curation(cfg: CurateConfig) -> dict:
     from mtnlg.data.curate.engines import make_executor
 
     cfg.validate()
-    root, files, shown = input_files(cfg.inputs)
+    root, files, shown = input_files(cfg.inputs, cfg.output)
     tasks = cfg.tasks or len(files)
     work = Path(cfg.output) / ".curate"
     _check_work_folder(cfg, work, files)
