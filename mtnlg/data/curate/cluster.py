@@ -64,8 +64,9 @@ class OrderKeys(PipelineStep):
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         rows: list[tuple[int, int]] = []
         for doc in data:
-            digest = hashlib.blake2b(doc.text.strip().encode(), digest_size=8).digest()
-            rows.append((order_key(doc.id), int.from_bytes(digest, "little") >> 1))
+            with self.track_time():
+                digest = hashlib.blake2b(doc.text.strip().encode(), digest_size=8).digest()
+                rows.append((order_key(doc.id), int.from_bytes(digest, "little") >> 1))
             yield doc
         Path(self.folder).mkdir(parents=True, exist_ok=True)
         with atomic_file(Path(self.folder) / f"{rank:05d}.npy", "wb") as f:
@@ -131,6 +132,12 @@ class Cluster(PipelineStep):
         return keep, score
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        with self.track_time():
+            self.cluster()
+        return
+        yield  # a step with no output documents
+
+    def cluster(self) -> None:
         keys = [np.load(self.work / "keys" / f"{r:05d}.npy") for r in range(self.tasks)]
         pairs = read_pairs(self.work / "buckets")
         keep, score = self.confirmed(pairs, keys)
@@ -144,8 +151,6 @@ class Cluster(PipelineStep):
         edges = inverse.reshape(2, -1).T
         root = components(edges, len(order))
         self.write(keys, order, nodes, root, edges, score)
-        return
-        yield  # a step with no output documents
 
     def write(self, keys: list[np.ndarray], order: np.ndarray, nodes: np.ndarray, root: np.ndarray,
               edges: np.ndarray, score: np.ndarray) -> None:

@@ -33,8 +33,8 @@ def make_executor(cfg, steps: list, tasks: int, logging_dir: str, previous=None)
     """The executor of one stage on ``cfg.engine``; ``previous`` is the stage it waits for (Slurm)."""
     workers = min(cfg.workers, tasks)
     options = dict(cfg.engine_options)
+    quiet_logs()
     if cfg.engine == "local":
-        quiet_logs()
         return QuietLocalExecutor(steps, tasks=tasks, workers=workers, logging_dir=logging_dir, start_method="fork")
     if cfg.engine == "ray":
         import ray
