@@ -5,8 +5,13 @@ decontamination, PII redaction, language ID, tokenizing, and ``mtnlg merge``."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import string
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -92,18 +97,26 @@ def test_planted_near_duplicates_are_found_and_nothing_below_0_6_is_removed(plan
     assert all(r == original[r["id"]] for r in kept(root / "out-4x1"))  # records unchanged, fields kept
 
 
+def reference(root: Path) -> list[dict]:
+    """The kept records of the planted corpus in 4 shards, 1 worker (run once per module)."""
+    if not (root / "out-4x1" / "stats.json").is_file():
+        run_curation(CurateConfig([str(root / "four")], str(root / "out-4x1"), progress=False))
+    return kept(root / "out-4x1")
+
+
 def test_the_kept_set_is_the_same_for_1_and_4_shards_and_1_and_2_workers(planted) -> None:
     root, _, _ = planted
     run_curation(CurateConfig([str(root / "one")], str(root / "out-1x1"), progress=False))
     run_curation(CurateConfig([str(root / "four")], str(root / "out-4x2"), workers=2, progress=False))
-    if not (root / "out-4x1").is_dir():
-        run_curation(CurateConfig([str(root / "four")], str(root / "out-4x1"), progress=False))
-    reference = kept(root / "out-4x1")
-    assert kept(root / "out-1x1") == reference and kept(root / "out-4x2") == reference
+    assert kept(root / "out-1x1") == reference(root) and kept(root / "out-4x2") == reference(root)
+
+
+def staged_times(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in (out / ".curate/staged").iterdir()}
 
 
 def test_a_failed_task_is_redone_alone_and_the_output_equals_an_uninterrupted_run(tmp_path: Path, planted) -> None:
-    _, records, _ = planted
+    root, records, _ = planted
     shards = write_shards(tmp_path / "in", records, 4)
     good = (shards / "part-2.jsonl").read_bytes()
     first, rest = good.split(b"\n", 1)
@@ -113,15 +126,53 @@ def test_a_failed_task_is_redone_alone_and_the_output_equals_an_uninterrupted_ru
         run_curation(CurateConfig([str(shards)], str(out), strict=True, progress=False))
     markers = out / ".curate/logs/1-prepare/completions"
     assert sorted(p.name for p in markers.iterdir()) == ["00000", "00001"]  # task 2 died after writing a part
-    before = {p.name: p.stat().st_mtime_ns for p in (out / ".curate/staged").iterdir()}
+    before = staged_times(out)
     (shards / "part-2.jsonl").write_bytes(good)
     run_curation(CurateConfig([str(shards)], str(out), strict=True, progress=False))
-    after = {p.name: p.stat().st_mtime_ns for p in (out / ".curate/staged").iterdir()}
+    after = staged_times(out)
     assert [after[n] == before[n] for n in ("00000.jsonl", "00001.jsonl")] == [True, True]  # not redone
-    run_curation(CurateConfig([str(shards)], str(tmp_path / "fresh"), progress=False))
-    assert kept(out) == kept(tmp_path / "fresh")
+    assert kept(out) == reference(root)
     with pytest.raises(DataError, match="other settings"):
         run_curation(CurateConfig([str(shards)], str(out), threshold=0.7, progress=False))
+
+
+def test_a_killed_run_resumes_to_the_output_of_an_uninterrupted_one(tmp_path: Path, planted) -> None:
+    """SIGKILL while task 2 reads its shard (a named pipe fed half the lines, then held open)."""
+    root, records, _ = planted
+    shards = write_shards(tmp_path / "in", records, 4)
+    lines = (shards / "part-2.jsonl").read_bytes().splitlines(keepends=True)
+    (shards / "part-2.jsonl").unlink()
+    os.mkfifo(shards / "part-2.jsonl")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    inputs = [str(shards / f"part-{i}.jsonl") for i in range(4)]
+    run = subprocess.Popen([sys.executable, "-m", "mtnlg", "curate", "--input", *inputs, "--output", str(out),
+                            "--quiet"], env=env, start_new_session=True, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # the write end opens once task 2 has opened the read end (ENXIO before)
+            try:
+                pipe = os.open(shards / "part-2.jsonl", os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError:
+                assert run.poll() is None and time.monotonic() < deadline, "task 2 never opened its shard"
+                time.sleep(0.05)
+        os.set_blocking(pipe, True)
+        os.write(pipe, b"".join(lines[: len(lines) // 2]))
+        markers = out / ".curate/logs/1-prepare/completions"
+        assert sorted(p.name for p in markers.iterdir()) == ["00000", "00001"]
+        time.sleep(0.5)  # task 2 reads what the pipe holds and waits for more
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+    os.close(pipe)
+    before = staged_times(out)
+    (shards / "part-2.jsonl").unlink()
+    (shards / "part-2.jsonl").write_bytes(b"".join(lines))
+    run_curation(CurateConfig([str(shards)], str(out), progress=False))
+    after = staged_times(out)
+    assert [after[n] == before[n] for n in ("00000.jsonl", "00001.jsonl")] == [True, True]  # not redone
+    assert kept(out) == reference(root)
 
 
 def test_contamination_is_removed_or_reported_per_task(tmp_path: Path) -> None:

@@ -82,7 +82,7 @@ def input_files(inputs: list[str], output: str) -> tuple[Path, list[str], list[s
             given += sorted(f for f in item.rglob("*") if f.suffix in JSON_SUFFIXES and f.is_file()
                             and not any(part.startswith(".") for part in f.relative_to(item).parts)
                             and out not in f.resolve().parents)
-        elif item.is_file():
+        elif item.exists():  # a file, or a named pipe that streams one
             if item.suffix not in JSON_SUFFIXES:
                 raise DataError(f"curate reads JSON Lines (.jsonl/.json), not {item}")
             given.append(item)
