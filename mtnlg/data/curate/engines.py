@@ -5,6 +5,8 @@ depending on the one before)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 
 from datatrove.executor import LocalPipelineExecutor
@@ -23,10 +25,13 @@ class QuietLocalExecutor(LocalPipelineExecutor):
     terminal): the terminal shows one progress bar per stage instead of every task's log lines."""
 
     def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):  # noqa: ANN201
-        try:
-            return super()._run_for_rank(rank, local_rank=1, node_rank=node_rank)
-        finally:
-            quiet_logs()  # datatrove restores its chatty default logger after each task
+        # the task's logger (datatrove adds it per task) writes errors to stderr: a task's traceback
+        # goes to its log file only, and the error itself to the command, which prints one line
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+            try:
+                return super()._run_for_rank(rank, local_rank=1, node_rank=node_rank)
+            finally:
+                quiet_logs()  # datatrove restores its chatty default logger after each task
 
 
 def make_executor(cfg, steps: list, tasks: int, logging_dir: str, previous=None):  # noqa: ANN001, ANN201

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -183,6 +184,7 @@ class _progress:
     def __init__(self, markers: Path, total: int, name: str, enabled: bool) -> None:
         self.markers, self.total, self.name, self.enabled = markers, total, name, enabled
         self._stop = threading.Event()
+        self._stream = sys.stderr  # the terminal's, before any task redirects its own
 
     def _done(self) -> int:
         return len(list(self.markers.iterdir())) if self.markers.is_dir() else 0
@@ -190,7 +192,7 @@ class _progress:
     def _poll(self) -> None:
         from tqdm import tqdm
 
-        with tqdm(total=self.total, desc=self.name, unit="task", initial=self._done()) as bar:
+        with tqdm(total=self.total, desc=self.name, unit="task", initial=self._done(), file=self._stream) as bar:
             while not self._stop.wait(0.2):
                 if (done := self._done()) != bar.n:
                     bar.update(done - bar.n)
