@@ -17,7 +17,7 @@ VERSION = "0.1.0"  # pyproject.toml's version
 OPTIONAL_PACKAGES: dict[str, str | None] = {
     "fastapi": "serve", "uvicorn": "serve", "httpx": "serve", "prometheus_client": "serve", "matplotlib": "demo",
     "transformers": "dev", "yaml": None, "tensorboard": None, "lm_eval": "eval",
-    "datatrove": "curate", "py3langid": "curate", "orjson": "curate", "ray": "ray",
+    "datatrove": "curate", "py3langid": "curate", "orjson": "curate", "ray": None,
 }
 PIP_NAMES = {"yaml": "pyyaml"}
 
