@@ -15,7 +15,8 @@ files (``MinhashDedupBuckets``). This module adds what datatrove leaves out and 
   workers; datatrove's own clustering keeps a union-by-size root, which depends on the task layout;
 * a removed document whose text equals the kept one's is counted as an exact duplicate.
 
-Memory: the signatures of two tasks at a time, and the pairs (a few per duplicate document).
+Memory: the signatures of two tasks at a time, the pairs (a few per duplicate document), and the
+order keys of the documents in pairs (the key files are memory-mapped).
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ class Cluster(PipelineStep):
         yield  # a step with no output documents
 
     def cluster(self) -> None:
-        keys = [np.load(self.work / "keys" / f"{r:05d}.npy") for r in range(self.tasks)]
+        # memory-mapped: 16 bytes per document of the corpus, read only where a pair points
+        keys = [np.load(self.work / "keys" / f"{r:05d}.npy", mmap_mode="r") for r in range(self.tasks)]
         pairs = read_pairs(self.work / "buckets")
         keep, score = self.confirmed(pairs, keys)
         self.stat_update("candidate pairs", value=len(pairs))
