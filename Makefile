@@ -6,8 +6,8 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
 TORCH_VERSION ?= 2.13.0
 # The extras the README uses: dev (tests, lint, transformers), serve (HTTP server), demo (loss plot),
-# eval (lm-evaluation-harness).
-EXTRAS := dev,serve,demo,eval
+# eval (lm-evaluation-harness), curate (datatrove, py3langid).
+EXTRAS := dev,serve,demo,eval,curate
 
 .PHONY: demo finetune-demo test lint clean
 

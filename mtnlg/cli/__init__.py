@@ -14,7 +14,7 @@ import argparse
 import sys
 
 # The commands register themselves on import, in this order in --help.
-from mtnlg.cli import data, describe, infer, train  # noqa: F401, I001
+from mtnlg.cli import curate, data, describe, infer, train  # noqa: F401, I001
 from mtnlg.cli.args import COMMANDS
 from mtnlg.config import ConfigError
 from mtnlg.util.extras import missing_package_message, version_string

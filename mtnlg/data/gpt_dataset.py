@@ -13,7 +13,8 @@ once with numpy and cached as ``.npy`` files, make a sample a couple of memory-m
 
 Splits are contiguous document ranges (``949,50,1``), so no document leaks between train, valid and
 test. Blending serves dataset ``d`` with weight ``w_d`` such that after any ``n`` samples it has
-served ``n * w_d`` of them up to rounding (each sample goes to the dataset furthest behind its share).
+served ``n * w_d`` of them up to about one sample (each sample goes to the dataset whose next
+sample falls due first).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import json
 import math
 import os
 import warnings
-from array import array
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -36,6 +36,7 @@ from mtnlg.data.indexed import DataError, IndexedDataset
 from mtnlg.util.fs import atomic_file
 
 INDEX_VERSION = 1
+BLEND_VERSION = 2  # 2: samples served by due time (vectorised); schedules cached by version 1 are rebuilt
 SPLIT_NAMES = ("train", "valid", "test")
 
 
@@ -105,25 +106,32 @@ def build_shuffle_index(num_samples: int, num_first: int, rng: np.random.Generat
     return np.concatenate([first, num_first + rng.permutation(num_samples - num_first)]).astype(np.int64)
 
 
-def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
+def blending_indices(weights: Sequence[float], size: int, chunk: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
     """(dataset of each sample, sample index within that dataset) for ``size`` blended samples.
 
-    Megatron's greedy rule: sample ``n`` goes to the dataset furthest behind its share ``w_d * n``
-    (ties to the lower index). Every prefix then stays within about one sample of the exact
-    proportions (under one for two or three datasets). A plain loop: ~0.2 us per sample and dataset.
+    The ``k``-th sample of dataset ``d`` is due at time ``(k + 1/2) / w_d`` and samples are served in
+    the order they fall due (ties to the lower index): Sainte-Lague's divisor sequence, which puts
+    every prefix within one sample of the exact proportions for two datasets (half a sample) and
+    three (0.95 at worst over random weights), within 1.9 for ten (the greedy loop it replaces: 1.0;
+    benchmarks/curate.py). Every due time is known in advance, so numpy sorts them in windows of
+    ``chunk`` samples: 10 datasets x 10^8 samples in 20 s instead of 5.5 minutes of Python loop.
     """
-    w = [float(x) for x in weights]
-    served = [0] * len(w)
-    chosen, local = array("h"), array("q")
-    for n in range(1, size + 1):
-        best, deficit = 0, w[0] * n - served[0]
-        for d in range(1, len(w)):
-            if w[d] * n - served[d] > deficit:
-                best, deficit = d, w[d] * n - served[d]
-        chosen.append(best)
-        local.append(served[best])
-        served[best] += 1
-    return np.array(chosen, dtype=np.int16), np.array(local, dtype=np.int64)
+    w = np.asarray([float(x) for x in weights], dtype=np.float64)
+    chosen, local = np.empty(size, dtype=np.int16), np.empty(size, dtype=np.int64)
+    filled, t0 = 0, 0.0
+    while filled < size:
+        t1 = t0 + chunk
+        times, which, count = [], [], []
+        for d, wd in enumerate(w):  # the ticks of dataset d in [t0, t1)
+            k = np.arange(max(0, int(np.floor(t0 * wd - 0.5))), int(np.ceil(t1 * wd - 0.5)) + 1, dtype=np.int64)
+            t = (k + 0.5) / wd
+            inside = (t >= t0) & (t < t1)
+            times.append(t[inside]), count.append(k[inside]), which.append(np.full(int(inside.sum()), d, np.int16))
+        t, d, k = np.concatenate(times), np.concatenate(which), np.concatenate(count)
+        order = np.lexsort((d, t))[: size - filled]
+        chosen[filled:filled + order.size], local[filled:filled + order.size] = d[order], k[order]
+        filled, t0 = filled + order.size, t1
+    return chosen, local
 
 
 # -- datasets -----------------------------------------------------------------------------------------
@@ -256,7 +264,7 @@ def _save_cached(
 def _cached_blending_indices(weights: list[float], size: int, cache: Path, split: str) -> tuple[np.ndarray, ...]:
     """``blending_indices``, computed once and then read from ``cache`` (like the sample indices):
     at pretraining scale the loop takes minutes."""
-    desc = {"version": INDEX_VERSION, "weights": weights, "size": size}
+    desc = {"version": BLEND_VERSION, "weights": weights, "size": size}
     stem = f"blend.{split}.{hashlib.md5(json.dumps(desc, sort_keys=True).encode()).hexdigest()}"
     cached = _load_cached(cache, stem, BLEND_INDICES)
     return cached or _save_cached(cache, stem, desc, blending_indices(weights, size), BLEND_INDICES)

@@ -52,6 +52,11 @@ def parse_json_object(raw: bytes) -> dict:
 
 def parse_json_line(raw: bytes, json_key: str) -> str:
     """The document text of one JSONL line, or :class:`BadLine` saying why there is none."""
+    return parse_json_record(raw, json_key)[1]
+
+
+def parse_json_record(raw: bytes, json_key: str) -> tuple[dict, str]:
+    """The object of one JSONL line and its document text (the record's other fields travel with it)."""
     obj = parse_json_object(raw)
     if json_key not in obj:
         raise BadLine(f"missing key {json_key!r}", f"keys: {', '.join(list(obj)[:5])}")
@@ -60,7 +65,7 @@ def parse_json_line(raw: bytes, json_key: str) -> str:
         raise BadLine(f"{json_key!r} is not a string", type(text).__name__)
     if not text.strip():
         raise BadLine("empty document")
-    return text
+    return obj, text
 
 
 def read_objects(path: str | Path) -> Iterator[tuple[str, dict]]:

@@ -1,8 +1,9 @@
 """What is installed: mtnlg's version line, and what to install when an optional part is missing.
 
 The core (training, generation, conversion) needs only the base dependencies; the HTTP server,
-the loss plot, YAML configs, TensorBoard and lm-evaluation-harness need packages that the extras of pyproject.toml
-install. A command that reaches one of them without it says which package and how to get it.
+the loss plot, curation (datatrove), YAML configs, TensorBoard and lm-evaluation-harness need
+packages that the extras of pyproject.toml install. A command that reaches one of them without it
+says which package and how to get it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ VERSION = "0.1.0"  # pyproject.toml's version
 OPTIONAL_PACKAGES: dict[str, str | None] = {
     "fastapi": "serve", "uvicorn": "serve", "httpx": "serve", "prometheus_client": "serve", "matplotlib": "demo",
     "transformers": "dev", "yaml": None, "tensorboard": None, "lm_eval": "eval",
+    "datatrove": "curate", "py3langid": "curate", "orjson": "curate", "ray": None,
 }
 PIP_NAMES = {"yaml": "pyyaml"}
 

@@ -49,7 +49,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # its sections were in the README they were split from, so that the examples keep their order and a file
 # an example uses exists when it runs. checkpoints.md comes after training.md, where its checkpoint
 # sections were; its Hugging Face examples, which came before the data sections, need only the demo.
-PAGES = ("README.md", "docs/configuration.md", "docs/data.md", "docs/training.md", "docs/checkpoints.md",
+PAGES = ("README.md", "docs/configuration.md", "docs/data.md", "docs/curation.md", "docs/training.md",
+         "docs/checkpoints.md",
          "docs/finetuning.md", "docs/generation.md", "docs/limits-and-security.md", "docs/evaluation.md",
          "docs/parallelism.md", "docs/moe.md", "docs/planning.md", "docs/fault-tolerance.md")
 MARKER = re.compile(r"^\s*<!-- runnable(?::\s*(?P<mode>.*?))?\s*-->\s*$")
