@@ -23,6 +23,7 @@ from mtnlg.checkpoint.model import load_config, load_model, save_model, write_mo
 from mtnlg.checkpoint.model import load_tokenizer as stored_tokenizer
 from mtnlg.checkpoint.tensors import TensorSource, hf_source, write_streaming
 from mtnlg.config import Config, ConfigError, apply_settings
+from mtnlg.data.chat_template import ChatTemplate
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.model import hf
 from mtnlg.model.gpt import GPT
@@ -106,6 +107,8 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path |
     _check_hf_weights(source, cfg, model_type, expected)
     source_dir = tokenizer_dir if tokenizer_dir is not None else (hf_dir if _has_tokenizer(hf_dir) else None)
     tokenizer = load_tokenizer(source_dir, cfg.model.vocab_size) if source_dir is not None else None
+    if tokenizer is not None and tokenizer.chat_template is None:
+        _import_chat_template(tokenizer, Path(source_dir) / "tokenizer_config.json")
 
     def produce(name: str) -> torch.Tensor:
         _, hfs, kind = by_name[name]
@@ -124,6 +127,19 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path |
         write_checksums(tmp, local=True)
 
     return atomic_dir(out_dir, fill)
+
+
+def _import_chat_template(tokenizer: Tokenizer, config_path: Path) -> None:
+    """Give ``tokenizer`` the family's chat template from ``tokenizer_config.json`` when it maps onto role
+    markers (ChatML); otherwise the default template applies, and the file travels along unchanged."""
+    if not config_path.is_file():
+        return
+    jinja = read_json(config_path).get("chat_template")
+    if isinstance(jinja, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        jinja = next((t.get("template") for t in jinja if t.get("name") == "default"), None)
+    template = ChatTemplate.from_hf(jinja) if isinstance(jinja, str) else None
+    if template is not None:
+        template.attach(tokenizer)
 
 
 def to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:

@@ -135,3 +135,58 @@ def test_a_damaged_directory_is_refused_in_one_line_naming_the_file_and_the_tens
     assert "config.json says 1 layers but the weights have 2" in _damaged(capsys, llama_dir, tmp_path / "x")
     (llama_dir / "config.json").write_text(json.dumps(config | {"hidden_act": "gelu"}))
     assert "config.json: hidden_act 'gelu' is not supported" in _damaged(capsys, llama_dir, tmp_path / "x")
+
+
+# Qwen 2's ChatML template (without its default system prompt).
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def qwen_chat(tmp_path_factory):
+    """A random Qwen 3 directory with a ChatML tokenizer (tokenizer.json + tokenizer_config.json), imported, and
+    instruction records to fine-tune it on."""
+    from mtnlg.data.instructions import instruction_items, write_instructions
+    from mtnlg.data.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("qwen-chat")
+    items = instruction_items(260, lengths=(2, 3))
+    tokenizer = Tokenizer.train([f"{p} {a}" for p, a in items] * 4, vocab_size=300)
+    tokenizer.hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    _random_hf(root / "hf", "Qwen3Config", dict(CORNERS["qwen3-qknorm-headdim"][1], vocab_size=tokenizer.vocab_size))
+    tokenizer.save(root / "hf")
+    (root / "hf" / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHATML, "eos_token": "<|im_end|>"}))
+    from_hf(root / "hf", root / "ckpt")
+    write_instructions(root / "train.jsonl", items)  # finetune holds out records of it by data.split
+    return root
+
+
+def test_an_imported_qwen_model_chats_in_its_own_template_fine_tunes_and_serves(qwen_chat, tmp_path):
+    from mtnlg.data.chat_template import ChatTemplate
+    from mtnlg.serve.app import create_app
+    from mtnlg.train.metrics import read_log
+    from tests.harness.serving import KEY, running
+
+    openai = pytest.importorskip("openai")
+    _, cfg, tokenizer = load_model(qwen_chat / "ckpt")
+    messages = [{"role": "system", "content": "reverse"}, {"role": "user", "content": "red cat dog"}]
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(qwen_chat / "hf")
+    expected = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected  # transformers 5: a BatchEncoding
+    assert ChatTemplate.of(tokenizer).encode(tokenizer, messages, add_generation_prompt=True)[0] == list(expected)
+    run = tmp_path / "sft"
+    flags = ["--train.steps=10", "--train.micro_batch_size=4", "--train.global_batch_size=4", "--train.lr=3e-3",
+             "--train.warmup_steps=2", "--train.eval_interval=10", "--train.eval_iters=2", "--train.save_interval=0",
+             "--train.log_interval=10", "--train.peak_flops=1e12", "--train.device=cpu", "--no-progress"]
+    assert main(["finetune", "--checkpoint", str(qwen_chat / "ckpt"), "--data", str(qwen_chat / "train.jsonl"),
+                 "--out", str(run), *flags]) == 0
+    valid = [r["loss"] for r in read_log(run / "log.jsonl") if r["kind"] == "valid"]
+    assert valid[-1] < valid[0]
+    tuned, tuned_cfg, _ = load_model(run)
+    assert tuned_cfg.model.vocab_size == cfg.model.vocab_size  # ChatML's markers are the tokenizer's own tokens
+    with running(create_app(str(run), api_key=KEY, model_name="qwen")) as url:
+        api = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+        done = api.chat.completions.create(model="qwen", messages=messages, max_tokens=8, temperature=0)
+    assert done.choices[0].message.role == "assistant" and isinstance(done.choices[0].message.content, str)
+    assert done.usage.prompt_tokens == len(expected)
