@@ -76,8 +76,9 @@ def _check_hf_weights(source: TensorSource, cfg: Config, model_type: str, expect
         hint = ""
         if layers and max(layers) + 1 != cfg.model.n_layers:
             hint = f"; config.json says {cfg.model.n_layers} layers but the weights have {max(layers) + 1}"
-        raise CheckpointError(f"{source.label}: does not fit config.json: missing {len(missing)} tensors "
-                              f"{missing[:6]}, unused {len(unused)} {unused[:6]}{hint}")
+        found = (("missing", missing), ("unused", unused))
+        parts = [f"{what} {len(which)} tensors {which[:6]}" for what, which in found if which]
+        raise CheckpointError(f"{source.label}: does not fit config.json: {', '.join(parts)}{hint}")
     for name, shape in expected.items():
         got = source.shape(name if name in source.names() else name.removeprefix("transformer."))
         if got != shape:

@@ -68,8 +68,9 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
         print(json.dumps({"model": cfg.to_dict()["model"], **info.to_dict()}, indent=2))
         return 0
     m = cfg.model
-    print(f"model            L={m.n_layers} hidden={m.hidden} heads={m.n_heads} kv_heads={m.kv_heads} ffn={m.ffn_size} "
-          f"seq={m.seq_len} ({m.position}, {m.norm}, {m.mlp})")
+    family = "" if m.position == "learned" else f" kv_heads={m.kv_heads} ({m.position}, {m.norm}, {m.mlp})"
+    print(f"model            L={m.n_layers} hidden={m.hidden} heads={m.n_heads} ffn={m.ffn_size} seq={m.seq_len}"
+          f"{family}")
     print(f"vocabulary       {m.vocab_size} (padded to {info.padded_vocab_size})")
     print(f"parameters       {human(info.parameters)} ({info.parameters:,}); "
           f"non-embedding {human(info.non_embedding_parameters)}")

@@ -1,14 +1,18 @@
-"""The GPT: token + position embeddings -> N pre-LN blocks -> final LayerNorm -> tied output layer.
+"""The GPT: token (+ position) embeddings -> N pre-norm blocks -> final norm -> output layer.
 
+The default is GPT-2 / MT-NLG's block (learned positions, LayerNorm, GELU, biases, tied output);
+the Llama / Mistral / Qwen families' variants are switches of the same classes (``model.position``
+rope, ``norm`` rmsnorm, ``mlp`` swiglu, ``n_kv_heads``, ``bias``, ``tie_embeddings``, ``qk_norm``).
 Plain single-device PyTorch, written so parallelism can be applied from outside:
-- attention projects q, k, v with one fused Linear whose output rows are grouped per head
-  (head 0: q k v, head 1: q k v, ...), so splitting its rows across tensor-parallel ranks
-  gives each rank whole heads;
-- the local head count is read from tensor shapes (``view(B, T, -1, 3 * head_dim)``),
+- attention projects q, k, v with one fused Linear whose output rows are grouped per key/value
+  head (group g: its R = H/G query heads, k_g, v_g; plain multi-head: q k v per head), so
+  splitting its rows across tensor-parallel ranks gives each rank whole heads;
+- the local head count is read from tensor shapes (``view(B, T, -1, (R + 2) * head_dim)``),
   never from the config, so a sharded layer runs unchanged;
 - nothing here imports ``torch.distributed``.
 
-Shapes: B batch, T new tokens, S cached + new tokens, C hidden, H heads, D head_dim, V vocab.
+Shapes: B batch, T new tokens, S cached + new tokens, C hidden, H heads, G kv heads, D head_dim,
+V vocab.
 """
 
 from __future__ import annotations

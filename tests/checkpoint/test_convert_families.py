@@ -125,7 +125,8 @@ def test_a_damaged_directory_is_refused_in_one_line_naming_the_file_and_the_tens
     err = _damaged(capsys, llama_dir, tmp_path / "x")
     assert str(weights) in err and "missing 1 tensors ['model.layers.1.mlp.up_proj.weight']" in err
     save_file(full | {"model.layers.0.extra.weight": torch.zeros(2)}, weights)
-    assert "unused 1 ['model.layers.0.extra.weight']" in _damaged(capsys, llama_dir, tmp_path / "x")
+    err = _damaged(capsys, llama_dir, tmp_path / "x")
+    assert "does not fit config.json: unused 1 tensors ['model.layers.0.extra.weight']" in err
     save_file(full | {"model.layers.0.self_attn.k_proj.weight": torch.zeros(8, 64)}, weights)
     err = _damaged(capsys, llama_dir, tmp_path / "x")
     assert "model.layers.0.self_attn.k_proj.weight has shape [8, 64], config.json implies [16, 64]" in err
