@@ -80,7 +80,7 @@ def _check_hf_weights(source: TensorSource, cfg: Config, model_type: str, expect
         parts = [f"{what} {len(which)} tensors {which[:6]}" for what, which in found if which]
         raise CheckpointError(f"{source.label}: does not fit config.json: {', '.join(parts)}{hint}")
     for name, shape in expected.items():
-        got = source.shape(name if name in source.names() else name.removeprefix("transformer."))
+        got = source.shape(name)
         if got != shape:
             raise CheckpointError(f"{source.label}: {name} has shape {list(got)}, config.json implies {list(shape)}")
 

@@ -35,7 +35,8 @@ MOE_BALANCE = ("aux", "bias", "aux+bias", "none")
 
 @dataclass
 class ModelConfig:
-    """Shape of the decoder-only Transformer (GPT-2 / MT-NLG architecture)."""
+    """Shape of the decoder-only Transformer: GPT-2 / MT-NLG's block by default, Llama / Mistral / Qwen's
+    by the family switches (position, norm, mlp, n_kv_heads, bias, qk_norm: docs/model-families.md)."""
 
     vocab_size: int = _f(50257, "Tokenizer vocabulary size (ids 0..vocab_size-1).")
     seq_len: int = _f(1024, "Context length: the number of learned position embeddings.")

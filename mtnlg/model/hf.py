@@ -12,8 +12,8 @@ differ only in their config: biases on q/k/v for Qwen 2, QK-norm for Qwen 3). A 
   grouped per key/value head g: [q of its R = H/G query heads; k_g; v_g] (``fuse_qkv``).
 RoPE needs no permutation: mtnlg rotates in HF's "half" layout (``mtnlg.model.rope``).
 
-Pure tensor and dict work (it runs on meta tensors too, which is how expected shapes are found);
-reading and writing directories is ``mtnlg.checkpoint.convert``'s.
+Pure tensor and dict work, one tensor at a time (it runs on meta tensors too, which is how the
+converter finds the shapes to expect); reading and writing directories is ``mtnlg.checkpoint.convert``'s.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from mtnlg.config.sections import ConfigError, ModelConfig
-from mtnlg.model.gpt import GPT
 
 # (HF name, mtnlg name, kind) of GPT-2's tensors outside the blocks (under "transformer.") ...
 GPT2_GLOBAL = (
@@ -144,35 +143,6 @@ def to_hf(kind: str, t: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
     if kind == "vocab":
         return [t[: cfg.vocab_size]]  # the padding rows dropped
     return [t]
-
-
-def hf_state_to_mtnlg(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, model_type: str = "gpt2",
-                      ours: set[str] | None = None) -> dict[str, torch.Tensor]:
-    """An HF state dict in mtnlg's names and layout (GPT-2's ``transformer.`` prefix optional)."""
-    if model_type == "gpt2":
-        hf_state = {k if k.startswith(("transformer.", "lm_head")) else f"transformer.{k}": v
-                    for k, v in hf_state.items()}
-    names = ours if ours is not None else _state_names(cfg)
-    out = {name: to_mtnlg(kind, [hf_state[h] for h in hfs], cfg).contiguous()
-           for name, hfs, kind in plan(cfg, model_type, names)}
-    if cfg.tie_embeddings:
-        out["lm_head.weight"] = out["wte.weight"]
-    return out
-
-
-def mtnlg_state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, model_type: str | None = None
-                      ) -> dict[str, torch.Tensor]:
-    """An mtnlg state dict as the HF family names it (no vocabulary padding)."""
-    model_type = model_type or export_family(cfg)
-    out = {}
-    for name, hfs, kind in plan(cfg, model_type, set(state)):
-        out.update(zip(hfs, (t.contiguous() for t in to_hf(kind, state[name], cfg)), strict=True))
-    return out
-
-
-def _state_names(cfg: ModelConfig) -> set[str]:
-    with torch.device("meta"):
-        return set(GPT(cfg).state_dict())
 
 
 def export_family(m: ModelConfig) -> str:
