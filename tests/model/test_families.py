@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from mtnlg.config import ConfigError, ModelConfig
+from mtnlg.config import Config, ConfigError, ModelConfig
 from mtnlg.config.presets import get_preset
-from mtnlg.generate.quantize import quantize_model
+from mtnlg.generate.quantize import load_quantized, quantize_model, save_quantized
 from mtnlg.model.counts import flops_per_token, parameter_count
 from mtnlg.model.gpt import GPT
 from mtnlg.model.kv_cache import KVCache
@@ -94,11 +94,15 @@ def test_swiglu_experts_that_copy_the_dense_mlp_give_its_output():
 
 
 @pytest.mark.parametrize("experts", [0, 4])
-def test_int8_runs_the_new_blocks(experts):
+def test_int8_runs_saves_and_loads_the_new_blocks(experts, tmp_path):
     torch.manual_seed(0)
-    model = GPT(tiny(moe_experts=experts)).eval()
+    cfg = tiny(moe_experts=experts)
+    model = GPT(cfg).eval()
     ids = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         reference = model(ids)
         quantized = quantize_model(model)(ids)
+        save_quantized(tmp_path / "int8", model, Config(model=cfg))
+        again = load_quantized(tmp_path / "int8")[0](ids)
     assert torch.nn.functional.cosine_similarity(reference.flatten(), quantized.flatten(), dim=0) > 0.999
+    assert torch.equal(again, quantized)

@@ -51,3 +51,13 @@ def test_tp2_checkpoint_exports_to_transformers(runs: dict[str, Path], tmp_path:
     idx = torch.randint(0, cfg.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (hf(idx).logits - model(idx)[..., : cfg.model.vocab_size]).abs().max() < 1e-5
+
+
+def test_tp_must_divide_the_kv_heads() -> None:
+    from mtnlg.config import ConfigError
+    from mtnlg.config.presets import get_preset
+    from mtnlg.parallel.tensor import check_tp_compatible
+
+    check_tp_compatible(get_preset("llama-tiny"), 2)
+    with pytest.raises(ConfigError, match=r"model.n_kv_heads=2 is not divisible by parallel.tp=4"):
+        check_tp_compatible(get_preset("llama-tiny"), 4)
