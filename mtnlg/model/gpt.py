@@ -78,8 +78,8 @@ class CausalSelfAttention(nn.Module):
         dropout = self.attn_dropout if self.training else 0.0
         # No mask means a fresh sequence (causal) or a single new token that sees every key.
         is_causal = attn_mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
-                                           enable_gqa=R > 1)
+        gqa = {"enable_gqa": True} if R > 1 else {}  # each kv head serves its group's R query heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal, **gqa)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
         return self.resid_dropout(self.out_proj(y))
 
