@@ -44,7 +44,7 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.cfg, self.head_dim = cfg, cfg.head_dim
+        self.head_dim = cfg.head_dim
         self.group = cfg.n_heads // cfg.kv_heads  # R query heads per key/value head (1: plain multi-head)
         qkv_rows = (self.group + 2) * cfg.kv_heads * cfg.head_dim
         # rows: per kv head g [q_{gR} .. q_{gR+R-1}; k_g; v_g]: a tensor-parallel row split keeps whole groups

@@ -19,7 +19,8 @@ Dispatch
 Experts
     Stacked weights (E, F, C) and (E, C, F), run as two grouped matmuls over the sorted tokens
     (``torch._grouped_mm``; a loop over experts where it does not apply), GELU in between:
-    y_i = sum_{e in topk(i)} g_ie (W2_e gelu(W1_e x_i + b1_e) + b2_e).
+    y_i = sum_{e in topk(i)} g_ie (W2_e gelu(W1_e x_i + b1_e) + b2_e); SwiGLU experts
+    (``model.mlp`` swiglu) add a gate matrix: W2_e (silu(Wg_e x_i) * W1_e x_i), biases per ``model.bias``.
 Load balancing
     aux: the Switch/GShard loss  E sum_e f_e P_e  (f_e the fraction of assignments to e,
     P_e the mean router probability of e), whose minimum 1 is reached by a uniform router;
