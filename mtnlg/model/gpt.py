@@ -33,9 +33,17 @@ from mtnlg.model.moe import MoE, moe_layers
 from mtnlg.model.rope import apply_rope, rope_cos_sin
 
 
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm computed in fp32 whatever the input's dtype (as the Llama/Qwen references do), returned in
+    the input's: under bf16 autocast the q/k norms get bf16 heads and keep fp32 gains."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps).to(x.dtype)
+
+
 def norm_layer(cfg: ModelConfig, dim: int) -> nn.Module:
     """LayerNorm (GPT) or RMSNorm (Llama/Qwen) over the last ``dim`` features."""
-    return nn.RMSNorm(dim, eps=cfg.layernorm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(dim, eps=cfg.layernorm_eps)
+    return RMSNorm(dim, eps=cfg.layernorm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(dim, eps=cfg.layernorm_eps)
 
 
 class CausalSelfAttention(nn.Module):
