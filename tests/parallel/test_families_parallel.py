@@ -1,6 +1,6 @@
 """A Llama-family model (``--preset llama-tiny``: RoPE, RMSNorm, SwiGLU, grouped-query attention, untied,
-no biases; here with Qwen 3's QK-norm too) under ``torchrun`` tp=2, pp=2 and dp=2 (FSDP) against one
-process, and its tp=2 checkpoint exported to Hugging Face.
+no biases; here with Qwen 3's QK-norm too) under ``torchrun`` tp=2 (with and without sequence
+parallelism), pp=2 and dp=2 (FSDP) against one process, and its tp=2 checkpoint exported to Hugging Face.
 
 One shared set of runs (each ``torchrun`` launch costs seconds on 2 cores), cut to test size.
 """
@@ -21,7 +21,8 @@ RTOL = 1e-5
 STEPS = 4
 TRAIN = [*small_run_flags(n_layers=2, micro_batch_size=2, eval_iters=1), "--preset", "llama-tiny",
          "--model.qk_norm=true", f"--train.steps={STEPS}"]
-LAYOUTS = {"tp2": ["--parallel.tp=2"], "pp2": ["--parallel.pp=2"], "dp2": []}
+LAYOUTS = {"tp2": ["--parallel.tp=2"], "tp2-sp": ["--parallel.tp=2", "--parallel.sequence_parallel=true"],
+           "pp2": ["--parallel.pp=2"], "dp2": []}
 
 
 @pytest.fixture(scope="module")
