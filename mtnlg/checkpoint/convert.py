@@ -1,33 +1,35 @@
-"""Checkpoints to and from Hugging Face GPT-2 directories (the name table is ``mtnlg.model.hf``'s),
-and a dense checkpoint turned into a mixture-of-experts one (``upcycle``).
+"""Checkpoints to and from Hugging Face directories (GPT-2 and the Llama family: Llama, Mistral, Qwen 2,
+Qwen 3; the name tables are ``mtnlg.model.hf``'s), and a dense checkpoint turned into a mixture-of-experts
+one (``upcycle``).
 
-Every output directory is written atomically: a failed conversion leaves nothing half-written.
+Conversion streams tensor by tensor: each output tensor is read (``safe_open``, sharded directories
+through ``model.safetensors.index.json``), converted and written before the next is read, so peak memory
+is a few tensors (a fused q/k/v), not the model. A damaged HF directory is refused before anything is
+written, in one line naming the file and what is wrong (missing or unused tensors, wrong shapes, a
+config.json with fewer layers than the weights). Every output directory is written atomically: a failed
+conversion leaves nothing half-written.
 """
 
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from mtnlg.checkpoint.model import load_model, save_model
+from mtnlg.checkpoint.directory import WEIGHTS_FILE, CheckpointError, resolve_verified, write_checksums
+from mtnlg.checkpoint.model import load_config, load_model, save_model, write_model_files
+from mtnlg.checkpoint.model import load_tokenizer as stored_tokenizer
+from mtnlg.checkpoint.tensors import TensorSource, hf_source, write_streaming
 from mtnlg.config import Config, ConfigError, apply_settings
+from mtnlg.data.chat_template import ChatTemplate
 from mtnlg.data.tokenizer import Tokenizer
+from mtnlg.model import hf
 from mtnlg.model.gpt import GPT
-from mtnlg.model.hf import hf_config, hf_state_to_mtnlg, model_config_from_hf, mtnlg_state_to_hf
 from mtnlg.util.fs import atomic_dir, read_json, write_json
 
-
-def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    if (hf_dir / "model.safetensors").is_file():
-        state = load_file(str(hf_dir / "model.safetensors"))
-    elif (hf_dir / "pytorch_model.bin").is_file():
-        state = torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{hf_dir}: no model.safetensors or pytorch_model.bin")
-    return state
+HF_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 def load_tokenizer(path: str | Path, vocab_size: int) -> Tokenizer:
@@ -43,45 +45,142 @@ def _has_tokenizer(directory: Path) -> bool:
     return (directory / "tokenizer.json").is_file() or (directory / "vocab.json").is_file()
 
 
-def from_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
-    """Import a local HF GPT-2 directory into an mtnlg checkpoint directory, with the tokenizer of
-    ``tokenizer_dir`` or else HF_DIR's own (none when neither is given: see ``mtnlg generate --tokenizer``)."""
-    hf_dir = Path(hf_dir)
+def read_hf_config(hf_dir: Path) -> tuple[str, Config]:
+    """The model_type and Config of an HF directory's ``config.json``; a bad one is a one-line error."""
     cfg_path = hf_dir / "config.json"
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{hf_dir}: no config.json (expected a Hugging Face GPT-2 directory)")
+        raise FileNotFoundError(f"{hf_dir}: no config.json (expected a Hugging Face model directory)")
     hf_cfg = read_json(cfg_path)
-    if hf_cfg.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"{cfg_path}: model_type {hf_cfg.get('model_type')!r} is not gpt2")
-    cfg = Config(model=model_config_from_hf(hf_cfg)).validate()
-    state = hf_state_to_mtnlg(_read_hf_weights(hf_dir), cfg.model)
-    with torch.device("meta"):
-        model = GPT(cfg.model)
-    model.load_state_dict(state, assign=True)
+    model_type = hf_cfg.get("model_type", "gpt2")
+    if model_type not in hf.FAMILIES:
+        raise ValueError(f"{cfg_path}: model_type {model_type!r} is not supported ({', '.join(hf.FAMILIES)}); "
+                         f"it is not gpt2 or a Llama-family model")
+    try:
+        return model_type, Config(model=hf.model_config_from_hf(hf_cfg)).validate()
+    except KeyError as exc:
+        raise ValueError(f"{cfg_path}: missing {exc.args[0]!r}") from None
+    except (ValueError, ConfigError) as exc:
+        raise ValueError(f"{cfg_path}: {exc}") from None
+
+
+def _check_hf_weights(source: TensorSource, cfg: Config, model_type: str, expected: dict[str, torch.Size]) -> None:
+    """Refuse, in one line naming the weights file, tensors missing, unused or of the wrong shape."""
+    names = {n for n in source.names() if not n.endswith(hf.IGNORED_SUFFIXES)}
+    if model_type == "gpt2":  # GPT-2 files may omit the "transformer." prefix
+        names = {n if n.startswith(("transformer.", "lm_head")) else f"transformer.{n}" for n in names}
     if cfg.model.tie_embeddings:
-        model.lm_head.weight = model.wte.weight
-    source = tokenizer_dir if tokenizer_dir is not None else (hf_dir if _has_tokenizer(hf_dir) else None)
-    tokenizer = load_tokenizer(source, cfg.model.vocab_size) if source is not None else None
-    return save_model(out_dir, model.float(), cfg, tokenizer)
+        names.discard("lm_head.weight")  # a tied model may store its output layer too
+    missing, unused = sorted(set(expected) - names), sorted(names - set(expected))
+    if missing or unused:
+        layers = {int(n.split(".")[2]) for n in names if n.startswith(("model.layers.", "transformer.h."))}
+        hint = ""
+        if layers and max(layers) + 1 != cfg.model.n_layers:
+            hint = f"; config.json says {cfg.model.n_layers} layers but the weights have {max(layers) + 1}"
+        found = (("missing", missing), ("unused", unused))
+        parts = [f"{what} {len(which)} tensors {which[:6]}" for what, which in found if which]
+        raise CheckpointError(f"{source.label}: does not fit config.json: {', '.join(parts)}{hint}")
+    for name, shape in expected.items():
+        got = source.shape(name)
+        if got != shape:
+            raise CheckpointError(f"{source.label}: {name} has shape {list(got)}, config.json implies {list(shape)}")
+
+
+def _meta_state(cfg: Config) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        state = GPT(cfg.model).state_dict()
+    if cfg.model.tie_embeddings:
+        state.pop("lm_head.weight")
+    return state
+
+
+def from_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+    """Import a local HF directory (GPT-2, Llama, Mistral, Qwen 2/3) into an mtnlg checkpoint directory, with
+    the tokenizer of ``tokenizer_dir`` or else HF_DIR's own (none when neither is given: see
+    ``mtnlg generate --tokenizer``) and HF_DIR's tokenizer_config.json (its chat template) beside it."""
+    hf_dir = Path(hf_dir)
+    model_type, cfg = read_hf_config(hf_dir)
+    meta = _meta_state(cfg)
+    rows = hf.plan(cfg.model, model_type, set(meta))
+    expected = {}
+    for name, hfs, kind in rows:  # the HF shapes this config implies: the export of a meta model
+        expected.update(zip(hfs, (t.shape for t in hf.to_hf(kind, meta[name], cfg.model)), strict=True))
+    source = hf_source(hf_dir, prefix="transformer." if model_type == "gpt2" else "")
+    _check_hf_weights(source, cfg, model_type, expected)
+    source_dir = tokenizer_dir if tokenizer_dir is not None else (hf_dir if _has_tokenizer(hf_dir) else None)
+    tokenizer = load_tokenizer(source_dir, cfg.model.vocab_size) if source_dir is not None else None
+    if tokenizer is not None and tokenizer.chat_template is None:
+        _import_chat_template(tokenizer, Path(source_dir) / "tokenizer_config.json")
+
+    def produce(name: str) -> torch.Tensor:
+        _, hfs, kind = by_name[name]
+        return hf.to_mtnlg(kind, [source.get(h).float() for h in hfs], cfg.model)
+
+    by_name = {row[0]: row for row in rows}
+    shapes = {name: (meta[name].shape, torch.float32) for name, _, _ in rows}
+
+    def fill(tmp: Path) -> None:
+        write_model_files(tmp, None, cfg, tokenizer)
+        write_streaming(tmp / WEIGHTS_FILE, shapes, produce)
+        if tokenizer is not None:
+            for extra in HF_TOKENIZER_FILES:
+                if (Path(source_dir) / extra).is_file():
+                    shutil.copy(Path(source_dir) / extra, tmp / "tokenizer" / extra)
+        write_checksums(tmp, local=True)
+
+    return atomic_dir(out_dir, fill)
+
+
+def _import_chat_template(tokenizer: Tokenizer, config_path: Path) -> None:
+    """Give ``tokenizer`` the family's chat template from ``tokenizer_config.json`` when it maps onto role
+    markers (ChatML); otherwise the default template applies, and the file travels along unchanged."""
+    if not config_path.is_file():
+        return
+    jinja = read_json(config_path).get("chat_template")
+    if isinstance(jinja, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        jinja = next((t.get("template") for t in jinja if t.get("name") == "default"), None)
+    template = ChatTemplate.from_hf(jinja) if isinstance(jinja, str) else None
+    if template is not None:
+        template.attach(tokenizer)
 
 
 def to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
-    """Export an mtnlg checkpoint as an HF directory that ``GPT2LMHeadModel.from_pretrained`` loads,
-    with its tokenizer (that of ``tokenizer_dir`` when given)."""
-    model, cfg, tokenizer = load_model(ckpt)
-    if cfg.model.moe_experts:
-        raise ValueError(f"{ckpt} is a mixture-of-experts model, which GPT-2 directories cannot hold")
+    """Export an mtnlg checkpoint as an HF directory that ``AutoModelForCausalLM.from_pretrained`` loads
+    (GPT-2 or the Llama family, by the model's switches), with its tokenizer (``tokenizer_dir``'s when given)."""
+    directory = resolve_verified(ckpt)
+    cfg = load_config(directory)
+    model_type = hf.export_family(cfg.model)
+    if (directory / WEIGHTS_FILE).is_file():
+        source: TensorSource = TensorSource.of_files([directory / WEIGHTS_FILE])
+        tokenizer = stored_tokenizer(directory)
+    else:  # a training step without consolidated weights: gathered in memory
+        model, cfg, tokenizer = load_model(directory)
+        source = TensorSource.of_dict(model.state_dict(), str(directory))
     if tokenizer_dir is not None:
         tokenizer = load_tokenizer(tokenizer_dir, cfg.model.vocab_size)
-    hf = mtnlg_state_to_hf(model.state_dict(), cfg.model)
+    meta = _meta_state(cfg)
+    rows = hf.plan(cfg.model, model_type, set(meta))
+    out_shapes, makers = {}, {}
+    for name, hfs, kind in rows:
+        for i, (hf_name, t) in enumerate(zip(hfs, hf.to_hf(kind, meta[name], cfg.model), strict=True)):
+            out_shapes[hf_name] = (t.shape, source.dtype(name))
+            makers[hf_name] = (name, kind, i)
+
+    def produce(hf_name: str) -> torch.Tensor:
+        name, kind, i = makers[hf_name]
+        return hf.to_hf(kind, source.get(name), cfg.model)[i]
+
     eos = tokenizer.eod_id if tokenizer is not None else cfg.model.vocab_size - 1
 
     def fill(tmp: Path) -> None:
-        save_file(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        write_json(tmp / "config.json", hf_config(cfg.model, eos), indent=2)
+        write_streaming(tmp / "model.safetensors", out_shapes, produce)
+        write_json(tmp / "config.json", hf.hf_config(cfg.model, eos, model_type), indent=2)
         if tokenizer is not None:
             tokenizer.save(tmp)
-            tokenizer.save_gpt2_files(tmp)
+            if model_type == "gpt2":
+                tokenizer.save_gpt2_files(tmp)
+            for extra in HF_TOKENIZER_FILES:
+                if (directory / "tokenizer" / extra).is_file() and tokenizer_dir is None:
+                    shutil.copy(directory / "tokenizer" / extra, tmp / extra)
 
     return atomic_dir(out_dir, fill)
 
@@ -115,8 +214,11 @@ def upcycle(ckpt: str | Path, out_dir: str | Path, experts: int, overrides: list
         for i in range(m.n_layers):
             if m.is_moe_layer(i):
                 mlp, grouped = dense.blocks[str(i)].mlp, model.blocks[str(i)].mlp.experts
-                for part in ("fc_in", "fc_out"):
+                for part in ("fc_in", "fc_gate", "fc_out"):
                     layer = getattr(mlp, part)
+                    if layer is None:
+                        continue
                     getattr(grouped, f"{part}_weight").copy_(layer.weight.expand(experts, -1, -1))
-                    getattr(grouped, f"{part}_bias").copy_(layer.bias.expand(experts, -1))
+                    if layer.bias is not None:
+                        getattr(grouped, f"{part}_bias").copy_(layer.bias.expand(experts, -1))
     return save_model(out_dir, model, new, tokenizer)

@@ -58,7 +58,9 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
 
     if args.list:
         for name, m in PRESETS.items():
-            print(f"{name:15s} {human(model_info(m).parameters):>8s}  L={m.n_layers} C={m.hidden} H={m.n_heads}")
+            kv = f" KV={m.kv_heads}" if m.kv_heads != m.n_heads else ""
+            print(f"{name:15s} {human(model_info(m).parameters):>8s}  L={m.n_layers} C={m.hidden} H={m.n_heads}{kv}"
+                  f"{'' if m.position == 'learned' else f'  {m.position}/{m.norm}/{m.mlp}'}")
         return 0
     cfg = build_config(args.preset or "gpt2-small", args.config, overrides)
     info = model_info(cfg.model)
@@ -66,7 +68,9 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
         print(json.dumps({"model": cfg.to_dict()["model"], **info.to_dict()}, indent=2))
         return 0
     m = cfg.model
-    print(f"model            L={m.n_layers} hidden={m.hidden} heads={m.n_heads} ffn={m.ffn_size} seq={m.seq_len}")
+    family = "" if m.position == "learned" else f" kv_heads={m.kv_heads} ({m.position}, {m.norm}, {m.mlp})"
+    print(f"model            L={m.n_layers} hidden={m.hidden} heads={m.n_heads} ffn={m.ffn_size} seq={m.seq_len}"
+          f"{family}")
     print(f"vocabulary       {m.vocab_size} (padded to {info.padded_vocab_size})")
     print(f"parameters       {human(info.parameters)} ({info.parameters:,}); "
           f"non-embedding {human(info.non_embedding_parameters)}")

@@ -16,7 +16,8 @@ from mtnlg.util.fs import write_json
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from-hf", metavar="HF_DIR", help="local Hugging Face GPT-2 directory to import")
+    src.add_argument("--from-hf", metavar="HF_DIR",
+                     help="local Hugging Face directory to import (GPT-2, Llama, Mistral, Qwen 2, Qwen 3)")
     src.add_argument("--to-hf", metavar="CKPT", help="mtnlg checkpoint (or run directory) to export")
     src.add_argument("--upcycle", metavar="CKPT", help="dense mtnlg checkpoint to turn into a mixture of experts "
                      "(each expert a copy of the dense MLP; --model.moe_* overrides set the rest)")
@@ -29,8 +30,8 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 
 @command("convert", _convert_args)
 def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Convert weights between Hugging Face GPT-2 directories and mtnlg checkpoints, or upcycle a dense
-    checkpoint into a mixture of experts."""
+    """Convert weights between Hugging Face directories (GPT-2 and the Llama family) and mtnlg checkpoints, or
+    upcycle a dense checkpoint into a mixture of experts."""
     from mtnlg.checkpoint.convert import from_hf, to_hf, upcycle
 
     if args.upcycle:

@@ -1,7 +1,9 @@
 """Named model shapes, from a CPU-sized ``tiny`` to MT-NLG 530B.
 
-Shapes follow the published models: GPT-2 (Radford et al. 2019), GPT-3 XL (Brown et al. 2020)
-GPT-3 175B, and Megatron-Turing NLG 530B (Smith et al. 2022: 105 layers, hidden 20480, 128 heads, 2048 tokens).
+Shapes follow the published models: GPT-2 (Radford et al. 2019), GPT-3 XL and 175B (Brown et al. 2020),
+Megatron-Turing NLG 530B (Smith et al. 2022: 105 layers, hidden 20480, 128 heads, 2048 tokens);
+Llama 3 / 3.1 (Grattafiori et al. 2024), Qwen 3 (Yang et al. 2025) and Mistral 7B v0.3 as their
+released ``config.json`` files set them.
 """
 
 from __future__ import annotations
@@ -9,6 +11,17 @@ from __future__ import annotations
 import dataclasses
 
 from mtnlg.config.sections import ConfigError, ModelConfig
+
+
+def _llama(**shape: object) -> ModelConfig:
+    """A Llama-family block: RoPE, RMSNorm, SwiGLU, no biases, untied output layer (unless ``shape`` says)."""
+    family: dict[str, object] = dict(position="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
+    return ModelConfig(**(family | shape))  # type: ignore[arg-type]
+
+
+_LLAMA3 = dict(vocab_size=128256, n_kv_heads=8, rope_theta=500000.0)
+_QWEN3 = dict(vocab_size=151936, seq_len=40960, n_kv_heads=8, head_size=128, rope_theta=1e6, layernorm_eps=1e-6,
+              qk_norm=True)
 
 PRESETS: dict[str, ModelConfig] = {
     # Trains in minutes on a 2-core CPU with the demo's 8k-token BPE.
@@ -30,6 +43,16 @@ PRESETS: dict[str, ModelConfig] = {
     "mt-nlg-530b": ModelConfig(
         vocab_size=50257, seq_len=2048, n_layers=105, hidden=20480, n_heads=128, init_std=0.004, activation="gelu"
     ),
+    # tiny as a Llama-style model (grouped-query 8 heads : 2 kv heads), for tests and the demo.
+    "llama-tiny": _llama(vocab_size=8192, seq_len=256, n_layers=4, hidden=256, n_heads=8, n_kv_heads=2),
+    "llama3-8b": _llama(**_LLAMA3, seq_len=8192, n_layers=32, hidden=4096, n_heads=32, ffn_hidden=14336),
+    "llama3-70b": _llama(**_LLAMA3, seq_len=8192, n_layers=80, hidden=8192, n_heads=64, ffn_hidden=28672),
+    "llama3.1-405b": _llama(**_LLAMA3, seq_len=131072, n_layers=126, hidden=16384, n_heads=128, ffn_hidden=53248,
+                            rope_scaling="llama3", rope_factor=8.0, rope_original_len=8192),
+    "qwen3-0.6b": _llama(**_QWEN3, n_layers=28, hidden=1024, n_heads=16, ffn_hidden=3072, tie_embeddings=True),
+    "qwen3-8b": _llama(**_QWEN3, n_layers=36, hidden=4096, n_heads=32, ffn_hidden=12288),
+    "mistral-7b": _llama(vocab_size=32768, seq_len=32768, n_layers=32, hidden=4096, n_heads=32, n_kv_heads=8,
+                         ffn_hidden=14336, rope_theta=1e6),
 }
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mtnlg.config.errors import ConfigError
+from mtnlg.config.families import validate_family
 from mtnlg.config.sampling import SAMPLING, sampling_help
 from mtnlg.config.schedules import SCHEDULES
 
@@ -34,22 +35,40 @@ MOE_BALANCE = ("aux", "bias", "aux+bias", "none")
 
 @dataclass
 class ModelConfig:
-    """Shape of the decoder-only Transformer (GPT-2 / MT-NLG architecture)."""
+    """Shape of the decoder-only Transformer: GPT-2 / MT-NLG's block by default, Llama / Mistral / Qwen's
+    by the family switches (position, norm, mlp, n_kv_heads, bias, qk_norm: docs/model-families.md)."""
 
     vocab_size: int = _f(50257, "Tokenizer vocabulary size (ids 0..vocab_size-1).")
     seq_len: int = _f(1024, "Context length: the number of learned position embeddings.")
     n_layers: int = _f(12, "Number of Transformer blocks.")
     hidden: int = _f(768, "Model width (embedding and residual stream size).")
     n_heads: int = _f(12, "Attention heads per block; hidden must be divisible by it.")
-    ffn_hidden: int = _f(0, "MLP inner width; 0 means 4 * hidden.")
+    ffn_hidden: int = _f(0, "MLP inner width (intermediate_size); 0 means 4 * hidden (gelu) or Llama's rule for "
+                            "swiglu: 8/3 * hidden rounded up to a multiple of 256.")
     dropout: float = _f(0.0, "Dropout on embeddings, attention probabilities and residual branches.", runtime=True)
-    layernorm_eps: float = _f(1e-5, "LayerNorm epsilon.")
+    layernorm_eps: float = _f(1e-5, "Epsilon of every normalisation layer (LayerNorm or RMSNorm: model.norm).")
     init_std: float = _f(0.02, "Std of the normal init; output projections use std / sqrt(2 * n_layers).")
     tie_embeddings: bool = _f(True, "Share the output layer's weight with the token embedding.")
     padded_vocab_multiple: int = _f(
         128, "Pad the embedding rows to a multiple of this (Megatron's make-vocab-size-divisible-by)."
     )
     activation: str = _f("gelu_tanh", "MLP activation: gelu_tanh (GPT-2) or gelu (exact erf).")
+    position: str = _f("learned", "Positions: learned (absolute embeddings, GPT) or rope (rotary, Llama/Qwen).")
+    rope_theta: float = _f(10000.0, "RoPE base wavelength (Llama 3: 500000, Qwen 3: 1000000).")
+    rope_scaling: str = _f("none", "RoPE context extension: none, linear, llama3 (Llama 3.1) or yarn.")
+    rope_factor: float = _f(1.0, "RoPE scaling factor (linear, llama3, yarn).")
+    rope_original_len: int = _f(0, "Context length the RoPE model was pretrained at (llama3, yarn).")
+    rope_low_freq_factor: float = _f(1.0, "llama3 scaling: wavelengths above original_len / this are scaled.")
+    rope_high_freq_factor: float = _f(4.0, "llama3 scaling: wavelengths below original_len / this are kept.")
+    rope_beta_fast: float = _f(32.0, "yarn: rotations bounding the extrapolated (kept) dimensions.")
+    rope_beta_slow: float = _f(1.0, "yarn: rotations bounding the interpolated dimensions.")
+    norm: str = _f("layernorm", "Normalisation layers: layernorm (GPT) or rmsnorm (Llama/Qwen).")
+    mlp: str = _f("gelu", "MLP kind: gelu (Linear, GELU, Linear) or swiglu (down(silu(gate x) * up x)).")
+    n_kv_heads: int = _f(0, "Key/value heads (grouped-query attention; 1 = multi-query); 0 means n_heads.")
+    head_size: int = _f(0, "Dimensions per attention head; 0 means hidden / n_heads (Qwen 3 sets it).")
+    bias: bool = _f(True, "Biases in every Linear layer of the blocks (GPT); off for Llama/Qwen.")
+    qkv_bias: bool = _f(False, "Biases on the q, k, v projections even with model.bias off (Qwen 2).")
+    qk_norm: bool = _f(False, "RMSNorm each head's queries and keys before RoPE (Qwen 3).")
     activation_checkpointing: bool = _f(False, "Recompute each block's activations in backward to save memory.",
                                         runtime=True)
     moe_experts: int = _f(0, "Mixture of experts: expert MLPs per MoE block; 0 keeps every MLP dense.")
@@ -72,7 +91,13 @@ class ModelConfig:
 
     @property
     def ffn_size(self) -> int:
-        return self.ffn_hidden or 4 * self.hidden
+        if self.ffn_hidden or self.mlp != "swiglu":
+            return self.ffn_hidden or 4 * self.hidden
+        return 256 * -(-(8 * self.hidden // 3) // 256)  # Llama's rule: 2/3 of 4h, up to a multiple of 256
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
 
     @property
     def expert_ffn_size(self) -> int:
@@ -88,7 +113,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.n_heads
+        return self.head_size or self.hidden // self.n_heads
 
     @property
     def padded_vocab_size(self) -> int:
@@ -101,7 +126,7 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.ffn_hidden < 0:
             raise ConfigError(f"model.ffn_hidden must be >= 0 (0 means 4*hidden), got {self.ffn_hidden}")
-        if self.hidden % self.n_heads:
+        if self.hidden % self.n_heads and not self.head_size:
             raise ConfigError(
                 f"model.hidden={self.hidden} is not divisible by model.n_heads={self.n_heads}: "
                 "each head needs hidden/n_heads dimensions"
@@ -112,6 +137,7 @@ class ModelConfig:
             raise ConfigError("model.layernorm_eps and model.init_std must be positive")
         if self.activation not in ("gelu_tanh", "gelu"):
             raise ConfigError(f"model.activation must be 'gelu_tanh' or 'gelu', got {self.activation!r}")
+        validate_family(self)
         if self.moe_experts:
             self._validate_moe()
 

@@ -38,6 +38,7 @@ class ChatTemplate:
 
     roles: dict[str, str] = field(default_factory=_default_roles)
     end: str = "<|end|>"
+    add_tokens: bool = True  # False: the markers are made of the tokenizer's own special tokens (imported ChatML)
 
     # -- storage ---------------------------------------------------------------------------------
 
@@ -48,7 +49,7 @@ class ChatTemplate:
         if data is None:
             return cls()
         try:
-            template = cls(roles=dict(data["roles"]), end=data["end"])
+            template = cls(roles=dict(data["roles"]), end=data["end"], add_tokens=bool(data.get("add_tokens", True)))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{CHAT_TEMPLATE_FILE}: expected {{'roles': {{...}}, 'end': ...}}: {exc}") from None
         if "assistant" not in template.roles or not all(isinstance(m, str) and m for m in template.markers):
@@ -62,7 +63,18 @@ class ChatTemplate:
         with the tokenizer keeps its embedding rows and only needs rows for the new ids.
         """
         tokenizer.chat_template = asdict(self)
-        return tokenizer.hf.add_special_tokens(self.markers)
+        return tokenizer.hf.add_special_tokens(self.markers) if self.add_tokens else 0
+
+    @classmethod
+    def from_hf(cls, jinja: str) -> ChatTemplate | None:
+        """The template a Hugging Face ``chat_template`` (Jinja) amounts to, when it is ChatML (Qwen 2/2.5/3:
+        ``<|im_start|>{role}\n{content}<|im_end|>\n``): each role marker ``<|im_start|>{role}``, the end
+        ``<|im_end|>``, rendered with the tokenizer's own special tokens. None for other templates. What such
+        a template adds beyond ChatML (a default system prompt, tool calls, thinking blocks) is not kept."""
+        if "<|im_start|>" not in jinja or "<|im_end|>" not in jinja:
+            return None
+        roles = {role: f"<|im_start|>{role}" for role in ("system", "user", "assistant")}
+        return cls(roles=roles, end="<|im_end|>", add_tokens=False)
 
     @property
     def markers(self) -> list[str]:

@@ -18,6 +18,8 @@ from mtnlg.data.jsonl import BadLine, numbered_lines, parse_json_object
 from mtnlg.util.fs import read_json
 
 EOD_TOKEN = "<|endoftext|>"
+# What imported tokenizers end documents with when they lack EOD_TOKEN (Llama 3, Llama 2 / Mistral, ChatML).
+EOD_FALLBACKS = ("<|end_of_text|>", "</s>", "<|im_end|>")
 TOKENIZER_FILE = "tokenizer.json"
 CHAT_TEMPLATE_FILE = "chat_template.json"  # see mtnlg/generate/chat.py
 
@@ -35,9 +37,10 @@ class Tokenizer:
     """Encode text to token ids and back; ``eod_id`` ends each document."""
 
     def __init__(self, hf: HFTokenizer, chat_template: dict | None = None) -> None:
-        eod = hf.token_to_id(EOD_TOKEN)
+        eod = next((i for t in (EOD_TOKEN, *EOD_FALLBACKS) if (i := hf.token_to_id(t)) is not None), None)
         if eod is None:
-            raise ValueError(f"tokenizer has no {EOD_TOKEN!r} token, which mtnlg uses to end documents")
+            raise ValueError(f"tokenizer has no {EOD_TOKEN!r} (nor {', '.join(EOD_FALLBACKS)}) token, which mtnlg "
+                             "uses to end documents")
         self.hf = hf
         self.eod_id: int = eod
         self.chat_template = chat_template  # role markers for chat, stored beside tokenizer.json

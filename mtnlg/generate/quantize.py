@@ -136,26 +136,34 @@ class Int8Linear(nn.Module):
 
 
 class Int8Experts(nn.Module):
-    """A MoE layer's experts in int8: expert e's two Linears as ``Int8Linear``s (``fc_in.e``, ``fc_out.e``),
-    run on the rows routed to it; a drop-in for ``GroupedExperts`` (same inputs and output)."""
+    """A MoE layer's experts in int8: expert e's Linears as ``Int8Linear``s (``fc_in.e``, ``fc_out.e``, and
+    ``fc_gate.e`` for SwiGLU experts), run on the rows routed to it; a drop-in for ``GroupedExperts``."""
 
-    def __init__(self, fc_in: list[Int8Linear], fc_out: list[Int8Linear], approximate: str) -> None:
+    def __init__(self, fc_in: list[Int8Linear], fc_out: list[Int8Linear], approximate: str,
+                 fc_gate: list[Int8Linear] | None = None) -> None:
         super().__init__()
         self.fc_in, self.fc_out = nn.ModuleList(fc_in), nn.ModuleList(fc_out)
+        self.fc_gate = nn.ModuleList(fc_gate) if fc_gate else None
         self.approximate = approximate
 
     @classmethod
     def from_grouped(cls, experts: GroupedExperts) -> Int8Experts:
         def layers(part: str) -> list[Int8Linear]:
             weight, bias = getattr(experts, f"{part}_weight"), getattr(experts, f"{part}_bias")
-            return [Int8Linear(*quantize_weight(w), b) for w, b in zip(weight, bias, strict=True)]
+            biases = bias if bias is not None else [None] * len(weight)
+            return [Int8Linear(*quantize_weight(w), b) for w, b in zip(weight, biases, strict=True)]
 
-        return cls(layers("fc_in"), layers("fc_out"), experts.approximate)
+        gate = layers("fc_gate") if experts.fc_gate_weight is not None else None
+        return cls(layers("fc_in"), layers("fc_out"), experts.approximate, gate)
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.fc_gate is not None:
+            return self.fc_out[e](torch.nn.functional.silu(self.fc_gate[e](x)) * self.fc_in[e](x))
+        return self.fc_out[e](torch.nn.functional.gelu(self.fc_in[e](x), approximate=self.approximate))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         chunks = x.split(counts.tolist())
-        return torch.cat([self.fc_out[e](torch.nn.functional.gelu(self.fc_in[e](chunk), approximate=self.approximate))
-                          if len(chunk) else chunk for e, chunk in enumerate(chunks)])
+        return torch.cat([self._expert(e, chunk) if len(chunk) else chunk for e, chunk in enumerate(chunks)])
 
 
 @functools.cache
@@ -310,9 +318,9 @@ def load_quantized(path: str | Path) -> tuple[GPT, Config, Tokenizer | None]:
                 model.set_submodule(name, _stored_int8_linear(state, name))
             if isinstance(module, GroupedExperts):
                 E = cfg.model.moe_experts
-                fc_in, fc_out = ([_stored_int8_linear(state, f"{name}.{part}.{e}") for e in range(E)]
-                                 for part in ("fc_in", "fc_out"))
-                model.set_submodule(name, Int8Experts(fc_in, fc_out, module.approximate))
+                parts = ("fc_in", "fc_out", "fc_gate") if module.fc_gate_weight is not None else ("fc_in", "fc_out")
+                stored = [[_stored_int8_linear(state, f"{name}.{part}.{e}") for e in range(E)] for part in parts]
+                model.set_submodule(name, Int8Experts(stored[0], stored[1], module.approximate, *stored[2:]))
     except KeyError as exc:
         raise CheckpointError(f"{weights}: missing {exc.args[0]} (does it fit config.json?)") from None
     try:

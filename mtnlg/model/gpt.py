@@ -1,14 +1,18 @@
-"""The GPT: token + position embeddings -> N pre-LN blocks -> final LayerNorm -> tied output layer.
+"""The GPT: token (+ position) embeddings -> N pre-norm blocks -> final norm -> output layer.
 
+The default is GPT-2 / MT-NLG's block (learned positions, LayerNorm, GELU, biases, tied output);
+the Llama / Mistral / Qwen families' variants are switches of the same classes (``model.position``
+rope, ``norm`` rmsnorm, ``mlp`` swiglu, ``n_kv_heads``, ``bias``, ``tie_embeddings``, ``qk_norm``).
 Plain single-device PyTorch, written so parallelism can be applied from outside:
-- attention projects q, k, v with one fused Linear whose output rows are grouped per head
-  (head 0: q k v, head 1: q k v, ...), so splitting its rows across tensor-parallel ranks
-  gives each rank whole heads;
-- the local head count is read from tensor shapes (``view(B, T, -1, 3 * head_dim)``),
+- attention projects q, k, v with one fused Linear whose output rows are grouped per key/value
+  head (group g: its R = H/G query heads, k_g, v_g; plain multi-head: q k v per head), so
+  splitting its rows across tensor-parallel ranks gives each rank whole heads;
+- the local head count is read from tensor shapes (``view(B, T, -1, (R + 2) * head_dim)``),
   never from the config, so a sharded layer runs unchanged;
 - nothing here imports ``torch.distributed``.
 
-Shapes: B batch, T new tokens, S cached + new tokens, C hidden, H heads, D head_dim, V vocab.
+Shapes: B batch, T new tokens, S cached + new tokens, C hidden, H heads, G kv heads, D head_dim,
+V vocab.
 """
 
 from __future__ import annotations
@@ -26,16 +30,36 @@ from mtnlg.config import ModelConfig
 from mtnlg.model.kv_cache import KVCache
 from mtnlg.model.loss import cross_entropy_loss
 from mtnlg.model.moe import MoE, moe_layers
+from mtnlg.model.rope import apply_rope, rope_cos_sin
+
+
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm computed in fp32 whatever the input's dtype (as the Llama/Qwen references do), returned in
+    the input's: under bf16 autocast the q/k norms get bf16 heads and keep fp32 gains."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps).to(x.dtype)
+
+
+def norm_layer(cfg: ModelConfig, dim: int) -> nn.Module:
+    """LayerNorm (GPT) or RMSNorm (Llama/Qwen) over the last ``dim`` features."""
+    return RMSNorm(dim, eps=cfg.layernorm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(dim, eps=cfg.layernorm_eps)
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with an optional KV cache."""
+    """Causal self-attention with grouped-query heads (G key/value heads, each shared by R = H / G query
+    heads), optional RoPE and QK-norm, and an optional KV cache."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.head_dim = cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden, 3 * cfg.hidden)  # rows: per head [q; k; v]
-        self.out_proj = nn.Linear(cfg.hidden, cfg.hidden)
+        self.group = cfg.n_heads // cfg.kv_heads  # R query heads per key/value head (1: plain multi-head)
+        qkv_rows = (self.group + 2) * cfg.kv_heads * cfg.head_dim
+        # rows: per kv head g [q_{gR} .. q_{gR+R-1}; k_g; v_g]: a tensor-parallel row split keeps whole groups
+        self.qkv_proj = nn.Linear(cfg.hidden, qkv_rows, bias=cfg.bias or cfg.qkv_bias)
+        self.out_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.hidden, bias=cfg.bias)
+        self.q_norm = norm_layer(cfg, cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = norm_layer(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.attn_dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
@@ -45,31 +69,43 @@ class CausalSelfAttention(nn.Module):
         layer: int,
         kv_cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        qkv = self.qkv_proj(x).view(B, T, -1, 3 * self.head_dim)  # (B, T, H, 3D)
-        q, k, v = qkv.transpose(1, 2).split(self.head_dim, dim=-1)  # each (B, H, T, D)
+        R, D = self.group, self.head_dim
+        qkv = self.qkv_proj(x).view(B, T, -1, (R + 2) * D)  # (B, T, G, (R+2)D)
+        q, k, v = qkv.split([R * D, D, D], dim=-1)
+        q = q.reshape(B, T, -1, D)  # (B, T, H, D), head h uses kv head h // R
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # each head normalised over its D dimensions
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, G, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)  # (B, H, S, D)
+            k, v = kv_cache.update(layer, k, v)  # (B, G, S, D)
         dropout = self.attn_dropout if self.training else 0.0
         # No mask means a fresh sequence (causal) or a single new token that sees every key.
         is_causal = attn_mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
+        gqa = {"enable_gqa": True} if R > 1 else {}  # each kv head serves its group's R query heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal, **gqa)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
         return self.resid_dropout(self.out_proj(y))
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: Linear(C -> F), GELU, Linear(F -> C)."""
+    """Position-wise feed-forward: fc_out(gelu(fc_in x)), or SwiGLU fc_out(silu(fc_gate x) * fc_in x)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.fc_in = nn.Linear(cfg.hidden, cfg.ffn_size)
-        self.fc_out = nn.Linear(cfg.ffn_size, cfg.hidden)
+        self.fc_in = nn.Linear(cfg.hidden, cfg.ffn_size, bias=cfg.bias)  # SwiGLU's "up" projection
+        self.fc_gate = nn.Linear(cfg.hidden, cfg.ffn_size, bias=cfg.bias) if cfg.mlp == "swiglu" else None
+        self.fc_out = nn.Linear(cfg.ffn_size, cfg.hidden, bias=cfg.bias)
         self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fc_gate is not None:
+            return self.dropout(self.fc_out(F.silu(self.fc_gate(x)) * self.fc_in(x)))  # (B, T, F) -> (B, T, C)
         return self.dropout(self.fc_out(F.gelu(self.fc_in(x), approximate=self.approximate)))
 
 
@@ -79,16 +115,20 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.ln_1 = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
+        self.ln_1 = norm_layer(cfg, cfg.hidden)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
+        self.ln_2 = norm_layer(cfg, cfg.hidden)
         moe = cfg.is_moe_layer(layer)
         self.mlp: MLP | MoE = MoE(cfg, MLP(cfg) if cfg.moe_shared_expert else None) if moe else MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), self.layer, kv_cache, attn_mask)
+        x = x + self.attn(self.ln_1(x), self.layer, kv_cache, attn_mask, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -108,10 +148,10 @@ class GPT(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.wte: nn.Embedding | None = nn.Embedding(cfg.padded_vocab_size, cfg.hidden)
-        self.wpe: nn.Embedding | None = nn.Embedding(cfg.seq_len, cfg.hidden)
+        self.wpe: nn.Embedding | None = nn.Embedding(cfg.seq_len, cfg.hidden) if cfg.position == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
-        self.ln_f: nn.LayerNorm | None = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
+        self.ln_f: nn.Module | None = norm_layer(cfg, cfg.hidden)
         self.lm_head: nn.Linear | None = nn.Linear(cfg.hidden, cfg.padded_vocab_size, bias=False)
         self.tie_weights()
         if not self.lm_head.weight.is_meta:  # a model built on the meta device is initialised by materialize()
@@ -146,9 +186,10 @@ class GPT(nn.Module):
                 module.reset_parameters(lambda key, n=name, d=device: _generator(seed, f"{n}.{key}", d), std, out_std)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-            if isinstance(module, nn.LayerNorm):
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
 
     def materialize(self, device: torch.device | str, seed: int) -> GPT:
         """Allocate a model built on the meta device on ``device`` and initialise it from ``seed``.
@@ -248,19 +289,21 @@ class GPT(nn.Module):
             if kv_cache is not None or attention_mask is not None or position_ids is not None:
                 raise ValueError("document_ids replace kv_cache, attention_mask and position_ids: give it alone")
             position_ids = _document_positions(document_ids)
-        if self.wte is not None and self.wpe is not None:
-            if position_ids is None:
-                position_ids = torch.arange(start, start + T, device=x.device).unsqueeze(0)  # (1, T)
-            x = self.drop(self.wte(x) + self.wpe(position_ids))  # (B, T, C)
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=x.device).unsqueeze(0)  # (1, T)
+        if self.wte is not None:
+            x = self.wte(x)  # (B, T, C)
+            x = self.drop(x + self.wpe(position_ids) if self.wpe is not None else x)
+        rope = rope_cos_sin(self.cfg, position_ids, x.dtype) if self.cfg.position == "rope" else None
         if document_ids is not None:
             attn_mask = _document_mask(document_ids)
         else:
             attn_mask = self._attention_mask(B, T, start, attention_mask, x.device)
         for block in self.blocks.values():
             if self.cfg.activation_checkpointing and self.training and kv_cache is None:
-                x = checkpoint(block, x, None, attn_mask, use_reentrant=False)
+                x = checkpoint(block, x, None, attn_mask, rope, use_reentrant=False)
             else:
-                x = block(x, kv_cache, attn_mask)
+                x = block(x, kv_cache, attn_mask, rope)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.ln_f(x) if self.ln_f is not None else x

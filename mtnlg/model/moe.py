@@ -19,7 +19,8 @@ Dispatch
 Experts
     Stacked weights (E, F, C) and (E, C, F), run as two grouped matmuls over the sorted tokens
     (``torch._grouped_mm``; a loop over experts where it does not apply), GELU in between:
-    y_i = sum_{e in topk(i)} g_ie (W2_e gelu(W1_e x_i + b1_e) + b2_e).
+    y_i = sum_{e in topk(i)} g_ie (W2_e gelu(W1_e x_i + b1_e) + b2_e); SwiGLU experts
+    (``model.mlp`` swiglu) add a gate matrix: W2_e (silu(Wg_e x_i) * W1_e x_i), biases per ``model.bias``.
 Load balancing
     aux: the Switch/GShard loss  E sum_e f_e P_e  (f_e the fraction of assignments to e,
     P_e the mean router probability of e), whose minimum 1 is reached by a uniform router;
@@ -61,29 +62,35 @@ def _grouped_mm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     return aligned and kind in {("cpu", torch.float32), ("cuda", torch.bfloat16)}
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, counts: torch.Tensor
+) -> torch.Tensor:
     """Rows of ``x`` (M, in), sorted by expert with ``counts[e]`` rows for expert e, through expert e's
-    Linear: weight (E, out, in), bias (E, out); returns (M, out)."""
+    Linear: weight (E, out, in), bias (E, out) or None; returns (M, out)."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    x, weight = x.to(dtype), weight.to(dtype)
     if _grouped_mm_applies(x, weight):
         y = torch._grouped_mm(x, weight.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
     else:
         y = torch.cat([chunk @ weight[e].T for e, chunk in enumerate(x.split(counts.tolist()))])
-    return y + bias.repeat_interleave(counts, dim=0, output_size=x.shape[0])
+    if bias is None:
+        return y
+    return y + bias.to(dtype).repeat_interleave(counts, dim=0, output_size=x.shape[0])
 
 
 class GroupedExperts(nn.Module):
-    """E expert MLPs as stacked weights: Linear(C -> F), GELU, Linear(F -> C), each stored as nn.Linear's
-    (out, in) rows, so expert e's weights are a dense MLP's (upcycling copies them)."""
+    """E expert MLPs as stacked weights: Linear(C -> F), GELU, Linear(F -> C) (or SwiGLU's gate, up and down),
+    each stored as nn.Linear's (out, in) rows, so expert e's weights are a dense MLP's (upcycling copies them)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         E, C, Fe = cfg.moe_experts, cfg.hidden, cfg.expert_ffn_size
         self.fc_in_weight = nn.Parameter(torch.empty(E, Fe, C))
-        self.fc_in_bias = nn.Parameter(torch.empty(E, Fe))
+        self.fc_gate_weight = nn.Parameter(torch.empty(E, Fe, C)) if cfg.mlp == "swiglu" else None
         self.fc_out_weight = nn.Parameter(torch.empty(E, C, Fe))
-        self.fc_out_bias = nn.Parameter(torch.empty(E, C))
+        self.fc_in_bias = nn.Parameter(torch.empty(E, Fe)) if cfg.bias else None
+        self.fc_gate_bias = nn.Parameter(torch.empty(E, Fe)) if cfg.bias and cfg.mlp == "swiglu" else None
+        self.fc_out_bias = nn.Parameter(torch.empty(E, C)) if cfg.bias else None
         self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
 
     def reset_parameters(self, generator: Callable[[str], torch.Generator], std: float, out_std: float) -> None:
@@ -92,14 +99,23 @@ class GroupedExperts(nn.Module):
         with torch.no_grad():
             self.fc_in_weight.normal_(0.0, std, generator=generator("fc_in_weight"))
             self.fc_out_weight.normal_(0.0, out_std, generator=generator("fc_out_weight"))
-            self.fc_in_bias.zero_()
-            self.fc_out_bias.zero_()
+            if self.fc_gate_weight is not None:
+                self.fc_gate_weight.normal_(0.0, std, generator=generator("fc_gate_weight"))
+            for bias in (self.fc_in_bias, self.fc_gate_bias, self.fc_out_bias):
+                if bias is not None:
+                    bias.zero_()
+
+    def _linear(self, x: torch.Tensor, part: str, counts: torch.Tensor) -> torch.Tensor:
+        weight, bias = _local(getattr(self, f"{part}_weight")), getattr(self, f"{part}_bias")
+        return grouped_linear(x, weight, None if bias is None else _local(bias), counts)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Tokens (M, C) sorted by expert, ``counts`` (E,) of them per expert held here -> (M, C)."""
-        h = grouped_linear(x, _local(self.fc_in_weight), _local(self.fc_in_bias), counts)  # (M, F)
-        h = F.gelu(h, approximate=self.approximate)
-        return grouped_linear(h, _local(self.fc_out_weight), _local(self.fc_out_bias), counts)  # (M, C)
+        if self.fc_gate_weight is not None:  # SwiGLU: silu(gate x) * up x
+            h = F.silu(self._linear(x, "fc_gate", counts)) * self._linear(x, "fc_in", counts)  # (M, F)
+        else:
+            h = F.gelu(self._linear(x, "fc_in", counts), approximate=self.approximate)  # (M, F)
+        return self._linear(h, "fc_out", counts)  # (M, C)
 
 
 class Router(nn.Module):

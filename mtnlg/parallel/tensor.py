@@ -8,12 +8,15 @@ and outputs at the module boundary. Notation: X activations (B, T, C), A a weigh
 Attention (per block)
     ``attn.qkv_proj``  column-parallel: Y = X A with A = [A_1 ... A_t] split by output columns,
                        rank r computes Y_r = X A_r. The fused rows are grouped per head
-                       ([q_h; k_h; v_h]), so each rank owns n_heads / t whole heads and runs
-                       attention on them alone (the model reads the head count from shapes).
+                       ([q_h; k_h; v_h]; with grouped-query attention per key/value head g,
+                       [q of its R query heads; k_g; v_g]), so each rank owns whole heads and
+                       runs attention on them alone (the model reads the head count from shapes).
+                       Hence n_kv_heads % t == 0 (checked); QK-norm weights are shared by all heads.
     ``attn.out_proj``  row-parallel: Y = sum_r Y_r A_r with A split by input rows; the partial
                        sums are all-reduced (or reduce-scattered under sequence parallelism).
 MLP (per block)
-    ``mlp.fc_in``      column-parallel (GELU is elementwise, so it applies to each shard);
+    ``mlp.fc_in``      column-parallel (GELU is elementwise, so it applies to each shard); SwiGLU's
+                       ``mlp.fc_gate`` too (silu(gate) * up is elementwise);
     ``mlp.fc_out``     row-parallel, partial sums reduced as above.
     One all-reduce forward and one backward per sub-layer: Megatron's f and g operators.
 Embeddings and output
@@ -66,14 +69,14 @@ class ReplicateParallel(ParallelStyle):
     (``Shard(1)`` hands the rank its slice of the sequence, with an all-gather in backward).
     """
 
-    def __init__(self, output_layout: Placement | None = None) -> None:
+    def __init__(self, output_layout: Placement | None = None, input_layout: Placement | None = None) -> None:
         super().__init__()
         self.output_layout = output_layout or Replicate()
+        self.input_layout = input_layout or Replicate()
 
-    @staticmethod
-    def _prepare_input(module: nn.Module, inputs: tuple[Any, ...], mesh: DeviceMesh) -> tuple[Any, ...]:
+    def _prepare_input(self, module: nn.Module, inputs: tuple[Any, ...], mesh: DeviceMesh) -> tuple[Any, ...]:
         return tuple(
-            DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+            DTensor.from_local(x, mesh, [self.input_layout], run_check=False)
             if isinstance(x, torch.Tensor) and not isinstance(x, DTensor)
             else x
             for x in inputs
@@ -96,6 +99,11 @@ def check_tp_compatible(cfg: ModelConfig, tp: int, sequence_parallel: bool = Fal
             f"model.n_heads={cfg.n_heads} is not divisible by parallel.tp={tp}: each tensor-parallel "
             "rank must own whole attention heads"
         )
+    if cfg.kv_heads % tp:
+        raise ConfigError(
+            f"model.n_kv_heads={cfg.kv_heads} is not divisible by parallel.tp={tp}: each tensor-parallel rank "
+            "must own whole key/value heads (use a tp that divides model.n_kv_heads)"
+        )
     if cfg.ffn_size % tp:
         raise ConfigError(
             f"the MLP width {cfg.ffn_size} (model.ffn_hidden) is not divisible by parallel.tp={tp}"
@@ -112,7 +120,7 @@ def check_tp_compatible(cfg: ModelConfig, tp: int, sequence_parallel: bool = Fal
         )
 
 
-def tp_plan(sequence_parallel: bool, loss_parallel: bool) -> dict[str, ParallelStyle]:
+def tp_plan(sequence_parallel: bool, loss_parallel: bool, cfg: ModelConfig | None = None) -> dict[str, ParallelStyle]:
     """The GPT's tensor-parallel plan: module path (``*`` = every block) -> ParallelStyle."""
     stream = Shard(1) if sequence_parallel else Replicate()  # layout of the residual stream
     norm: ParallelStyle = SequenceParallel() if sequence_parallel else ReplicateParallel()
@@ -123,7 +131,8 @@ def tp_plan(sequence_parallel: bool, loss_parallel: bool) -> dict[str, ParallelS
         "blocks.*.attn.qkv_proj": ColwiseParallel(),
         "blocks.*.attn.out_proj": RowwiseParallel(output_layouts=stream),
         "blocks.*.ln_2": norm,
-        "blocks.*.mlp.fc_in": ColwiseParallel(),
+        "blocks.*.mlp.fc_in": ColwiseParallel(),  # SwiGLU's up projection
+        "blocks.*.mlp.fc_gate": ColwiseParallel(),  # SwiGLU's gate, split like fc_in: silu(gate) * up is elementwise
         "blocks.*.mlp.fc_out": RowwiseParallel(output_layouts=stream),
         "ln_f": norm,
         "lm_head": ColwiseParallel(
@@ -132,10 +141,15 @@ def tp_plan(sequence_parallel: bool, loss_parallel: bool) -> dict[str, ParallelS
             use_local_output=not loss_parallel,
         ),
     }
+    if cfg is not None and cfg.mlp != "swiglu":
+        del plan["blocks.*.mlp.fc_gate"]
+    if cfg is not None and cfg.qk_norm:  # per-head norms see this rank's heads (B, T, H/t, D): shared weights
+        for name in ("q_norm", "k_norm"):  # whose gradient sums over the ranks' heads
+            plan[f"blocks.*.attn.{name}"] = ReplicateParallel(output_layout=Shard(2), input_layout=Shard(2))
     if sequence_parallel:  # gather the sequence before the column-parallel layers of each sub-layer
         plan["blocks.*.attn"] = PrepareModuleInput(
-            input_layouts=(Shard(1), None, None, None),  # (x, layer, kv_cache, attn_mask)
-            desired_input_layouts=(Replicate(), None, None, None),
+            input_layouts=(Shard(1), None, None, None, None),  # (x, layer, kv_cache, attn_mask, rope)
+            desired_input_layouts=(Replicate(), None, None, None, None),
             use_local_output=True,
         )
         plan["blocks.*.mlp"] = PrepareModuleInput(
@@ -209,7 +223,7 @@ def apply_tensor_parallel(
             f"tensor parallelism shards nn.Linear layers, but this model has {sorted(converted)}: "
             "parallelize the plain model (mtnlg.checkpoint.model.load_model) before any inference conversion"
         )
-    plan = {path: style for path, style in tp_plan(sequence_parallel, loss_parallel).items()
+    plan = {path: style for path, style in tp_plan(sequence_parallel, loss_parallel, cfg).items()
             if getattr(model, path.split(".")[0], None) is not None}  # a pipeline stage holds only some parts
     parallelize_module(model, tp_mesh, plan)
     model.tie_weights()  # type: ignore[operator]  # each style distributed its own copy; share wte's again

@@ -102,6 +102,8 @@ def check_model(cfg: ModelConfig, lay: Layout) -> None:
     """The model splits this way: whole heads per tp rank, at least one layer per (virtual) stage."""
     if cfg.n_heads % lay.tp:
         raise ConfigError(f"plan: --tp {lay.tp} does not divide model.n_heads={cfg.n_heads}")
+    if cfg.kv_heads % lay.tp:
+        raise ConfigError(f"plan: --tp {lay.tp} does not divide model.n_kv_heads={cfg.kv_heads}")
     if cfg.n_layers < lay.pp * lay.virtual_stages:
         raise ConfigError(f"plan: {lay.pp * lay.virtual_stages} pipeline stages for model.n_layers="
                           f"{cfg.n_layers}: every stage needs a layer")

@@ -25,7 +25,7 @@ FIXABLE = ("tp", "pp", "dp", "micro_batch", "virtual_stages", "zero", "recompute
 
 def _choices(cfg: ModelConfig, gpu: GpuSpec, gpus: int, fixed: dict[str, object]) -> dict[str, list[object]]:
     """Candidate values of each layout knob; a fixed knob has its one value."""
-    tps = [t for t in (1, 2, 4, 8, 16) if t <= gpu.gpus_per_node and gpus % t == 0 and cfg.n_heads % t == 0]
+    tps = [t for t in (1, 2, 4, 8, 16) if t <= gpu.gpus_per_node and gpus % t == 0 and cfg.kv_heads % t == 0]
     choices: dict[str, list[object]] = {
         "tp": list(tps),
         "pp": [p for p in range(1, min(gpus, cfg.n_layers) + 1) if gpus % p == 0],

@@ -1,0 +1,40 @@
+"""The switches that make a block GPT-, Llama-, Mistral- or Qwen-style, and their validation.
+
+Kept beside ``sections.py`` (which declares the fields) so the schema file stays one screenful per concern.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mtnlg.config.errors import ConfigError
+
+POSITIONS = ("learned", "rope")
+ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+
+
+def validate_family(self: Any) -> None:
+    """The block-family switches of ``ModelConfig`` (``self``), each error naming its field."""
+    for name, allowed in (("position", POSITIONS), ("rope_scaling", ROPE_SCALINGS), ("norm", NORMS), ("mlp", MLPS)):
+        if getattr(self, name) not in allowed:
+            raise ConfigError(f"model.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+    if self.n_kv_heads < 0 or self.head_size < 0:
+        raise ConfigError("model.n_kv_heads and model.head_size must be >= 0 (0: n_heads, hidden / n_heads)")
+    if self.n_heads % self.kv_heads:
+        raise ConfigError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}: "
+                          "each key/value head serves a whole group of query heads")
+    if self.position == "rope":
+        if self.head_dim % 2 or self.rope_theta <= 1:
+            raise ConfigError(f"model.position=rope needs an even head dimension (got {self.head_dim}) and "
+                              f"model.rope_theta > 1 (got {self.rope_theta})")
+        if self.rope_scaling != "none" and self.rope_factor < 1:
+            raise ConfigError(f"model.rope_factor must be >= 1, got {self.rope_factor}")
+        if self.rope_scaling in ("llama3", "yarn") and self.rope_original_len <= 0:
+            raise ConfigError(f"model.rope_scaling={self.rope_scaling} needs model.rope_original_len > 0 "
+                              "(the pretraining context length)")
+        if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ConfigError("model.rope_low_freq_factor must be positive and below model.rope_high_freq_factor")
+    elif self.rope_scaling != "none":
+        raise ConfigError(f"model.rope_scaling={self.rope_scaling} needs model.position=rope")
