@@ -9,9 +9,12 @@ May import: ``mtnlg.util``.
 from mtnlg.config.build import (
     apply_settings,
     build_config,
+    changes,
     config_from_dict,
+    field_help,
     load_file,
     parse_overrides,
+    runtime_fields,
     set_field,
     update,
 )
@@ -25,9 +28,6 @@ from mtnlg.config.sections import (
     ModelConfig,
     ParallelConfig,
     TrainConfig,
-    changes,
-    field_help,
-    runtime_fields,
 )
 
 __all__ = [

@@ -190,3 +190,21 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     cfg = Config()
     update(cfg, data, source)
     return cfg.validate()
+
+
+def runtime_fields(section_cls: type) -> set[str]:
+    """The fields of a section marked ``runtime``: free to differ between a checkpoint and its loader."""
+    return {f.name for f in dataclasses.fields(section_cls) if f.metadata.get("runtime")}
+
+
+def field_help(section_cls: type) -> dict[str, str]:
+    """Help text of each field of a config section, for --help and the reference in docs/configuration.md."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(section_cls)}
+
+
+def changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """``(section.field, old value, new value)`` for every field that differs, in declaration order."""
+    before, after = old.to_dict(), new.to_dict()
+    return [(f"{section}.{name}", before[section][name], value)
+            for section, values in after.items() for name, value in values.items()
+            if before[section][name] != value]

@@ -1,4 +1,5 @@
-"""The switches that make a block GPT-, Llama-, Mistral- or Qwen-style, and their validation.
+"""The switches that make a block GPT-, Llama-, Mistral- or Qwen-style, or mixture-of-experts, and their
+validation.
 
 Kept beside ``sections.py`` (which declares the fields) so the schema file stays one screenful per concern.
 """
@@ -13,6 +14,7 @@ POSITIONS = ("learned", "rope")
 ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
+MOE_BALANCE = ("aux", "bias", "aux+bias", "none")
 
 
 def validate_family(self: Any) -> None:
@@ -38,3 +40,20 @@ def validate_family(self: Any) -> None:
             raise ConfigError("model.rope_low_freq_factor must be positive and below model.rope_high_freq_factor")
     elif self.rope_scaling != "none":
         raise ConfigError(f"model.rope_scaling={self.rope_scaling} needs model.position=rope")
+
+
+def validate_moe(self: Any) -> None:
+    """The mixture-of-experts fields of ``ModelConfig`` (``self``), each error naming its field."""
+    if self.moe_experts < 0 or not 1 <= self.moe_top_k <= self.moe_experts:
+        raise ConfigError(f"model.moe_top_k={self.moe_top_k} must be between 1 and model.moe_experts="
+                          f"{self.moe_experts}")
+    if self.moe_every < 1 or self.moe_every > self.n_layers:
+        raise ConfigError(f"model.moe_every={self.moe_every} must be between 1 and model.n_layers={self.n_layers}")
+    if self.moe_ffn_hidden < 0 or self.moe_capacity_factor < 0:
+        raise ConfigError("model.moe_ffn_hidden and model.moe_capacity_factor must be >= 0 (0: default / dropless)")
+    if self.moe_score not in ("softmax", "sigmoid"):
+        raise ConfigError(f"model.moe_score must be softmax or sigmoid, got {self.moe_score!r}")
+    if self.moe_balance not in MOE_BALANCE:
+        raise ConfigError(f"model.moe_balance must be one of {', '.join(MOE_BALANCE)}, got {self.moe_balance!r}")
+    if min(self.moe_aux_loss_coef, self.moe_z_loss_coef, self.moe_bias_update_rate) < 0:
+        raise ConfigError("model.moe_aux_loss_coef, moe_z_loss_coef and moe_bias_update_rate must be >= 0")

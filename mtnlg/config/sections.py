@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mtnlg.config.errors import ConfigError
-from mtnlg.config.families import validate_family
+from mtnlg.config.families import validate_family, validate_moe
 from mtnlg.config.sampling import SAMPLING, sampling_help
 from mtnlg.config.schedules import SCHEDULES
 
@@ -28,9 +28,6 @@ def _f(default: Any, help: str, runtime: bool = False, **kwargs: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
-
-
-MOE_BALANCE = ("aux", "bias", "aux+bias", "none")
 
 
 @dataclass
@@ -139,22 +136,7 @@ class ModelConfig:
             raise ConfigError(f"model.activation must be 'gelu_tanh' or 'gelu', got {self.activation!r}")
         validate_family(self)
         if self.moe_experts:
-            self._validate_moe()
-
-    def _validate_moe(self) -> None:
-        if self.moe_experts < 0 or not 1 <= self.moe_top_k <= self.moe_experts:
-            raise ConfigError(f"model.moe_top_k={self.moe_top_k} must be between 1 and model.moe_experts="
-                              f"{self.moe_experts}")
-        if self.moe_every < 1 or self.moe_every > self.n_layers:
-            raise ConfigError(f"model.moe_every={self.moe_every} must be between 1 and model.n_layers={self.n_layers}")
-        if self.moe_ffn_hidden < 0 or self.moe_capacity_factor < 0:
-            raise ConfigError("model.moe_ffn_hidden and model.moe_capacity_factor must be >= 0 (0: default / dropless)")
-        if self.moe_score not in ("softmax", "sigmoid"):
-            raise ConfigError(f"model.moe_score must be softmax or sigmoid, got {self.moe_score!r}")
-        if self.moe_balance not in MOE_BALANCE:
-            raise ConfigError(f"model.moe_balance must be one of {', '.join(MOE_BALANCE)}, got {self.moe_balance!r}")
-        if min(self.moe_aux_loss_coef, self.moe_z_loss_coef, self.moe_bias_update_rate) < 0:
-            raise ConfigError("model.moe_aux_loss_coef, moe_z_loss_coef and moe_bias_update_rate must be >= 0")
+            validate_moe(self)
 
 
 @dataclass
@@ -395,21 +377,3 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-
-def runtime_fields(section_cls: type) -> set[str]:
-    """The fields of a section marked ``runtime``: free to differ between a checkpoint and its loader."""
-    return {f.name for f in dataclasses.fields(section_cls) if f.metadata.get("runtime")}
-
-
-def field_help(section_cls: type) -> dict[str, str]:
-    """Help text of each field of a config section, for --help and the reference in docs/configuration.md."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(section_cls)}
-
-
-def changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
-    """``(section.field, old value, new value)`` for every field that differs, in declaration order."""
-    before, after = old.to_dict(), new.to_dict()
-    return [(f"{section}.{name}", before[section][name], value)
-            for section, values in after.items() for name, value in values.items()
-            if before[section][name] != value]
