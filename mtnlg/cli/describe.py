@@ -80,7 +80,7 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
     print(f"FLOPs/token      forward {human(info.forward_flops_per_token)}, "
           f"training {human(info.train_flops_per_token)} (at seq {m.seq_len})")
     print(f"memory           weights {info.weights_gib_bf16:.1f} GiB in bf16; "
-          f"mixed-precision Adam training state {info.train_state_gib_mixed_adam:.1f} GiB")
+          f"training state (fp32 weights, gradients, AdamW) {info.train_state_gib:.1f} GiB")
     if cfg.parallel.pp > 1:
         print(_pipeline_summary(cfg))
     return 0

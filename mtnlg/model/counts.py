@@ -75,6 +75,14 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, f
     return {"forward": float(forward), "train": 3.0 * forward}
 
 
+# Bytes per parameter of the training state (weights, gradients, optimizer) as mtnlg train allocates
+# them at every precision: the weights stay fp32 (they are the master weights; autocast, or FSDP's mixed
+# precision, computes on 16-bit copies that do not outlive a layer), fp32 gradients and AdamW's two fp32
+# moments: 16 B. (Megatron keeps a 16-bit copy beside fp32 master weights, 2 + 4 + 12 = 18 B, and its
+# ZeRO-1 shards the 12; mtnlg's shards the 8 of the moments.)
+TRAIN_STATE_BYTES = (4, 4, 8)
+
+
 @dataclass
 class ModelInfo:
     """What ``mtnlg info`` prints."""
@@ -86,15 +94,15 @@ class ModelInfo:
     forward_flops_per_token: float
     train_flops_per_token: float
     weights_gib_bf16: float
-    train_state_gib_mixed_adam: float
+    train_state_gib: float
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
 
 
 def model_info(cfg: ModelConfig) -> ModelInfo:
-    """Summary numbers; the training-state memory is Megatron's 18 bytes/parameter for mixed-precision
-    Adam (bf16 weights + fp32 grads, fp32 master weights, two fp32 moments)."""
+    """Summary numbers; the training state is what ``mtnlg train`` allocates per parameter
+    (``TRAIN_STATE_BYTES``), the same figure the planner uses."""
     params = parameter_count(cfg)
     flops = flops_per_token(cfg)
     gib = float(1 << 30)
@@ -106,5 +114,5 @@ def model_info(cfg: ModelConfig) -> ModelInfo:
         forward_flops_per_token=flops["forward"],
         train_flops_per_token=flops["train"],
         weights_gib_bf16=2 * params["total"] / gib,
-        train_state_gib_mixed_adam=18 * params["total"] / gib,
+        train_state_gib=sum(TRAIN_STATE_BYTES) * params["total"] / gib,
     )

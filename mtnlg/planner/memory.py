@@ -23,17 +23,14 @@ from dataclasses import asdict, dataclass
 
 from mtnlg.config import ConfigError, ModelConfig
 from mtnlg.config.schedules import layer_split, stage_ids
-from mtnlg.model.counts import parameter_count
+from mtnlg.model.counts import TRAIN_STATE_BYTES, parameter_count
 from mtnlg.planner.layout import Layout, in_flight, layers_per_rank
 
 GIB = float(1 << 30)
 
-# Bytes per parameter of each training-state part (weights, gradients, optimizer), by precision, as
-# mtnlg train allocates them: the weights stay fp32 (they are the master weights; autocast, or FSDP's
-# mixed precision, computes on 16-bit copies that do not outlive a layer), fp32 gradients and AdamW's
-# two fp32 moments: 16 B at every precision. (Megatron keeps a 16-bit copy beside fp32 master weights,
-# 2 + 4 + 12 = 18 B, and its ZeRO-1 shards the 12; mtnlg's shards the 8 of the moments.)
-STATE_BYTES = {"bf16": (4, 4, 8), "fp16": (4, 4, 8), "fp32": (4, 4, 8)}
+# Bytes per parameter of each training-state part, by precision: the same at every precision (see
+# ``TRAIN_STATE_BYTES``).
+STATE_BYTES = dict.fromkeys(("bf16", "fp16", "fp32"), TRAIN_STATE_BYTES)
 
 
 @dataclass
