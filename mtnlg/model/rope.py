@@ -14,6 +14,7 @@ the layout of HF's checkpoints, so q/k projection weights are imported unpermute
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 
@@ -61,7 +62,8 @@ def inverse_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 def rope_cos_sin(cfg: ModelConfig, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (B or 1, 1, T, D) for ``position_ids`` (B or 1, T), computed in fp32, cast to ``dtype``."""
     inv_freq, scale = inverse_frequencies(cfg)
-    with torch.autocast(position_ids.device.type, enabled=False):
+    device = position_ids.device.type  # meta (a dry run) has no autocast to switch off
+    with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
         freqs = position_ids.float().unsqueeze(-1) * inv_freq.to(position_ids.device)  # (B, T, D/2)
         angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)  # (B, 1, T, D)
         return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)

@@ -55,20 +55,21 @@ class Memory:
 def rank_parameters(cfg: ModelConfig, lay: Layout, *, first: bool, last: bool, layers: int | None = None) -> float:
     """Parameters held by one tp rank of a pipeline rank (``layers``; default: the busiest rank's count).
 
-    Column- and row-parallel weights and the column-parallel biases are split by tp; LayerNorms and
-    row-parallel output biases (4C + 2C per layer) are replicated. The first rank holds the
-    vocabulary-parallel embedding (and the replicated position embedding), the last the output
-    layer: a copy of the tied embedding when they are on different ranks.
+    Column- and row-parallel weights and the column-parallel biases are split by tp; the norms (QK-norm
+    gains included) and row-parallel output biases are replicated (GPT: 4C + 2C per layer). The first
+    rank holds the vocabulary-parallel embedding (and the replicated position embedding, if learned),
+    the last the output layer: a copy of the tied embedding when they are on different ranks.
     """
     counts = parameter_count(cfg)
-    replicated = 6 * cfg.hidden
+    norm = 2 * cfg.hidden if cfg.norm == "layernorm" else cfg.hidden  # gain (and LayerNorm's bias)
+    replicated = 2 * norm + (2 * cfg.hidden if cfg.bias else 0) + (2 * cfg.head_dim if cfg.qk_norm else 0)
     per_layer = (counts["per_layer"] - replicated) / lay.tp + replicated
     params = (layers_per_rank(cfg, lay) if layers is None else layers) * per_layer
     vocab = cfg.padded_vocab_size * cfg.hidden / lay.tp
     if first:
-        params += vocab + cfg.seq_len * cfg.hidden
+        params += vocab + (cfg.seq_len * cfg.hidden if cfg.position == "learned" else 0)
     if last:
-        params += 2 * cfg.hidden  # final LayerNorm
+        params += norm  # the final norm
         if not cfg.tie_embeddings or not first:
             params += vocab
     return params

@@ -16,6 +16,8 @@ from mtnlg.cli import main
 
 MT_NLG = ["--preset", "mt-nlg-530b", "--train.global_batch_size=1920", "--train.micro_batch_size=1"]
 GPT3 = ["--preset", "gpt3-175b", "--train.global_batch_size=1536", "--train.micro_batch_size=1"]
+LLAMA = ["--preset", "llama3-70b", "--train.global_batch_size=512", "--train.micro_batch_size=1"]
+FLAGS = {"mt-nlg-530b": MT_NLG, "gpt3-175b": GPT3, "llama3-70b": LLAMA}
 BYTES = ("parameter_bytes", "gradient_bytes", "optimizer_bytes")
 
 
@@ -33,9 +35,10 @@ def _plan(capsys: pytest.CaptureFixture[str], *args: str) -> dict | list:
     ("mt-nlg-530b", 2240, 8, 35, 1, (0, 1100, 2239)),  # first, a middle and the last stage
     ("mt-nlg-530b", 2240, 8, 35, 3, (7, 2232)),
     ("gpt3-175b", 1024, 8, 8, 2, (0, 600, 1023)),
+    ("llama3-70b", 64, 8, 4, 1, (0, 63)),  # grouped-query attention, RMSNorm, SwiGLU, no biases, untied
 ])
 def test_the_planner_predicts_each_ranks_bytes(capsys, model, world, tp, pp, zero, ranks) -> None:
-    flags = MT_NLG if model == "mt-nlg-530b" else GPT3
+    flags = FLAGS[model]
     layout = [f"--parallel.tp={tp}", f"--parallel.pp={pp}", f"--parallel.zero={zero}"]
     batch = flags[2].split("=")[1]
     for rank in ranks:
