@@ -2,13 +2,19 @@
 
 Byte-level means every Unicode string maps to bytes first, so encoding then decoding gives
 back exactly the input, whatever it contains. ``<|endoftext|>`` marks the end of a document.
+
+Text is always plain text: ``<|endoftext|>`` (or a chat marker) written inside a prompt, a
+document or a fine-tuning record is encoded as its characters, never as the special token, so a
+user cannot end a document or open a turn by typing it. Only code that places a special token
+itself names it (``encode(text, specials=...)``: the chat template's markers).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -38,6 +44,7 @@ class Tokenizer:
         eod = hf.token_to_id(EOD_TOKEN)
         if eod is None:
             raise ValueError(f"tokenizer has no {EOD_TOKEN!r} token, which mtnlg uses to end documents")
+        hf.encode_special_tokens = True  # special tokens in text are text (not saved: tokenizer.json is unchanged)
         self.hf = hf
         self.eod_id: int = eod
         self.chat_template = chat_template  # role markers for chat, stored beside tokenizer.json
@@ -122,11 +129,22 @@ class Tokenizer:
 
     # -- use -----------------------------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text).ids
+    def encode(self, text: str, specials: Collection[str] = ()) -> list[int]:
+        """Ids of ``text`` as plain text; only the strings in ``specials`` that are special tokens of
+        this tokenizer become their one id (a marker that is not one stays text, as before)."""
+        marks = [m for m in specials if m in self._special_ids()]
+        if not marks:
+            return self.hf.encode(text).ids
+        ids: list[int] = []
+        for part in re.split("(" + "|".join(re.escape(m) for m in marks) + ")", text):
+            ids += [self._special_ids()[part]] if part in marks else self.hf.encode(part).ids if part else []
+        return ids
+
+    def _special_ids(self) -> dict[str, int]:
+        return {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encode many documents at once (uses the Rust library's threads)."""
+        """Encode many documents at once (uses the Rust library's threads), as plain text."""
         return [e.ids for e in self.hf.encode_batch(texts)]
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -68,8 +68,11 @@ class Engine:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def encode(self, prompt: str | Sequence[int], limit: int | None = None) -> list[int]:
-        """Token ids of a prompt given as text or ids; an empty prompt starts a new document.
+    def encode(
+        self, prompt: str | Sequence[int], limit: int | None = None, specials: Sequence[str] = ()
+    ) -> list[int]:
+        """Token ids of a prompt given as text (plain text, but for the special tokens in ``specials``:
+        the chat template's markers) or ids; an empty prompt starts a new document.
 
         A text prompt that certainly has more than ``limit`` tokens (more UTF-8 bytes than ``limit`` of
         the longest tokens cover) is refused before it is tokenized."""
@@ -79,7 +82,7 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this engine has no tokenizer: give prompts as token ids")
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(prompt, specials)
         else:
             ids = [int(t) for t in prompt]
             bad = [t for t in ids if not 0 <= t < self.vocab_size]

@@ -270,22 +270,22 @@ async def completion(
 async def chat_completion(
     server: ServerState, request: Request, body: ChatCompletionRequest
 ) -> JSONResponse | StreamingResponse:
-    """The messages rendered up to the assistant's turn; without a token limit, the answer may use
-    the rest of the context (the rendered prompt is then tokenized first, to know how much is left)."""
+    """The messages rendered up to the assistant's turn and tokenized here (the template's markers as
+    special tokens, the content as plain text); without a token limit, the answer may use the rest
+    of the context."""
     server.check(body)
     template = server.template
     try:
         text = template.render([m.plain() for m in body.messages])
     except ValueError as exc:  # "messages[i].role: ..." names the field
         raise APIError(400, str(exc), param=str(exc).split(":")[0].split(" ")[0]) from None
-    prompt: str | list[int] = text
+    seq_len = server.engine.seq_len
+    try:  # ids, so that only the template's own markers are special tokens (the content is plain text)
+        prompt = await asyncio.to_thread(server.engine.encode, text, seq_len - 1, template.markers)
+    except ValueError as exc:
+        raise APIError(400, f"messages: {exc}", param="messages") from None
     limit = body.limit
     if limit is None:
-        seq_len = server.engine.seq_len
-        try:
-            prompt = await asyncio.to_thread(server.engine.encode, text, seq_len - 1)
-        except ValueError as exc:
-            raise APIError(400, f"messages: {exc}", param="messages") from None
         limit = seq_len - len(prompt)
         if limit < 1:
             raise APIError(400, f"messages: the conversation's {len(prompt)} tokens fill the context length "
