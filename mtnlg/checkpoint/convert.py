@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mtnlg.checkpoint.model import load_model, save_model
+from mtnlg.checkpoint.output import HF, MODEL, check_output
 from mtnlg.config import Config, ConfigError, apply_settings
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.model.gpt import GPT
@@ -43,9 +44,12 @@ def _has_tokenizer(directory: Path) -> bool:
     return (directory / "tokenizer.json").is_file() or (directory / "vocab.json").is_file()
 
 
-def from_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+def from_hf(
+    hf_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None, overwrite: bool = False
+) -> Path:
     """Import a local HF GPT-2 directory into an mtnlg checkpoint directory, with the tokenizer of
     ``tokenizer_dir`` or else HF_DIR's own (none when neither is given: see ``mtnlg generate --tokenizer``)."""
+    check_output(out_dir, MODEL, [hf_dir, tokenizer_dir], overwrite)
     hf_dir = Path(hf_dir)
     cfg_path = hf_dir / "config.json"
     if not cfg_path.is_file():
@@ -65,9 +69,12 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path |
     return save_model(out_dir, model.float(), cfg, tokenizer)
 
 
-def to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+def to_hf(
+    ckpt: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None, overwrite: bool = False
+) -> Path:
     """Export an mtnlg checkpoint as an HF directory that ``GPT2LMHeadModel.from_pretrained`` loads,
     with its tokenizer (that of ``tokenizer_dir`` when given)."""
+    check_output(out_dir, HF, [ckpt, tokenizer_dir], overwrite)
     model, cfg, tokenizer = load_model(ckpt)
     if cfg.model.moe_experts:
         raise ValueError(f"{ckpt} is a mixture-of-experts model, which GPT-2 directories cannot hold")
@@ -86,13 +93,16 @@ def to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | Non
     return atomic_dir(out_dir, fill)
 
 
-def upcycle(ckpt: str | Path, out_dir: str | Path, experts: int, overrides: list[str] | None = None) -> Path:
+def upcycle(
+    ckpt: str | Path, out_dir: str | Path, experts: int, overrides: list[str] | None = None, overwrite: bool = False
+) -> Path:
     """Sparse upcycling (Komatsuzaki et al. 2023): a MoE checkpoint from a dense one, every expert of a MoE
     block a copy of that block's dense MLP, the router freshly initialised (from ``train.seed``).
 
     ``overrides`` set the other ``model.moe_*`` fields (``--model.moe_top_k=1``, ...). With gates that sum
     to 1 (top-k > 1, or sigmoid scores) and dropless routing, the first forward equals the dense model's.
     """
+    check_output(out_dir, MODEL, [ckpt], overwrite)
     dense, cfg, tokenizer = load_model(ckpt)
     if cfg.model.moe_experts:
         raise ConfigError(f"{ckpt} is already a mixture-of-experts model (model.moe_experts={cfg.model.moe_experts})")

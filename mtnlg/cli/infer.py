@@ -21,7 +21,8 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--upcycle", metavar="CKPT", help="dense mtnlg checkpoint to turn into a mixture of experts "
                      "(each expert a copy of the dense MLP; --model.moe_* overrides set the rest)")
     p.add_argument("--upcycle-experts", type=int, default=8, metavar="N", help="experts per MoE block (--upcycle)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (new or empty; see --overwrite)")
+    _overwrite_arg(p, "what this command writes (a model checkpoint; a Hugging Face directory for --to-hf)")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="tokenizer to store with the weights (tokenizer.json, or GPT-2's vocab.json + merges.txt); "
                         "default: the one in the source directory, if any")
@@ -34,15 +35,21 @@ def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
     from mtnlg.checkpoint.convert import from_hf, to_hf, upcycle
 
     if args.upcycle:
-        print(f"wrote {upcycle(args.upcycle, args.out, args.upcycle_experts, overrides)}")
+        print(f"wrote {upcycle(args.upcycle, args.out, args.upcycle_experts, overrides, args.overwrite)}")
         return 0
     no_overrides(overrides)
-    out = (from_hf if args.from_hf else to_hf)(args.from_hf or args.to_hf, args.out, args.tokenizer)
+    out = (from_hf if args.from_hf else to_hf)(args.from_hf or args.to_hf, args.out, args.tokenizer, args.overwrite)
     print(f"wrote {out}")
     if not any((out / name).exists() for name in ("tokenizer", "tokenizer.json")):
         print(f"note: {out} has no tokenizer (none in the source directory): give --tokenizer DIR "
               "here, or to generate and serve")
     return 0
+
+
+def _overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace an existing --out that already holds {what}; any other non-empty --out is "
+                        "refused, and so is one that is or overlaps the source")
 
 
 # -- generate, serve, quantize ---------------------------------------------------------------------
@@ -259,7 +266,8 @@ def _listen(host: str, port: int) -> object:
 
 def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="fp32 checkpoint directory, or a run directory")
-    p.add_argument("--out", required=True, help="directory for the int8 checkpoint")
+    p.add_argument("--out", required=True, help="directory for the int8 checkpoint (new or empty; see --overwrite)")
+    _overwrite_arg(p, "an int8 checkpoint")
 
 
 @command("quantize", _quantize_args)
@@ -268,7 +276,7 @@ def cmd_quantize(args: argparse.Namespace, overrides: list[str]) -> int:
     from mtnlg.generate.quantize import quantize_checkpoint
 
     no_overrides(overrides)
-    print(f"wrote {quantize_checkpoint(args.checkpoint, args.out)}")
+    print(f"wrote {quantize_checkpoint(args.checkpoint, args.out, args.overwrite)}")
     return 0
 
 
