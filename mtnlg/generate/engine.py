@@ -114,9 +114,7 @@ class Engine:
     @functools.cached_property
     def _max_token_bytes(self) -> int:
         """An upper bound of the UTF-8 bytes one token stands for (1 without a tokenizer)."""
-        if self.tokenizer is None:
-            return 1
-        return max(len(t.encode("utf-8")) for t in self.tokenizer.hf.get_vocab(with_added_tokens=True))
+        return 1 if self.tokenizer is None else self.tokenizer.max_token_bytes()
 
     def fits(self, requests: Sequence[Request]) -> bool:
         """Whether these requests can share one batch: the padded prompt plus the longest

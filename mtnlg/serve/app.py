@@ -20,7 +20,6 @@ in ``handlers``; the checks before them in ``middleware``; the connection's dead
 
 from __future__ import annotations
 
-import ctypes
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -41,6 +40,7 @@ from mtnlg.serve.handlers import APIError, ServerState
 from mtnlg.serve.metrics import AccessLog, ServerMetrics, log_to_stderr
 from mtnlg.serve.middleware import LOOPBACK_HOSTS, BearerKey, BodyDeadline, DeclaredSize, HostCheck, error_response
 from mtnlg.serve.protocol import ChatCompletionRequest, CompletionRequest, MegatronRequest
+from mtnlg.util.memory import return_freed_memory
 
 API_KEY_ENV = "MTNLG_API_KEY"
 MAX_BODY_BYTES = 1 << 20  # default limit of a request body (mtnlg serve --max-body-bytes)
@@ -189,22 +189,6 @@ def _add_routes(app: FastAPI, server: ServerState, metrics: ServerMetrics) -> No
     @app.put("/api")
     async def megatron(request: Request, body: MegatronRequest) -> dict:
         return await handlers.megatron(server, request, body)
-
-
-def return_freed_memory() -> None:
-    """Make glibc give large freed buffers back to the OS (a no-op elsewhere).
-
-    glibc serves a request of more than its mmap threshold (128 KiB) with mmap, but raises the
-    threshold (up to 32 MiB) whenever such a block is freed; from then on activations of varied
-    sizes come from the heap, which fragments, and a server replaying the same requests kept
-    growing by hundreds of MB. A fixed threshold (what ``MALLOC_MMAP_THRESHOLD_`` sets) stops that.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_mmap_threshold = -3  # malloc.h
-    libc.mallopt(m_mmap_threshold, 128 * 1024)
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, sock: socket.socket | None = None) -> None:
