@@ -4,6 +4,7 @@ line, and nothing in the refused directory is touched."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -91,3 +92,16 @@ def test_quantizing_into_a_runs_step_is_refused_and_a_same_kind_out_needs_overwr
     _refused(["quantize", "--checkpoint", str(sources["ckpt"]), "--out", str(out)], capsys, "--overwrite")
     assert main(["quantize", "--checkpoint", str(sources["ckpt"]), "--out", str(out), "--overwrite"]) == 0
     _refused(["convert", "--upcycle", str(sources["ckpt"]), "--out", str(out), "--overwrite"], capsys, "not a model")
+
+
+def test_latest_is_followed_only_to_a_step_directory(sources: dict, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    from mtnlg.checkpoint.directory import CheckpointError, find_training_checkpoint, resolve, resolve_verified
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "latest").write_text(os.path.relpath(sources["ckpt"], run))  # a real checkpoint, outside the run
+    for read in (resolve, resolve_verified, find_training_checkpoint):
+        with pytest.raises(CheckpointError, match="is not a step directory of the run"):
+            read(run)
+    _refused(["quantize", "--checkpoint", str(run), "--out", str(tmp_path / "q")], capsys, "step_N")
