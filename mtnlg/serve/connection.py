@@ -69,7 +69,7 @@ class GuardedH11(H11Protocol):
         self._refuse(400, "Bad Request", f"malformed HTTP request: {msg}", "bad_http")
 
     def _refuse(self, status: int, reason: str, message: str, code: str, extra: str = "") -> None:
-        self.logger.warning("%s", message)
+        self.logger.debug("%s", message)  # not a warning: a flood of slow clients would flood the log
         self.transport.write(_raw_response(status, reason, message, code, extra))
         self.transport.close()
 
