@@ -164,8 +164,9 @@ class Batcher:
                 self._ready.wait(left)
 
     def _gather(self, decoder: Decoder, wait: float) -> list[Slot]:
-        """Waiting slots that can join ``decoder`` together, in arrival order, taken for up to ``wait``
-        seconds; the first that cannot join is held for the next batch (and those after it wait)."""
+        """Waiting slots that can join ``decoder`` together, in ``_take``'s order (fewest rows first),
+        taken for up to ``wait`` seconds; the first that cannot join is held for the next batch (and
+        the others wait)."""
         deadline, taken = time.monotonic() + wait, []
         while (slot := self._take(max(0.0, deadline - time.monotonic()))) is not None:
             if slot[0].stopped.is_set():
