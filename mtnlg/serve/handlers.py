@@ -29,7 +29,7 @@ from mtnlg.serve.batcher import Batcher, BatchObserver, Job, QueueFull
 from mtnlg.serve.protocol import ChatCompletionRequest, CompletionRequest, MegatronRequest, _SamplingBody
 
 MAX_SEQUENCES = 64  # prompts x n in one request
-DISCONNECT_POLL_S = 0.25  # how often a request that is not streamed checks that its client is still there
+GONE, LATE = "client gone", "deadline passed"  # what the watcher of a request tells its events
 RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
 _API_NAMES = {"max_new_tokens": "max_tokens", "ignore_eod": "ignore_eos", "stop": "stop"}
 
@@ -118,9 +118,9 @@ class ServerState:
         try:
             while remaining:
                 items = await job.events.get()
-                if items is None:  # the watcher's word: the client is gone, or time is up
-                    if request is not None and await request.is_disconnected():
-                        return
+                if items == GONE:
+                    return
+                if items == LATE:
                     raise APIError(504, f"the request took longer than the server's limit of "
                                         f"{self.request_timeout_s:g} s (mtnlg serve --request-timeout)",
                                    code="timeout")
@@ -134,20 +134,28 @@ class ServerState:
             watcher.cancel()
 
     async def _watch(self, job: Job, request: Request | None) -> None:
-        """Wake ``events`` (with None) when the client disconnects or the deadline passes."""
-        limit = self.request_timeout_s
-        deadline = None if limit is None else job.submitted + limit
-        if request is None and deadline is None:
-            return
-        while not job.stopped.is_set():
-            if request is not None and await request.is_disconnected():
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(DISCONNECT_POLL_S if deadline is None else
-                                max(0.0, min(DISCONNECT_POLL_S, deadline - time.monotonic())))
+        """Stop the job, and wake ``events``, when the client disconnects or the deadline passes.
+
+        The body has been read, so the next ASGI message is the disconnect: one pending
+        ``receive`` waits for it without waking the event loop meanwhile (polling would, and every
+        wake-up takes the GIL from the decoding thread)."""
+        deadline = None if self.request_timeout_s is None else job.submitted + self.request_timeout_s
+        reason = LATE
+        try:
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if request is None:
+                    if left is None:
+                        return
+                    await asyncio.sleep(left)
+                    break
+                if (await asyncio.wait_for(request.receive(), left))["type"] == "http.disconnect":
+                    reason = GONE
+                    break
+        except TimeoutError:
+            pass
         job.stopped.set()
-        job.events.put_nowait(None)
+        job.events.put_nowait(reason)
 
     def check(self, body: _SamplingBody) -> None:
         """What the body's own validation cannot know: the served model, the options not implemented."""

@@ -83,25 +83,25 @@ def test_abandoned_requests_stop_generating_and_a_new_one_is_served_promptly(url
     assert client.get("/health").json()["running"] == 8  # generating for all of them: 20 sequences of 400 tokens
     for t in threads:
         t.join()
-    assert _until(lambda: _idle(client), 1.0) < 1.0  # 400 steps of 10 ms would be 4 s more per round
+    _until(lambda: _idle(client), 2.0)  # a quarter of a second, and slack for a busy machine: not 3 rounds of 4 s
     start = time.monotonic()
     assert client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 2.0
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_rows_are_shared(url: str, client: httpx.Client) -> None:
     holder = _abandon(url, "POST", "/v1/completions", _long(8, 40), 5.0)  # holds every row for 0.4 s
-    time.sleep(0.15)
-    many = _abandon(url, "POST", "/v1/completions", _long(16, 300), 1.5)  # 16 waiting: two rounds of 3 s
-    time.sleep(0.15)
+    _until(lambda: client.get("/health").json()["running"] == 8, 5.0)
+    many = _abandon(url, "POST", "/v1/completions", _long(16, 400), 6.0)  # 16 waiting: two rounds of 4 s
+    _until(lambda: client.get("/health").json()["waiting"] == 16, 5.0)
     full = client.post("/v1/completions", json={**_long(8), "prompt": ["a", "b"]})  # 16 + 16 > MAX_QUEUED
     assert full.status_code == 503 and full.headers["retry-after"] == "1", full.text
     assert full.json()["error"]["code"] == "queue_full" and "--max-queued-sequences" in full.json()["error"]["message"]
-    start = time.monotonic()  # queued after the 16, it still gets the second free row (FIFO: after all 16, 3 s)
+    start = time.monotonic()  # queued after the 16, it still gets the second free row (FIFO: after all 16, 8 s)
     assert client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
-    assert time.monotonic() - start < 1.2
+    assert time.monotonic() - start < 3.0
     holder.join(), many.join()
-    _until(lambda: _idle(client), 2.0)
+    _until(lambda: _idle(client), 3.0)
 
 
 def test_the_request_deadline_ends_a_long_request_with_504(app: object, client: httpx.Client) -> None:
@@ -111,13 +111,13 @@ def test_the_request_deadline_ends_a_long_request_with_504(app: object, client: 
         start = time.monotonic()
         r = client.post("/v1/completions", json=_long(1))
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
-        assert time.monotonic() - start < 1.5
+        assert time.monotonic() - start < 3.0
         with client.stream("POST", "/v1/completions", json={**_long(1), "stream": True}) as s:
             events = [line for line in s.iter_lines() if line.startswith("data: ")]
         assert "--request-timeout" in events[-2] and events[-1] == "data: [DONE]"
     finally:
         state.request_timeout_s = None
-    _until(lambda: _idle(client), 1.0)
+    _until(lambda: _idle(client), 2.0)
 
 
 def _connect(url: str) -> socket.socket:
@@ -142,7 +142,7 @@ def test_unfinished_heads_and_bodies_time_out_and_connections_are_capped(url: st
                  + AUTH_LINE + b"\r\n" + b'{"prompt"')
     for _ in range(3):  # /health answers throughout
         start = time.monotonic()
-        assert client.get("/health").status_code == 200 and time.monotonic() - start < 0.5
+        assert client.get("/health").status_code == 200 and time.monotonic() - start < 2.0
         time.sleep(0.2)
     extra = [_connect(url) for _ in range(15)]  # past the cap of 210: refused at once
     refused = [_read_all(s) for s in extra]
@@ -150,7 +150,7 @@ def test_unfinished_heads_and_bodies_time_out_and_connections_are_capped(url: st
     assert b"--max-connections" in refused[-1]
     start = time.monotonic()
     answers = [_read_all(s) for s in [*heads, body]]
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 4.0  # 1 s after they opened, and slack for a busy machine
     assert all(a.startswith(b"HTTP/1.1 408") and b"--header-timeout" in a for a in answers[:-1]), answers[0]
     assert answers[-1].startswith(b"HTTP/1.1 408") and b"--body-timeout" in answers[-1], answers[-1]
     assert json.loads(answers[-1].split(b"\r\n\r\n", 1)[1])["error"]["code"] == "timeout"
