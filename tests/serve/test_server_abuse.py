@@ -83,7 +83,7 @@ def test_abandoned_requests_stop_generating_and_a_new_one_is_served_promptly(url
     assert client.get("/health").json()["running"] == 8  # generating for all of them: 20 sequences of 400 tokens
     for t in threads:
         t.join()
-    _until(lambda: _idle(client), 2.0)  # a quarter of a second, and slack for a busy machine: not 3 rounds of 4 s
+    _until(lambda: _idle(client), 2.0)  # at the next step, with slack for a busy machine: not 3 rounds of 4 s
     start = time.monotonic()
     assert client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
     assert time.monotonic() - start < 2.0
