@@ -13,14 +13,14 @@ deadline is the app's (``mtnlg.serve.middleware.BodyDeadline``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import resource
-from dataclasses import dataclass
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ConnectionLimits:
     """How long a client may take and how many may be connected (``mtnlg serve`` flags)."""
 
@@ -101,6 +101,6 @@ def uvicorn_config(app: object, limits: ConnectionLimits, **options: object) -> 
 
     fds = raise_file_limit(limits.max_connections + 256)  # + the model's files, the logs, the listening socket
     if fds < limits.max_connections + 64:
-        limits = ConnectionLimits(**{**limits.__dict__, "max_connections": max(1, fds - 64)})
+        limits = dataclasses.replace(limits, max_connections=max(1, fds - 64))
     return uvicorn.Config(app, http=protocol_for(limits), timeout_keep_alive=limits.keep_alive_s,
                           h11_max_incomplete_event_size=limits.max_head_bytes, **options)
