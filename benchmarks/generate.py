@@ -141,10 +141,12 @@ def server_benchmark(engine: Engine, vocab: int, args: argparse.Namespace) -> di
     import uvicorn
 
     from mtnlg.serve.app import create_app
+    from mtnlg.serve.connection import uvicorn_config
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
+    app = create_app(engine)
+    server = uvicorn.Server(uvicorn_config(app, app.state.limits, log_level="warning"))  # as `mtnlg serve` runs
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:

@@ -21,6 +21,7 @@ import torch
 from mtnlg.checkpoint.directory import WEIGHTS_FILE, CheckpointError, resolve_verified, write_checksums
 from mtnlg.checkpoint.model import load_config, load_model, save_model, write_model_files
 from mtnlg.checkpoint.model import load_tokenizer as stored_tokenizer
+from mtnlg.checkpoint.output import HF, MODEL, check_output
 from mtnlg.checkpoint.tensors import TensorSource, hf_source, write_streaming
 from mtnlg.config import Config, ConfigError, apply_settings
 from mtnlg.data.chat_template import ChatTemplate
@@ -93,10 +94,13 @@ def _meta_state(cfg: Config) -> dict[str, torch.Tensor]:
     return state
 
 
-def from_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+def from_hf(
+    hf_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None, overwrite: bool = False
+) -> Path:
     """Import a local HF directory (GPT-2, Llama, Mistral, Qwen 2/3) into an mtnlg checkpoint directory, with
     the tokenizer of ``tokenizer_dir`` or else HF_DIR's own (none when neither is given: see
     ``mtnlg generate --tokenizer``) and HF_DIR's tokenizer_config.json (its chat template) beside it."""
+    check_output(out_dir, MODEL, [hf_dir, tokenizer_dir], overwrite)
     hf_dir = Path(hf_dir)
     model_type, cfg = read_hf_config(hf_dir)
     meta = _meta_state(cfg)
@@ -143,9 +147,12 @@ def _import_chat_template(tokenizer: Tokenizer, config_path: Path) -> None:
         template.attach(tokenizer)
 
 
-def to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+def to_hf(
+    ckpt: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None, overwrite: bool = False
+) -> Path:
     """Export an mtnlg checkpoint as an HF directory that ``AutoModelForCausalLM.from_pretrained`` loads
     (GPT-2 or the Llama family, by the model's switches), with its tokenizer (``tokenizer_dir``'s when given)."""
+    check_output(out_dir, HF, [ckpt, tokenizer_dir], overwrite)
     directory = resolve_verified(ckpt)
     cfg = load_config(directory)
     model_type = hf.export_family(cfg.model)
@@ -185,7 +192,9 @@ def to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | Non
     return atomic_dir(out_dir, fill)
 
 
-def upcycle(ckpt: str | Path, out_dir: str | Path, experts: int, overrides: list[str] | None = None) -> Path:
+def upcycle(
+    ckpt: str | Path, out_dir: str | Path, experts: int, overrides: list[str] | None = None, overwrite: bool = False
+) -> Path:
     """Sparse upcycling (Komatsuzaki et al. 2023): a MoE checkpoint from a dense one, every expert of a MoE
     block a copy of that block's dense MLP, the router freshly initialised (from ``train.seed``).
 

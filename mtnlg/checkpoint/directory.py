@@ -41,6 +41,7 @@ from mtnlg.util.fs import read_json, sha256, write_json, write_text
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+INT8_WEIGHTS_FILE = "model-int8.safetensors"  # an int8 checkpoint's weights instead (mtnlg.generate.quantize)
 TOKENIZER_DIR = "tokenizer"
 LATEST_FILE = "latest"
 TRAIN_STATE_DIR = "train_state"
@@ -65,7 +66,7 @@ def resolve(path: str | Path) -> Path:
         return path
     latest = path / LATEST_FILE
     if latest.is_file():
-        step_dir = path / latest.read_text(encoding="utf-8").strip()
+        step_dir = path / read_latest(path)
         if (step_dir / CONFIG_FILE).is_file():
             return step_dir
         raise CheckpointError(f"{latest} names {step_dir.name}, which is missing or incomplete")
@@ -83,6 +84,16 @@ def point_latest(run_dir: Path, step_dir: Path) -> None:
     write_text(run_dir / LATEST_FILE, step_dir.name)
 
 
+def read_latest(run_dir: Path) -> str:
+    """The step directory name in ``run_dir/latest``. Only a ``step_N`` name is accepted: the file
+    is followed as a path, and ``../..`` or ``/etc`` would lead out of the run directory."""
+    latest = run_dir / LATEST_FILE
+    name = latest.read_text(encoding="utf-8").strip()
+    if not STEP_DIR.match(name):
+        raise CheckpointError(f"{latest} names {name[:80]!r}, which is not a step directory of the run (step_N)")
+    return name
+
+
 def _step_dirs(run_dir: Path) -> list[Path]:
     """Step directories, newest first."""
     found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
@@ -94,7 +105,7 @@ def _candidates(run_dir: Path) -> list[Path]:
     candidates = _step_dirs(run_dir) if run_dir.is_dir() else []
     latest_file = run_dir / LATEST_FILE
     if latest_file.is_file():
-        named = run_dir / latest_file.read_text(encoding="utf-8").strip()
+        named = run_dir / read_latest(run_dir)
         candidates = [named] + [c for c in candidates if c != named]
     return candidates
 
@@ -105,7 +116,7 @@ def prune(run_dir: Path, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     if keep_last <= 0:
         return
-    latest = (run_dir / LATEST_FILE).read_text(encoding="utf-8").strip()
+    latest = read_latest(run_dir)
     for old in _step_dirs(run_dir)[keep_last:]:
         if old.name != latest:
             shutil.rmtree(old, ignore_errors=True)

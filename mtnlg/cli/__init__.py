@@ -18,6 +18,10 @@ from mtnlg.cli import curate, data, describe, infer, train  # noqa: F401, I001
 from mtnlg.cli.args import COMMANDS
 from mtnlg.config import ConfigError
 from mtnlg.util.extras import missing_package_message, version_string
+from mtnlg.util.memory import return_freed_memory
+
+# Commands whose allocations vary in size (documents, records, requests): freed memory goes back.
+VARIED_ALLOCATIONS = frozenset({"serve", "evaluate", "preprocess", "finetune", "generate", "chat", "tokenizer"})
 
 
 def _user_error(exc: BaseException) -> bool:
@@ -49,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if args.command in VARIED_ALLOCATIONS:
+        return_freed_memory()
     try:
         return args._fn(args, rest)
     except ModuleNotFoundError as exc:

@@ -22,7 +22,8 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--upcycle", metavar="CKPT", help="dense mtnlg checkpoint to turn into a mixture of experts "
                      "(each expert a copy of the dense MLP; --model.moe_* overrides set the rest)")
     p.add_argument("--upcycle-experts", type=int, default=8, metavar="N", help="experts per MoE block (--upcycle)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (new or empty; see --overwrite)")
+    _overwrite_arg(p, "what this command writes (a model checkpoint; a Hugging Face directory for --to-hf)")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="tokenizer to store with the weights (tokenizer.json, or GPT-2's vocab.json + merges.txt); "
                         "default: the one in the source directory, if any")
@@ -35,15 +36,21 @@ def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
     from mtnlg.checkpoint.convert import from_hf, to_hf, upcycle
 
     if args.upcycle:
-        print(f"wrote {upcycle(args.upcycle, args.out, args.upcycle_experts, overrides)}")
+        print(f"wrote {upcycle(args.upcycle, args.out, args.upcycle_experts, overrides, args.overwrite)}")
         return 0
     no_overrides(overrides)
-    out = (from_hf if args.from_hf else to_hf)(args.from_hf or args.to_hf, args.out, args.tokenizer)
+    out = (from_hf if args.from_hf else to_hf)(args.from_hf or args.to_hf, args.out, args.tokenizer, args.overwrite)
     print(f"wrote {out}")
     if not any((out / name).exists() for name in ("tokenizer", "tokenizer.json")):
         print(f"note: {out} has no tokenizer (none in the source directory): give --tokenizer DIR "
               "here, or to generate and serve")
     return 0
+
+
+def _overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace an existing --out that already holds {what}; any other non-empty --out is "
+                        "refused, and so is one that is or overlaps the source")
 
 
 # -- generate, serve, quantize ---------------------------------------------------------------------
@@ -184,6 +191,30 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int_in(1), default=8, help="sequences decoded together at most")
     p.add_argument("--max-body-bytes", type=int_in(1), default=1 << 20,
                    help="largest request body accepted, in bytes (default 1 MiB; larger ones get 413)")
+    p.add_argument("--max-queued-sequences", type=int_in(1), default=256, metavar="N",
+                   help="sequences that may wait for a row (default 256); a request past it gets 503 + Retry-After")
+    p.add_argument("--request-timeout", type=_seconds, metavar="S",
+                   help="a request still generating after S seconds is stopped and answered 504 (default: no limit)")
+    p.add_argument("--header-timeout", type=_seconds, default=10.0, metavar="S",
+                   help="a connection's first request head must arrive within S seconds, else 408 (default 10)")
+    p.add_argument("--body-timeout", type=_seconds, default=30.0, metavar="S",
+                   help="a request body must arrive within S seconds of its head, else 408 (default 30)")
+    p.add_argument("--max-connections", type=int_in(1), default=1024, metavar="N",
+                   help="open connections at most, unfinished ones included; more get 503 (default 1024)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host name to answer (repeatable); on loopback localhost, 127.0.0.1 and [::1] always are, "
+                        "other names get 400 (DNS rebinding); elsewhere every name is answered unless some are given")
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is not a number of seconds > 0")
+    return value
 
 
 @command("serve", _serve_args)
@@ -191,6 +222,7 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
     """Serve a checkpoint over HTTP: OpenAI-compatible /v1/completions, Megatron's PUT /api, /health."""
     from mtnlg.checkpoint.directory import resolve_verified
     from mtnlg.serve.app import API_KEY_ENV, create_app, serve
+    from mtnlg.serve.connection import ConnectionLimits
 
     no_overrides(overrides)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
@@ -204,9 +236,23 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"mtnlg serve: warning: listening on {args.host} without an API key: anyone who can reach it "
               f"can use it (--api-key or ${API_KEY_ENV})", file=sys.stderr)
     name = args.model_name or os.path.basename(os.path.abspath(args.checkpoint))
-    app = create_app(engine, api_key=api_key, model_name=name, max_body_bytes=args.max_body_bytes)
+    limits = ConnectionLimits(header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                              max_connections=args.max_connections)
+    app = create_app(engine, api_key=api_key, model_name=name, max_body_bytes=args.max_body_bytes,
+                     max_queued_sequences=args.max_queued_sequences, request_timeout_s=args.request_timeout,
+                     allowed_hosts=_allowed_hosts(args.host, args.allowed_host), limits=limits)
     serve(app, args.host, args.port, sock=sock)
     return 0
+
+
+def _allowed_hosts(host: str, given: list[str]) -> tuple[str, ...] | None:
+    """The Host names to answer: on loopback its own names and those given; elsewhere those given,
+    or any (None) if none are."""
+    from mtnlg.serve.middleware import LOOPBACK_HOSTS
+
+    if host in ("127.0.0.1", "localhost", "::1") or host.startswith("127."):
+        return (*LOOPBACK_HOSTS, host, *given)
+    return tuple(given) or None
 
 
 def _listen(host: str, port: int) -> object:
@@ -221,7 +267,8 @@ def _listen(host: str, port: int) -> object:
 
 def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="fp32 checkpoint directory, or a run directory")
-    p.add_argument("--out", required=True, help="directory for the int8 checkpoint")
+    p.add_argument("--out", required=True, help="directory for the int8 checkpoint (new or empty; see --overwrite)")
+    _overwrite_arg(p, "an int8 checkpoint")
 
 
 @command("quantize", _quantize_args)
@@ -230,7 +277,7 @@ def cmd_quantize(args: argparse.Namespace, overrides: list[str]) -> int:
     from mtnlg.generate.quantize import quantize_checkpoint
 
     no_overrides(overrides)
-    print(f"wrote {quantize_checkpoint(args.checkpoint, args.out)}")
+    print(f"wrote {quantize_checkpoint(args.checkpoint, args.out, args.overwrite)}")
     return 0
 
 

@@ -122,7 +122,7 @@ class ChatTemplate:
         ids: list[int] = []
         trained: list[bool] = []
         for piece, is_trained in self._pieces(messages, add_generation_prompt):
-            piece_ids = tokenizer.encode(piece)
+            piece_ids = tokenizer.encode(piece, specials=self.markers)
             ids += piece_ids
             trained += [is_trained] * len(piece_ids)
         return ids, trained

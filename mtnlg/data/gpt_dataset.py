@@ -308,15 +308,19 @@ def _build_split(
 
 
 def build_datasets(
-    data_cfg: DataConfig, seq_len: int, num_samples: tuple[int, int, int]
+    data_cfg: DataConfig, seq_len: int, num_samples: tuple[int, int, int], vocab_size: int | None = None
 ) -> tuple[Dataset, Dataset, Dataset]:
     """Train, valid and test datasets of ``data_cfg.data_path`` (blended when several are given).
 
     Each split holds at least ``num_samples[s]`` samples of ``seq_len + 1`` tokens (as many epochs as
-    needed); a split without documents is empty.
+    needed); a split without documents is empty. With ``vocab_size``, a sample holding a token id
+    not below it is an error naming the file (checked as each sample is read: a sample's max is
+    cheap next to a step), never an ``IndexError`` (a device-side assert on GPU) in the model.
     """
     data_cfg.validate()
     blend = [(w, IndexedDataset(prefix)) for w, prefix in parse_data_path(data_cfg.data_path)]
+    for _, ds in blend:
+        ds.vocab_size = vocab_size
     ranges = [split_ranges(data_cfg.split, ds.num_documents) for _, ds in blend]
     splits = []
     for s in range(3):  # a loop, not a comprehension, so warnings point at the caller (stacklevel)

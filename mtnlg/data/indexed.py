@@ -186,19 +186,24 @@ class IndexedDataset:
         self.pointers = np.frombuffer(self._idx, np.int64, count, HEADER_SIZE + count * 4)
         self.document_index = np.frombuffer(self._idx, np.int64, doc_count, HEADER_SIZE + count * 12)
         self._bin = _memmap(self.bin_path)
+        self.vocab_size: int | None = None  # when set (build_datasets), every token read must be below it
         self._check_consistency()
 
     def _check_consistency(self) -> None:
+        """The index must cover the .bin exactly: sequences back to back from byte 0 to its end. An
+        index of a smaller (or larger) dataset beside this .bin would cut documents in wrong places."""
         di = self.document_index
         if di.size == 0 or di[0] != 0 or di[-1] != self.sizes.size or np.any(np.diff(di) < 0):
             raise DataError(f"{self.idx_path}: the document index must rise from 0 to the sequence count")
-        if self.sizes.size:
-            end = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize
-            if end > self._bin.size:
-                raise DataError(
-                    f"{self.bin_path}: {self._bin.size} bytes, but {self.idx_path} points up to byte {end}; "
-                    "the .bin file is truncated or belongs to another index"
-                )
+        lengths = self.sizes.astype(np.int64) * self.dtype.itemsize
+        end = int(lengths.sum())
+        if end != self._bin.size:
+            why = "is truncated" if end > self._bin.size else "has more tokens than the index covers"
+            raise DataError(f"{self.bin_path}: {self._bin.size} bytes, but {self.idx_path} covers {end}: the .bin "
+                            f"{why}, or the two files belong to different datasets")
+        if np.any(self.sizes < 0) or not np.array_equal(self.pointers, np.cumsum(lengths) - lengths):
+            raise DataError(f"{self.idx_path}: its sequence pointers do not follow its sizes (not back to back "
+                            f"from byte 0): the index is corrupt")
 
     def __len__(self) -> int:
         """Number of sequences (equal to the number of documents for files mtnlg writes)."""
@@ -220,7 +225,12 @@ class IndexedDataset:
         if offset < 0 or length < 0 or offset + length > size:
             raise IndexError(f"tokens [{offset}, {offset + length}) are outside sequence {i} of {size} tokens")
         start = int(self.pointers[i]) + offset * self.dtype.itemsize
-        return np.frombuffer(self._bin, self.dtype, length, start)
+        tokens = np.frombuffer(self._bin, self.dtype, length, start)
+        if self.vocab_size is not None and tokens.size and int(tokens.max()) >= self.vocab_size:
+            raise DataError(f"{self.bin_path}: sequence {i} has token id {int(tokens.max())}, not below the model's "
+                            f"vocabulary size {self.vocab_size} (model.vocab_size): the data was tokenized with "
+                            "another tokenizer")
+        return tokens
 
     def __getitem__(self, i: int) -> np.ndarray:
         if not -len(self) <= i < len(self):

@@ -8,6 +8,7 @@ what a bad line costs is the caller's choice: preprocess, dedup and fine-tuning 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,9 +46,24 @@ def parse_json_object(raw: bytes) -> dict:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         raise BadLine("malformed JSON", f"{exc.msg.removesuffix(' at')} at column {exc.colno}") from None
+    except RecursionError:  # Python's parser recurses once per level: 100k nested lists end it
+        raise BadLine("malformed JSON", "nested too deeply") from None
     if not isinstance(obj, dict):
         raise BadLine("not a JSON object", type(obj).__name__)
+    if _SURROGATE_ESCAPE.search(raw) is not None:  # only then is the (costlier) check needed
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            lone = f"{exc.object[exc.start]!a}"
+            raise BadLine("invalid Unicode", f"an unpaired UTF-16 surrogate escape ({lone})") from None
+        except RecursionError:
+            raise BadLine("malformed JSON", "nested too deeply") from None
     return obj
+
+
+# A \uD800-\uDFFF escape: JSON can write half of a UTF-16 pair alone, which is no text at all
+# (neither UTF-8 nor the tokenizer can hold it).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def parse_json_line(raw: bytes, json_key: str) -> str:

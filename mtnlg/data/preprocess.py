@@ -32,6 +32,7 @@ from tqdm import tqdm
 from mtnlg.data.indexed import DataError, IndexedDatasetWriter, token_dtype
 from mtnlg.data.jsonl import MAX_EXAMPLES, BadLine, parse_json_line, skipped_report
 from mtnlg.data.tokenizer import Tokenizer
+from mtnlg.util.memory import return_freed_memory
 
 CHUNK_BYTES = 1 << 18
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -143,6 +144,7 @@ _WORKER_ENCODER: Encoder | None = None
 
 def _init_worker(tokenizer_json: str, json_key: str) -> None:
     global _WORKER_ENCODER
+    return_freed_memory()  # a spawned worker does not inherit the parent's allocator setting
     _WORKER_ENCODER = Encoder(tokenizer_json, json_key)
 
 

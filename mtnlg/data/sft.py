@@ -70,9 +70,12 @@ class Record:
 
 
 def encode_record(messages: list[Message], template: ChatTemplate, tokenizer: Tokenizer, length: int) -> Record:
-    """Render and tokenize a conversation, cut to ``length`` tokens; :class:`BadLine` if nothing is left to learn."""
+    """Render and tokenize a conversation, cut to ``length`` tokens; :class:`BadLine` if nothing is left to learn.
+
+    The messages are cut before they are tokenized, to the characters ``length + 1`` tokens can
+    stand for at most: a 20 MB record costs what its first tokens cost, not gigabytes."""
     try:
-        ids, trained = template.encode(tokenizer, messages)
+        ids, trained = template.encode(tokenizer, _cut(messages, (length + 1) * tokenizer.max_token_bytes()))
     except ValueError as exc:
         raise BadLine("invalid messages", str(exc)) from None
     if not any(trained):
@@ -83,6 +86,20 @@ def encode_record(messages: list[Message], template: ChatTemplate, tokenizer: To
     if (labels == IGNORE_INDEX).all():
         raise BadLine("longer than the context", f"{len(ids)} tokens; no assistant token in the first {length}")
     return Record(tokens, labels, len(ids) > length)
+
+
+def _cut(messages: list[Message], chars: int) -> list[Message]:
+    """The messages with their content cut so that the rendered text holds its first ``chars``
+    characters (and a little more: the markers are not counted). Every message stays, emptied past
+    the cut, so a record too long to learn from is still reported as such."""
+    sizes = [len(m["content"]) if isinstance(m, dict) and isinstance(m.get("content"), str) else 0 for m in messages]
+    if sum(sizes) <= chars:
+        return messages
+    out: list[Message] = []
+    for m, size in zip(messages, sizes, strict=True):
+        out.append({**m, "content": m["content"][: max(chars, 0)]} if size else m)  # a malformed one fails later
+        chars -= size
+    return out
 
 
 @dataclass

@@ -2,13 +2,26 @@
 
 Byte-level means every Unicode string maps to bytes first, so encoding then decoding gives
 back exactly the input, whatever it contains. ``<|endoftext|>`` marks the end of a document.
+
+Text is always plain text: ``<|endoftext|>`` (or a chat marker) written inside a prompt, a
+document or a fine-tuning record is encoded as its characters, never as the special token, so a
+user cannot end a document or open a turn by typing it. Only code that places a special token
+itself names it (``encode(text, specials=...)``: the chat template's markers).
+
+A long text is encoded in pieces of about ``PIECE_CHARS`` characters, cut before a lone space or
+newline between two words: the byte-level pre-tokenizer splits there anyway (a space starts the
+next word's token, a newline is one of its own), so the ids are those of the whole text, while
+the tokenizer's working memory (about 150 bytes per input byte in one call) stays that of one
+piece. Only a piece without such a space (base64, a run of punctuation) is cut where it ends,
+which may change a token or two there.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -22,6 +35,7 @@ EOD_TOKEN = "<|endoftext|>"
 EOD_FALLBACKS = ("<|end_of_text|>", "</s>", "<|im_end|>")
 TOKENIZER_FILE = "tokenizer.json"
 CHAT_TEMPLATE_FILE = "chat_template.json"  # see mtnlg/generate/chat.py
+PIECE_CHARS = 1 << 16  # characters a long text is encoded in at a time
 
 
 def _byte_level(model: models.BPE) -> HFTokenizer:
@@ -41,7 +55,9 @@ class Tokenizer:
         if eod is None:
             raise ValueError(f"tokenizer has no {EOD_TOKEN!r} (nor {', '.join(EOD_FALLBACKS)}) token, which mtnlg "
                              "uses to end documents")
+        hf.encode_special_tokens = True  # special tokens in text are text (not saved: tokenizer.json is unchanged)
         self.hf = hf
+        self._longest: tuple[int, int] = (0, 0)  # (vocabulary size, max_token_bytes) when last counted
         self.eod_id: int = eod
         self.chat_template = chat_template  # role markers for chat, stored beside tokenizer.json
 
@@ -125,11 +141,38 @@ class Tokenizer:
 
     # -- use -----------------------------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text).ids
+    def encode(self, text: str, specials: Collection[str] = ()) -> list[int]:
+        """Ids of ``text`` as plain text; only the strings in ``specials`` that are special tokens of
+        this tokenizer become their one id (a marker that is not one stays text, as before)."""
+        marks = [m for m in specials if m in self._special_ids()]
+        if not marks:
+            return self._encode_plain(text)
+        ids: list[int] = []
+        for part in re.split("(" + "|".join(re.escape(m) for m in marks) + ")", text):
+            ids += [self._special_ids()[part]] if part in marks else self._encode_plain(part) if part else []
+        return ids
+
+    def _encode_plain(self, text: str) -> list[int]:
+        if len(text) <= PIECE_CHARS:
+            return self.hf.encode(text).ids
+        ids: list[int] = []
+        for piece in pieces(text):
+            ids += self.hf.encode(piece).ids
+        return ids
+
+    def max_token_bytes(self) -> int:
+        """An upper bound of the UTF-8 bytes (so of the characters) one token stands for: the first
+        N tokens of a text come from at most N times this many of its characters."""
+        if self._longest[0] != self.vocab_size:
+            longest = max(len(t.encode("utf-8")) for t in self.hf.get_vocab(with_added_tokens=True))
+            self._longest = (self.vocab_size, longest)
+        return self._longest[1]
+
+    def _special_ids(self) -> dict[str, int]:
+        return {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encode many documents at once (uses the Rust library's threads)."""
+        """Encode many documents at once (uses the Rust library's threads), as plain text."""
         return [e.ids for e in self.hf.encode_batch(texts)]
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -138,6 +181,24 @@ class Tokenizer:
     def token_str(self, token_id: int) -> str:
         """The decoded text of one token (may be part of a multi-byte character)."""
         return self.decode([token_id])
+
+
+_WORD_SPACE = re.compile(r"(?<=\S)\s(?=\S)")  # one whitespace character between two others
+
+
+def pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """``text`` in consecutive pieces of about ``size`` characters, each (but the last) ending just
+    before the last lone whitespace character between two others in its second half, else at ``size``."""
+    start = 0
+    while len(text) - start > size:
+        end = start + size
+        cut = None
+        for match in _WORD_SPACE.finditer(text, start + size // 2, end):
+            cut = match.start()
+        end = cut if cut is not None else end
+        yield text[start:end]
+        start = end
+    yield text[start:]
 
 
 def _read_chat_template(directory: Path) -> dict | None:

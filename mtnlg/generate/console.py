@@ -128,14 +128,14 @@ def _fit(engine: Engine, template: ChatTemplate, messages: list[dict[str, str]],
     head = messages[:1] if messages[0]["role"] == "system" else []
     turns = messages[len(head):]
     while True:
-        text = template.render(head + turns)
+        ids = engine.encode(template.render(head + turns), specials=template.markers)
         try:
-            return _Turn(engine.request(text, params), head + turns)
+            return _Turn(engine.request(ids, params), head + turns)
         except ValueError:
             if len(turns) > 1:
                 turns = turns[2:]
                 continue
-            room = engine.seq_len - len(ids := engine.encode(text))  # the question alone: answer in what is left
+            room = engine.seq_len - len(ids)  # the question alone: answer in what is left
             if room < 1:
                 raise
             return _Turn(engine.request(ids, dataclasses.replace(params, max_new_tokens=room)), head + turns)

@@ -68,8 +68,11 @@ class Engine:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def encode(self, prompt: str | Sequence[int], limit: int | None = None) -> list[int]:
-        """Token ids of a prompt given as text or ids; an empty prompt starts a new document.
+    def encode(
+        self, prompt: str | Sequence[int], limit: int | None = None, specials: Sequence[str] = ()
+    ) -> list[int]:
+        """Token ids of a prompt given as text (plain text, but for the special tokens in ``specials``:
+        the chat template's markers) or ids; an empty prompt starts a new document.
 
         A text prompt that certainly has more than ``limit`` tokens (more UTF-8 bytes than ``limit`` of
         the longest tokens cover) is refused before it is tokenized."""
@@ -79,7 +82,7 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this engine has no tokenizer: give prompts as token ids")
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(prompt, specials)
         else:
             ids = [int(t) for t in prompt]
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -111,9 +114,7 @@ class Engine:
     @functools.cached_property
     def _max_token_bytes(self) -> int:
         """An upper bound of the UTF-8 bytes one token stands for (1 without a tokenizer)."""
-        if self.tokenizer is None:
-            return 1
-        return max(len(t.encode("utf-8")) for t in self.tokenizer.hf.get_vocab(with_added_tokens=True))
+        return 1 if self.tokenizer is None else self.tokenizer.max_token_bytes()
 
     def fits(self, requests: Sequence[Request]) -> bool:
         """Whether these requests can share one batch: the padded prompt plus the longest

@@ -52,7 +52,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mtnlg.checkpoint.directory import CONFIG_FILE, CheckpointError, resolve_verified, write_checksums
+from mtnlg.checkpoint.directory import (
+    CONFIG_FILE,
+    INT8_WEIGHTS_FILE,
+    CheckpointError,
+    resolve_verified,
+    write_checksums,
+)
 from mtnlg.checkpoint.model import (
     load_config,
     load_model,
@@ -61,6 +67,7 @@ from mtnlg.checkpoint.model import (
     read_safetensors,
     write_model_files,
 )
+from mtnlg.checkpoint.output import INT8, check_output
 from mtnlg.config import Config
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.model.gpt import GPT
@@ -68,7 +75,6 @@ from mtnlg.model.moe import GroupedExperts
 from mtnlg.util.fs import atomic_dir
 
 ROUTER = "router.gate"  # a MoE router's Linear: kept fp32
-INT8_WEIGHTS_FILE = "model-int8.safetensors"
 QUANTIZATIONS = ("int8",)
 
 
@@ -330,7 +336,8 @@ def load_quantized(path: str | Path) -> tuple[GPT, Config, Tokenizer | None]:
     return model.eval(), cfg, load_tokenizer(directory)
 
 
-def quantize_checkpoint(src: str | Path, out: str | Path) -> Path:
-    """Load a fp32 checkpoint, quantize it to int8 and save it to ``out``."""
+def quantize_checkpoint(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Load a fp32 checkpoint, quantize it to int8 and save it to ``out`` (``check_output``'s rules)."""
+    check_output(out, INT8, [src], overwrite)
     model, cfg, tokenizer = load_model(src)
     return save_quantized(out, quantize_model(model), cfg, tokenizer)

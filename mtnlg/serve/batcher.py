@@ -1,10 +1,16 @@
 """Continuous batching for the HTTP server: handlers queue sequences, one worker thread decodes them.
 
-Each handler puts its sequences on a queue; the worker starts a batch with what is waiting
-(after the first arrival it waits ``batch_wait_s`` for more, up to the engine's
+Each handler queues its request's sequences as one job; the worker starts a batch with what is
+waiting (after the first arrival it waits ``batch_wait_s`` for more, up to the engine's
 ``max_batch_size`` sequences), and between decode steps lets queued sequences join the running
 batch while it has free rows and their prompt and budget fit; finished sequences leave it at
-once. Every event goes back to its handler's asyncio queue. A ``BatchObserver`` is told, from
+once, and so do those of a job that was stopped (its client left, or its deadline passed).
+
+Rows are shared fairly: the next free row goes to the waiting job that holds the fewest rows
+(the earliest among equals), so a request of many sequences cannot make a later one wait for
+all of them. The sequences waiting are bounded (``max_queued``): past it ``submit`` raises
+``QueueFull``, which the server answers with 503 and ``Retry-After``. Every event goes back to
+its handler's asyncio queue. A ``BatchObserver`` is told, from
 the worker thread, the time to each sequence's first token and between its next ones, and the
 size of each decoded batch (the server's metrics).
 """
@@ -15,7 +21,6 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
-from queue import Empty, Queue
 
 from mtnlg.generate.engine import Decoder, Engine, TokenEvent
 from mtnlg.generate.engine import Request as EngineRequest
@@ -41,6 +46,8 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
     generated: int = 0  # tokens generated so far, all sequences together (counted by the worker thread)
     last_token: dict[int, float] = field(default_factory=dict)  # sequence -> when its latest token came
+    queued: int = 0  # the next sequence to join a batch (the batcher's, under its lock)
+    rows: int = 0  # its sequences in the running batch now (the worker thread's)
 
     def deliver(self, item: tuple[int, TokenEvent]) -> None:
         """Called from the worker thread."""
@@ -55,6 +62,14 @@ class Job:
 
 
 Slot = tuple[Job, int]  # a job and one of its sequences
+
+
+class QueueFull(Exception):
+    """More sequences would wait than the batcher's ``max_queued``."""
+
+    def __init__(self, waiting: int, limit: int) -> None:
+        super().__init__(f"the server is busy: {waiting} sequences are waiting, at most {limit} may "
+                         f"(mtnlg serve --max-queued-sequences); retry later")
 
 
 class BatchObserver:
@@ -75,10 +90,14 @@ class Batcher:
     to jobs; handlers only queue slots and read their job's events.
     """
 
-    def __init__(self, engine: Engine, batch_wait_s: float = 0.005, observer: BatchObserver | None = None) -> None:
-        self.engine, self.batch_wait_s = engine, batch_wait_s
+    def __init__(
+        self, engine: Engine, batch_wait_s: float = 0.005, observer: BatchObserver | None = None,
+        max_queued: int | None = None,
+    ) -> None:
+        self.engine, self.batch_wait_s, self.max_queued = engine, batch_wait_s, max_queued
         self.observer = observer or BatchObserver()
-        self._queue: Queue[Slot | None] = Queue()  # None: stop after the running batch
+        self._jobs: list[Job] = []  # jobs with sequences not yet in a batch, in arrival order
+        self._ready = threading.Condition()
         self._held: Slot | None = None  # taken, but did not fit the running batch: goes first next time
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -88,8 +107,13 @@ class Batcher:
         self.running = 0  # sequences in the running batch now
 
     def waiting(self) -> int:
-        """Sequences queued and not yet in a batch (approximate while the worker takes them)."""
-        return self._queue.qsize() + (self._held is not None)
+        """Sequences queued and not yet in a batch (those of stopped jobs not counted)."""
+        with self._ready:
+            return self._waiting()
+
+    def _waiting(self) -> int:
+        held = self._held is not None and not self._held[0].stopped.is_set()
+        return held + sum(len(j.requests) - j.queued for j in self._jobs if not j.stopped.is_set())
 
     def start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -99,34 +123,50 @@ class Batcher:
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._thread is not None:
-            self._queue.put(None)
+            with self._ready:
+                self._stopping = True
+                self._ready.notify_all()
             self._thread.join(timeout)
             self._thread = None
 
     def submit(self, requests: list[EngineRequest], stream: bool = False) -> Job:
-        """Queue a request's sequences (called on the event loop)."""
+        """Queue a request's sequences (called on the event loop); ``QueueFull`` past ``max_queued``."""
         job = Job(requests, asyncio.get_running_loop(), stream)
-        for i in range(len(requests)):
-            self._queue.put((job, i))
+        with self._ready:
+            waiting = self._waiting()
+            if self.max_queued is not None and waiting + len(requests) > self.max_queued:
+                raise QueueFull(waiting, self.max_queued)
+            self._jobs.append(job)
+            self._ready.notify()
         return job
 
     def _take(self, wait: float | None) -> Slot | None:
-        """The next waiting slot: blocking (``wait`` None), for up to ``wait`` seconds, or None."""
+        """The next waiting slot: blocking (``wait`` None), for up to ``wait`` seconds, or None.
+        It belongs to the waiting job with the fewest rows in the running batch."""
         if self._held is not None:
             slot, self._held = self._held, None
             return slot
-        if self._stopping:
-            return None
-        try:
-            slot = self._queue.get(timeout=wait) if wait is None or wait > 0 else self._queue.get_nowait()
-        except Empty:
-            return None
-        self._stopping = slot is None
-        return slot
+        deadline = None if wait is None else time.monotonic() + wait
+        with self._ready:
+            while True:
+                self._jobs = [j for j in self._jobs if not j.stopped.is_set()]
+                if self._stopping:
+                    return None
+                if self._jobs:
+                    job = min(self._jobs, key=lambda j: j.rows)  # min keeps the earliest among equals
+                    slot, job.queued = (job, job.queued), job.queued + 1
+                    if job.queued == len(job.requests):
+                        self._jobs.remove(job)
+                    return slot
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._ready.wait(left)
 
     def _gather(self, decoder: Decoder, wait: float) -> list[Slot]:
-        """Waiting slots that can join ``decoder`` together, in arrival order, taken for up to ``wait``
-        seconds; the first that cannot join is held for the next batch (and those after it wait)."""
+        """Waiting slots that can join ``decoder`` together, in ``_take``'s order (fewest rows first),
+        taken for up to ``wait`` seconds; the first that cannot join is held for the next batch (and
+        the others wait)."""
         deadline, taken = time.monotonic() + wait, []
         while (slot := self._take(max(0.0, deadline - time.monotonic()))) is not None:
             if slot[0].stopped.is_set():
@@ -135,6 +175,7 @@ class Batcher:
                 self._held = slot
                 break
             taken.append(slot)
+            slot[0].rows += 1  # counted now, so that the next take favours another job
         return taken
 
     def _work(self) -> None:
@@ -149,6 +190,7 @@ class Batcher:
                 self._run(decoder, owners)
             except Exception as exc:  # a bug, not a request's fault: end this batch's sequences, keep serving
                 for index, (job, i) in owners.items():
+                    job.rows -= 1
                     job.deliver((i, TokenEvent(index, None, "", finish_reason="error", error=repr(exc))))
             finally:
                 self.running = 0
@@ -187,6 +229,7 @@ class Batcher:
         now = time.monotonic()
         for event in events:
             job, i = owners[event.index] if event.finish_reason is None else owners.pop(event.index)
+            job.rows -= event.finish_reason is not None
             if event.token is not None:
                 previous = job.last_token.get(i)
                 self.observer.token(now - (job.submitted if previous is None else previous), previous is None)

@@ -25,28 +25,47 @@ from mtnlg.config.sampling import SAMPLING
 from mtnlg.data.chat_template import ChatTemplate
 from mtnlg.generate.engine import Completion, Engine, SamplingParams, TokenEvent
 from mtnlg.generate.engine import Request as EngineRequest
-from mtnlg.serve.batcher import Batcher, BatchObserver, Job
+from mtnlg.serve.batcher import Batcher, BatchObserver, Job, QueueFull
 from mtnlg.serve.protocol import ChatCompletionRequest, CompletionRequest, MegatronRequest, _SamplingBody
 
 MAX_SEQUENCES = 64  # prompts x n in one request
+GONE, LATE = "client gone", "deadline passed"  # what the watcher of a request tells its events
+RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
 _API_NAMES = {"max_new_tokens": "max_tokens", "ignore_eod": "ignore_eos", "stop": "stop"}
 
 
 class APIError(Exception):
     """A request that cannot be served: answered with ``status`` and OpenAI's error shape."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
 
 
 class ServerState:
-    """The state behind the routes: engine, batcher, model name, chat template."""
+    """The state behind the routes: engine, batcher, model name, chat template, and how long a
+    request may take (``request_timeout_s``, None for no limit)."""
 
-    def __init__(self, engine: Engine, model_name: str, batch_wait_s: float, observer: BatchObserver) -> None:
-        self.engine, self.model_name = engine, model_name
-        self.batcher = Batcher(engine, batch_wait_s, observer)
+    def __init__(
+        self, engine: Engine, model_name: str, batch_wait_s: float, observer: BatchObserver,
+        max_queued: int | None = None, request_timeout_s: float | None = None,
+    ) -> None:
+        self.engine, self.model_name, self.request_timeout_s = engine, model_name, request_timeout_s
+        self.batcher = Batcher(engine, batch_wait_s, observer, max_queued)
         self.created = int(time.time())
+
+    def submit(self, request: Request, requests: list[EngineRequest], stream: bool = False) -> Job:
+        """Queue the sequences; a full queue is a 503 with ``Retry-After``."""
+        try:
+            job = self.batcher.submit(requests, stream=stream)
+        except QueueFull as exc:
+            raise APIError(503, str(exc), code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        request.state.job = job  # the access log and metrics count its tokens
+        return job
 
     @cached_property
     def template(self) -> ChatTemplate:
@@ -63,6 +82,10 @@ class ServerState:
         if len(prompts) * len(params) > MAX_SEQUENCES:
             raise APIError(400, f"{len(prompts)} prompts x n={len(params)} sequences requested; "
                                 f"at most {MAX_SEQUENCES} per request", param="n")
+        seq_len = self.engine.seq_len
+        if params and params[0].max_new_tokens >= seq_len:  # too many whatever the prompt: the limit's fault
+            raise APIError(400, f"max_tokens {params[0].max_new_tokens} leaves no room for a prompt in the "
+                                f"context length {seq_len}: at most {seq_len - 1}", param="max_tokens")
         try:
             return await asyncio.to_thread(self._requests, prompts, params)
         except ValueError as exc:  # messages start with the field: SamplingParams' name, or the prompt's
@@ -79,24 +102,60 @@ class ServerState:
             out += [first] + [self.engine.request(first.prompt, sp) for sp in params[1:]]
         return out
 
-    async def collect(self, job: Job) -> list[Completion]:
+    async def collect(self, job: Job, request: Request) -> list[Completion]:
+        """Every sequence's completion; the job stops as soon as its client is gone."""
         out = [Completion(r.prompt) for r in job.requests]
-        async for i, event in self.events(job):
+        async for i, event in self.events(job, request):
             out[i].add(event)
         return out
 
-    async def events(self, job: Job) -> AsyncIterator[tuple[int, TokenEvent]]:
-        """A job's events until all its sequences finish; stops the job if the consumer leaves."""
+    async def events(self, job: Job, request: Request | None = None) -> AsyncIterator[tuple[int, TokenEvent]]:
+        """A job's events until all its sequences finish; stops the job if the consumer leaves, the
+        client disconnects (watched when ``request`` is given: a stream's response watches itself)
+        or the deadline passes (then a 504)."""
         remaining = len(job.requests)
+        watcher = asyncio.create_task(self._watch(job, request))
         try:
             while remaining:
-                for item in await job.events.get():
+                items = await job.events.get()
+                if items == GONE:
+                    return
+                if items == LATE:
+                    raise APIError(504, f"the request took longer than the server's limit of "
+                                        f"{self.request_timeout_s:g} s (mtnlg serve --request-timeout)",
+                                   code="timeout")
+                for item in items:
                     if item[1].finish_reason == "error":
                         raise APIError(500, f"generation failed: {item[1].error}")
                     remaining -= item[1].finish_reason is not None
                     yield item
         finally:
             job.stopped.set()
+            watcher.cancel()
+
+    async def _watch(self, job: Job, request: Request | None) -> None:
+        """Stop the job, and wake ``events``, when the client disconnects or the deadline passes.
+
+        The body has been read, so the next ASGI message is the disconnect: one pending
+        ``receive`` waits for it without waking the event loop meanwhile (polling would, and every
+        wake-up takes the GIL from the decoding thread)."""
+        deadline = None if self.request_timeout_s is None else job.submitted + self.request_timeout_s
+        reason = LATE
+        try:
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if request is None:
+                    if left is None:
+                        return
+                    await asyncio.sleep(left)
+                    break
+                if (await asyncio.wait_for(request.receive(), left))["type"] == "http.disconnect":
+                    reason = GONE
+                    break
+        except TimeoutError:
+            pass
+        job.stopped.set()
+        job.events.put_nowait(reason)
 
     def check(self, body: _SamplingBody) -> None:
         """What the body's own validation cannot know: the served model, the options not implemented."""
@@ -219,22 +278,22 @@ async def completion(
 async def chat_completion(
     server: ServerState, request: Request, body: ChatCompletionRequest
 ) -> JSONResponse | StreamingResponse:
-    """The messages rendered up to the assistant's turn; without a token limit, the answer may use
-    the rest of the context (the rendered prompt is then tokenized first, to know how much is left)."""
+    """The messages rendered up to the assistant's turn and tokenized here (the template's markers as
+    special tokens, the content as plain text); without a token limit, the answer may use the rest
+    of the context."""
     server.check(body)
     template = server.template
     try:
         text = template.render([m.plain() for m in body.messages])
     except ValueError as exc:  # "messages[i].role: ..." names the field
         raise APIError(400, str(exc), param=str(exc).split(":")[0].split(" ")[0]) from None
-    prompt: str | list[int] = text
+    seq_len = server.engine.seq_len
+    try:  # ids, so that only the template's own markers are special tokens (the content is plain text)
+        prompt = await asyncio.to_thread(server.engine.encode, text, seq_len - 1, template.markers)
+    except ValueError as exc:
+        raise APIError(400, f"messages: {exc}", param="messages") from None
     limit = body.limit
     if limit is None:
-        seq_len = server.engine.seq_len
-        try:
-            prompt = await asyncio.to_thread(server.engine.encode, text, seq_len - 1)
-        except ValueError as exc:
-            raise APIError(400, f"messages: {exc}", param="messages") from None
         limit = seq_len - len(prompt)
         if limit < 1:
             raise APIError(400, f"messages: the conversation's {len(prompt)} tokens fill the context length "
@@ -248,15 +307,14 @@ async def respond(
     server: ServerState, request: Request, body: _SamplingBody, requests: list[EngineRequest], fmt: TextFormat
 ) -> JSONResponse | StreamingResponse:
     """Queue the requests for the batcher; answer with every choice, or stream them."""
-    job = server.batcher.submit(requests, stream=body.stream)
-    request.state.job = job  # the access log and metrics count its tokens
+    job = server.submit(request, requests, stream=body.stream)
     head = {"id": f"{fmt.id_prefix}{uuid.uuid4().hex}", "object": fmt.object, "created": int(time.time()),
             "model": server.model_name}
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         chunks = _sse(server, job, {**head, "object": fmt.chunk_object}, fmt, usage, body.n)
         return StreamingResponse(chunks, media_type="text/event-stream")
-    completions = await server.collect(job)
+    completions = await server.collect(job, request)
     choices = [fmt.choice(i, c) for i, c in enumerate(completions)]
     return JSONResponse({**head, "choices": choices, "usage": _usage(requests, completions, body.n)})
 
@@ -306,9 +364,8 @@ async def megatron(server: ServerState, request: Request, body: MegatronRequest)
         stop=["\n\n"] if body.stop_on_double_eol else ["\n"] if body.stop_on_eol else [],
     )
     requests = await server.build(body.prompts, [params])
-    job = server.batcher.submit(requests)
-    request.state.job = job
-    completions = await server.collect(job)
+    job = server.submit(request, requests)
+    completions = await server.collect(job, request)
     texts = [p + c.text for p, c in zip(body.prompts, completions, strict=True)]
     segments = [server.token_strings(r.prompt + c.tokens) for r, c in zip(requests, completions, strict=True)]
     out: dict = {"text": texts, "segments": segments}

@@ -175,7 +175,7 @@ def run_training(cfg: Config, resume: Resume = False, progress: bool = True) -> 
     tokenizer = _load_tokenizer(cfg)
     resume = _report_resume(cfg, resume)
     sizes = (tc.steps * tc.global_batch_size, tc.eval_iters * tc.micro_batch_size, 0)
-    train_data, valid_data, _ = build_datasets(cfg.data, cfg.model.seq_len, sizes)
+    train_data, valid_data, _ = build_datasets(cfg.data, cfg.model.seq_len, sizes, cfg.model.vocab_size)
     if tc.eval_interval and len(valid_data) == 0:
         warnings.warn(f"the validation split of data.split={cfg.data.split} has no documents: "
                       "no validation loss will be reported", stacklevel=2)

@@ -90,13 +90,14 @@ def test_pytorch_model_bin_and_cli(tmp_path):
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
-    assert main(["convert", "--from-hf", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    (tmp_path / "hf").mkdir()
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "x")]) == 2
     assert "no config.json" in capsys.readouterr().err
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    assert main(["convert", "--from-hf", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "x")]) == 2
     assert "model_type 'bert' is not supported" in capsys.readouterr().err
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    assert main(["convert", "--from-hf", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "x")]) == 2
     assert "config.json: missing 'num_attention_heads'" in capsys.readouterr().err
 
 

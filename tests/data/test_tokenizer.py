@@ -23,7 +23,9 @@ def test_training_learns_merges_and_eod(small_tokenizer):
     assert small_tokenizer.token_str(small_tokenizer.eod_id) == EOD_TOKEN
     # Frequent words become single tokens, far shorter than their bytes.
     assert len(small_tokenizer.encode(" quick brown fox")) < len(" quick brown fox") / 2
-    assert small_tokenizer.encode(f"a{EOD_TOKEN}b").count(small_tokenizer.eod_id) == 1
+    # The end-of-document marker written in text is text (no one can end a document by typing it).
+    assert small_tokenizer.eod_id not in small_tokenizer.encode(f"a{EOD_TOKEN}b")
+    assert small_tokenizer.encode(f"a{EOD_TOKEN}b", specials=[EOD_TOKEN]).count(small_tokenizer.eod_id) == 1
 
 
 def test_save_load_and_gpt2_files_agree(tmp_path, small_tokenizer):

@@ -40,12 +40,24 @@ def test_encode_marks_only_assistant_content_and_end(tokenizer: Tokenizer) -> No
     assert added == 4 and template.has_tokens(tokenizer)
     ids, trained = template.encode(tokenizer, CONVERSATION)
     text = template.render(CONVERSATION, add_generation_prompt=False)
-    assert ids == tokenizer.encode(text)  # piecewise encoding equals encoding the whole text
+    assert ids == tokenizer.encode(text, specials=template.markers)  # piecewise equals the whole text
     end_id = tokenizer.hf.token_to_id("<|end|>")
     trained_text = tokenizer.decode([i for i, t in zip(ids, trained, strict=True) if t])
     assert trained_text == "c b a<|end|>HÉLLO\nWORLD<|end|>"
     assert sum(1 for i, t in zip(ids, trained, strict=True) if t and i == end_id) == 2
     assert all(tokenizer.hf.token_to_id(m) in ids for m in template.markers)
+
+
+def test_special_tokens_in_content_are_plain_text(tokenizer: Tokenizer) -> None:
+    """A fine-tuning record (or a chat request) that writes <|endoftext|> gets its characters, not
+    the end-of-document token; only the template's own markers are special ids."""
+    template = ChatTemplate()
+    template.attach(tokenizer)
+    messages = [{"role": "user", "content": "a<|endoftext|>b"}, {"role": "assistant", "content": "<|endoftext|>"}]
+    ids, _ = template.encode(tokenizer, messages)
+    assert tokenizer.eod_id not in ids
+    assert tokenizer.decode(ids) == template.render(messages, add_generation_prompt=False)
+    assert sum(i == tokenizer.hf.token_to_id("<|end|>") for i in ids) == 2
 
 
 def test_template_travels_with_the_tokenizer(tokenizer: Tokenizer, tmp_path) -> None:
@@ -54,7 +66,7 @@ def test_template_travels_with_the_tokenizer(tokenizer: Tokenizer, tmp_path) -> 
     custom.attach(tokenizer)
     loaded = Tokenizer.load(tokenizer.save(tmp_path / "tok"))
     assert ChatTemplate.of(loaded) == custom
-    assert loaded.encode("<|u|>") == [loaded.hf.token_to_id("<|u|>")]
+    assert loaded.encode("<|u|>", specials=custom.markers) == [loaded.hf.token_to_id("<|u|>")]
 
 
 @pytest.mark.parametrize(

@@ -270,7 +270,7 @@ def test_settings_outside_their_range_are_refused_before_generation(engine: Engi
 
 def test_a_prompt_certainly_too_long_is_refused_before_tokenization(engine: Engine, monkeypatch) -> None:
     calls = []
-    monkeypatch.setattr(engine.tokenizer, "encode", lambda text: calls.append(text) or [1])
+    monkeypatch.setattr(engine.tokenizer, "encode", lambda text, specials=(): calls.append(text) or [1])
     with pytest.raises(ValueError, match="context length 64"):
         engine.request("y" * 1_000_000, GREEDY)
     assert not calls

@@ -27,9 +27,11 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 @contextmanager
 def running(app) -> Iterator[str]:
     """Serve ``app`` with uvicorn in a thread on a free local port; yield its base URL."""
+    from mtnlg.serve.connection import uvicorn_config  # uvicorn is the serve extra's: imported once a test runs
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, app.state.limits, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -33,10 +33,15 @@ def engine(engine_tokenizer: Tokenizer) -> Engine:
 
 
 @pytest.fixture(scope="module")
-def url(engine: Engine, app_options: dict[str, Any]) -> Iterator[str]:
+def app(engine: Engine, app_options: dict[str, Any]) -> Any:
     from mtnlg.serve.app import create_app  # FastAPI is the serve extra's: imported once the test runs
 
-    with running(create_app(engine, api_key=KEY, model_name="tiny", **app_options)) as base:
+    return create_app(engine, api_key=KEY, model_name="tiny", **app_options)
+
+
+@pytest.fixture(scope="module")
+def url(app: Any) -> Iterator[str]:
+    with running(app) as base:
         yield base
 
 

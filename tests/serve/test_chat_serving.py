@@ -41,7 +41,8 @@ def engine_tokenizer(small_tokenizer: Tokenizer) -> Tokenizer:
 
 def reference(engine: Engine, messages: list[dict], **kw):
     """What the engine itself answers to the rendered conversation, ending at the end marker."""
-    return engine.generate([TEMPLATE.render(messages)], SamplingParams(stop=[TEMPLATE.end], **kw))[0]
+    prompt = engine.encode(TEMPLATE.render(messages), specials=TEMPLATE.markers)
+    return engine.generate([prompt], SamplingParams(stop=[TEMPLATE.end], **kw))[0]
 
 
 def test_official_client_chat_plain_and_streamed(url: str, engine: Engine, engine_tokenizer: Tokenizer) -> None:
@@ -50,7 +51,7 @@ def test_official_client_chat_plain_and_streamed(url: str, engine: Engine, engin
     expected = reference(engine, MESSAGES, max_new_tokens=8, temperature=0)
     assert done.object == "chat.completion" and done.choices[0].message.role == "assistant"
     assert done.choices[0].message.content == expected.text and done.choices[0].finish_reason == expected.finish_reason
-    prompt_tokens = len(engine_tokenizer.encode(TEMPLATE.render(MESSAGES)))
+    prompt_tokens = len(engine_tokenizer.encode(TEMPLATE.render(MESSAGES), specials=TEMPLATE.markers))
     assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (prompt_tokens, len(expected.tokens))
     assert done.usage.total_tokens == prompt_tokens + len(expected.tokens)
 
@@ -102,7 +103,7 @@ def test_the_answer_ends_at_the_end_marker(client: httpx.Client, engine: Engine,
          "messages.0.content.0.type"),
         ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d"]}, "stop"),
-        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, "messages"),  # prompt + 10**6
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, "max_tokens"),  # alone too many
         ({"messages": [{"role": "user", "content": "x " * 200}]}, "messages"),
         ({"messages": [{"role": "user", "content": "x"}], "functions": []}, "functions"),
     ],
@@ -223,4 +224,4 @@ def test_chat_drops_the_oldest_exchanges_to_fit(engine: Engine) -> None:
     kept = chat(engine, params, lines, system="Be brief.", out=io.StringIO())
     assert kept[0] == {"role": "system", "content": "Be brief."} and kept[-2]["content"] == "liquor jugs"
     assert kept[-1]["role"] == "assistant" and len(kept) < 1 + 2 * len(lines)  # 64 tokens hold fewer exchanges
-    assert len(engine.tokenizer.encode(TEMPLATE.render(kept[:-1]))) + 8 <= engine.seq_len
+    assert len(engine.encode(TEMPLATE.render(kept[:-1]), specials=TEMPLATE.markers)) + 8 <= engine.seq_len

@@ -114,7 +114,8 @@ def test_chat_mode_keeps_the_conversation(browser, url: str, engine: Engine) -> 
         _done(browser)
         messages.append({"role": "user", "content": question})
         params = SamplingParams(max_new_tokens=6, temperature=0, stop=[template.end])
-        expected = engine.generate([template.render(messages)], params)[0].text
+        prompt = engine.encode(template.render(messages), specials=template.markers)
+        expected = engine.generate([prompt], params)[0].text
         answers = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant .content")
         assert answers[-1].get_attribute("textContent") == expected  # the second answer saw the first exchange
         messages.append({"role": "assistant", "content": expected})

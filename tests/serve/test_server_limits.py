@@ -113,7 +113,7 @@ def test_auth_covers_the_docs_and_comes_before_the_body(url: str) -> None:
 def test_counts_are_checked_before_tokenizing(client: httpx.Client, engine: Engine, monkeypatch) -> None:
     calls = []
     original = engine.tokenizer.encode
-    monkeypatch.setattr(engine.tokenizer, "encode", lambda text: calls.append(text) or original(text))
+    monkeypatch.setattr(engine.tokenizer, "encode", lambda text, specials=(): calls.append(text) or original(text))
     r = post(client, {"prompt": ["a b c"] * 10, "n": 16, "max_tokens": 1})
     assert r.status_code == 400 and "at most 64" in r.json()["error"]["message"] and not calls
     r = post(client, {"prompt": "The quick", "n": 4, "max_tokens": 1})

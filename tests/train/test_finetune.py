@@ -195,7 +195,8 @@ def greedy_answers(checkpoint: Path, prompts: list[str]) -> list[str]:
     """The model's greedy answer to each prompt, asked as a one-turn chat."""
     engine = Engine.from_checkpoint(checkpoint)
     template = ChatTemplate.of(engine.tokenizer)
-    chats = [template.render([{"role": "user", "content": p}]) for p in prompts]
+    chats = [engine.encode(template.render([{"role": "user", "content": p}]), specials=template.markers)
+             for p in prompts]
     params = SamplingParams(max_new_tokens=8, temperature=0.0, stop=[template.end])
     return [c.text.strip() for c in engine.generate(chats, params)]
 
