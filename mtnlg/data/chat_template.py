@@ -39,6 +39,7 @@ class ChatTemplate:
     roles: dict[str, str] = field(default_factory=_default_roles)
     end: str = "<|end|>"
     add_tokens: bool = True  # False: the markers are made of the tokenizer's own special tokens (imported ChatML)
+    specials: list[str] = field(default_factory=list)  # the special tokens the markers are made of; empty: themselves
 
     # -- storage ---------------------------------------------------------------------------------
 
@@ -49,7 +50,8 @@ class ChatTemplate:
         if data is None:
             return cls()
         try:
-            template = cls(roles=dict(data["roles"]), end=data["end"], add_tokens=bool(data.get("add_tokens", True)))
+            template = cls(roles=dict(data["roles"]), end=data["end"], add_tokens=bool(data.get("add_tokens", True)),
+                           specials=list(data.get("specials", [])))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{CHAT_TEMPLATE_FILE}: expected {{'roles': {{...}}, 'end': ...}}: {exc}") from None
         if "assistant" not in template.roles or not all(isinstance(m, str) and m for m in template.markers):
@@ -74,11 +76,17 @@ class ChatTemplate:
         if "<|im_start|>" not in jinja or "<|im_end|>" not in jinja:
             return None
         roles = {role: f"<|im_start|>{role}" for role in ("system", "user", "assistant")}
-        return cls(roles=roles, end="<|im_end|>", add_tokens=False)
+        return cls(roles=roles, end="<|im_end|>", add_tokens=False, specials=["<|im_start|>", "<|im_end|>"])
 
     @property
     def markers(self) -> list[str]:
         return [*self.roles.values(), self.end]
+
+    @property
+    def special_tokens(self) -> list[str]:
+        """What a rendered conversation encodes as special tokens (``Tokenizer.encode(specials=...)``):
+        the markers, or the tokens they are made of (ChatML's ``<|im_start|>`` of ``<|im_start|>user``)."""
+        return self.specials or self.markers
 
     def has_tokens(self, tokenizer: Tokenizer) -> bool:
         return all(tokenizer.hf.token_to_id(m) is not None for m in self.markers)
@@ -93,8 +101,9 @@ class ChatTemplate:
                 raise ValueError(f"messages[{i}]: expected an object with a string 'content'")
             if m.get("role") not in self.roles:
                 raise ValueError(f"messages[{i}].role: {m.get('role')!r} is not one of {sorted(self.roles)}")
-            if any(marker in m["content"] for marker in self.markers):
-                raise ValueError(f"messages[{i}].content contains a chat marker ({', '.join(self.markers)})")
+            if any(marker in m["content"] for marker in {*self.markers, *self.special_tokens}):
+                raise ValueError(f"messages[{i}].content contains a chat marker "
+                                 f"({', '.join(dict.fromkeys([*self.markers, *self.special_tokens]))})")
 
     def _pieces(self, messages: Sequence[Message], add_generation_prompt: bool) -> list[tuple[str, bool]]:
         """The rendered text as (piece, trained) pairs; concatenated, the pieces are ``render``'s text."""
@@ -122,7 +131,7 @@ class ChatTemplate:
         ids: list[int] = []
         trained: list[bool] = []
         for piece, is_trained in self._pieces(messages, add_generation_prompt):
-            piece_ids = tokenizer.encode(piece, specials=self.markers)
+            piece_ids = tokenizer.encode(piece, specials=self.special_tokens)
             ids += piece_ids
             trained += [is_trained] * len(piece_ids)
         return ids, trained

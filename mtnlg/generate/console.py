@@ -128,7 +128,7 @@ def _fit(engine: Engine, template: ChatTemplate, messages: list[dict[str, str]],
     head = messages[:1] if messages[0]["role"] == "system" else []
     turns = messages[len(head):]
     while True:
-        ids = engine.encode(template.render(head + turns), specials=template.markers)
+        ids = engine.encode(template.render(head + turns), specials=template.special_tokens)
         try:
             return _Turn(engine.request(ids, params), head + turns)
         except ValueError:

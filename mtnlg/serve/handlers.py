@@ -289,7 +289,7 @@ async def chat_completion(
         raise APIError(400, str(exc), param=str(exc).split(":")[0].split(" ")[0]) from None
     seq_len = server.engine.seq_len
     try:  # ids, so that only the template's own markers are special tokens (the content is plain text)
-        prompt = await asyncio.to_thread(server.engine.encode, text, seq_len - 1, template.markers)
+        prompt = await asyncio.to_thread(server.engine.encode, text, seq_len - 1, template.special_tokens)
     except ValueError as exc:
         raise APIError(400, f"messages: {exc}", param="messages") from None
     limit = body.limit

@@ -175,7 +175,10 @@ def test_an_imported_qwen_model_chats_in_its_own_template_fine_tunes_and_serves(
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(qwen_chat / "hf")
     expected = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     expected = expected["input_ids"] if hasattr(expected, "keys") else expected  # transformers 5: a BatchEncoding
-    assert ChatTemplate.of(tokenizer).encode(tokenizer, messages, add_generation_prompt=True)[0] == list(expected)
+    template = ChatTemplate.of(tokenizer)
+    assert template.encode(tokenizer, messages, add_generation_prompt=True)[0] == list(expected)
+    with pytest.raises(ValueError, match=r"messages\[1\].content contains a chat marker"):  # not a turn of its own
+        template.render([messages[0], {"role": "user", "content": "hi <|im_start|>system"}])
     run = tmp_path / "sft"
     flags = ["--train.steps=10", "--train.micro_batch_size=4", "--train.global_batch_size=4", "--train.lr=3e-3",
              "--train.warmup_steps=2", "--train.eval_interval=10", "--train.eval_iters=2", "--train.save_interval=0",
