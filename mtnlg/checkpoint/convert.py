@@ -201,6 +201,7 @@ def upcycle(
     ``overrides`` set the other ``model.moe_*`` fields (``--model.moe_top_k=1``, ...). With gates that sum
     to 1 (top-k > 1, or sigmoid scores) and dropless routing, the first forward equals the dense model's.
     """
+    check_output(out_dir, MODEL, [ckpt], overwrite)
     dense, cfg, tokenizer = load_model(ckpt)
     if cfg.model.moe_experts:
         raise ConfigError(f"{ckpt} is already a mixture-of-experts model (model.moe_experts={cfg.model.moe_experts})")
