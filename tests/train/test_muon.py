@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch.optim._muon import _zeropower_via_newtonschulz
 
-from mtnlg.config import Config, ConfigError, ModelConfig, TrainConfig
+from mtnlg.config import Config, ConfigError, ModelConfig, TrainConfig, build_config
 from mtnlg.parallel.dims import ParallelDims
 from mtnlg.parallel.zero import check_zero
 from mtnlg.train.build import build_model
 from mtnlg.train.muon import MuonAdamW, muon_parameter_names, orthogonalise
 from mtnlg.train.optim import build_optimizer, learning_rate
+from tests.harness.training import make_trainer
 
 
 def _newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -104,3 +106,17 @@ def test_fp8_on_cpu_fails_with_one_line_naming_the_requirement() -> None:
     message = str(err.value)
     assert "\n" not in message and "compute capability >= 8.9" in message and "torchao" in message
     assert message.endswith("this run is on cpu: use train.precision=bf16")
+
+
+def test_the_modern_recipe_config_builds_and_trains_a_step(tmp_path) -> None:
+    """configs/modern.toml on the demo's preset: Llama-style blocks, Muon, WSD; one step, a finite loss."""
+    cfg = build_config("tiny", Path(__file__).resolve().parents[2] / "configs" / "modern.toml",
+                       ["--train.micro_batch_size=2", "--train.global_batch_size=2", "--model.seq_len=32",
+                        "--model.vocab_size=512", "--model.hidden=64", "--model.ffn_hidden=176", "--model.n_layers=2",
+                        "--train.peak_flops=1e12", f"--train.out={tmp_path}",
+                        "--train.device=cpu"])
+    assert (cfg.model.position, cfg.model.norm, cfg.model.mlp, cfg.model.qk_norm) == ("rope", "rmsnorm", "swiglu", True)
+    assert (cfg.train.optimizer, cfg.train.lr_schedule, cfg.model.tie_embeddings) == ("muon", "wsd", False)
+    trainer = make_trainer(cfg)
+    assert isinstance(trainer.optimizer, MuonAdamW)
+    assert math.isfinite(trainer.train_step().loss)
