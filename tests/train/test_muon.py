@@ -15,6 +15,8 @@ from torch.optim._muon import _zeropower_via_newtonschulz
 from mtnlg.config import Config, ConfigError, ModelConfig, TrainConfig, build_config
 from mtnlg.parallel.dims import ParallelDims
 from mtnlg.parallel.zero import check_zero
+from mtnlg.planner.layout import Layout
+from mtnlg.planner.memory import rank_state
 from mtnlg.train.build import build_model
 from mtnlg.train.muon import MuonAdamW, muon_parameter_names, orthogonalise
 from mtnlg.train.optim import build_optimizer, learning_rate
@@ -120,3 +122,24 @@ def test_the_modern_recipe_config_builds_and_trains_a_step(tmp_path) -> None:
     trainer = make_trainer(cfg)
     assert isinstance(trainer.optimizer, MuonAdamW)
     assert math.isfinite(trainer.train_step().loss)
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_the_planner_counts_muons_state(family: str) -> None:
+    """``mtnlg plan --optimizer muon``'s optimizer bytes are what a Muon step allocates (one momentum per
+    block-matrix element, AdamW's two moments elsewhere), for a GPT and a Llama-style model."""
+    extra = dict(position="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False,
+                 n_kv_heads=2) if family == "llama" else {}
+    model_cfg = ModelConfig(vocab_size=128, seq_len=16, n_layers=2, hidden=32, n_heads=4, padded_vocab_multiple=64,
+                            **extra)
+    cfg = Config(model=model_cfg, train=TrainConfig(optimizer="muon", device="cpu")).validate()
+    model = build_model(cfg, torch.device("cpu"))
+    optimizer = build_optimizer(model, cfg.train)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    measured = sum(v.numel() * v.element_size() for s in optimizer.state.values() for k, v in s.items() if k != "step")
+    planned = rank_state(model_cfg, Layout(gpus=1, dp=1, precision="fp32", optimizer="muon"), 0)
+    assert planned["optimizer_bytes"] == measured
+    adamw = rank_state(model_cfg, Layout(gpus=1, dp=1, precision="fp32"), 0)
+    assert adamw["optimizer_bytes"] > measured
