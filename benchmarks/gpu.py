@@ -16,7 +16,13 @@ Runs only where CUDA is present (elsewhere it says so and exits 0). Two parts, o
 GPUs, 4 micro-batches a step) with ``parallel.zero=1`` and ``=3``: median step time, tokens/s and
 peak memory per GPU; rank 0 writes ``results/gpu_zero.json``.
 
+``--fp8`` compares ``train.precision=bf16`` with ``fp8`` (torchao's float8 linears, mtnlg/parallel/fp8.py)
+on one GPU: the same training of each of ``--models`` in both, median step time, tokens/s, MFU (both
+against the bf16 peak) and the fp8 speed-up; where fp8 is refused (compute capability < 8.9, no
+torchao) the refusal is recorded instead. Writes ``results/gpu_fp8.json``.
+
     python benchmarks/gpu.py [--steps 20] [--warmup 5] [--models gpt2-medium,gpt3-1.3b] [--out FILE]
+    python benchmarks/gpu.py --fp8 [--models gpt2-medium]
     torchrun --nproc_per_node=8 benchmarks/gpu.py --zero [--models gpt3-1.3b]
 """
 
@@ -36,7 +42,7 @@ from generate import hf_model  # the CPU generation benchmark's HF conversion, r
 from run_info import run_info
 from train import RandomTokens  # the CPU training benchmark's random samples, reused
 
-from mtnlg.config import Config, ParallelConfig, TrainConfig
+from mtnlg.config import Config, ConfigError, ParallelConfig, TrainConfig
 from mtnlg.config.presets import get_preset
 from mtnlg.generate.engine import Engine, SamplingParams
 from mtnlg.model.counts import flops_per_token
@@ -64,12 +70,17 @@ def peak_flops(device_name: str, override_tflops: float | None = None) -> float:
     raise SystemExit(f"unknown GPU {device_name!r}: pass --peak-tflops (its dense bf16 peak)")
 
 
-def train_benchmark(preset: str, steps: int, warmup: int, peak: float, workdir: Path) -> dict:
-    model_cfg = get_preset(preset)
+def train_config(preset: str, peak: float, workdir: Path, precision: str = "bf16") -> Config:
+    """One GPU's training of ``preset`` at ``precision`` (bf16, or fp8: torchao's float8 linears)."""
     batch = BATCH.get(preset, 4)
     tc = TrainConfig(micro_batch_size=batch, global_batch_size=batch, steps=10**6, warmup_steps=10, device="cuda",
-                     precision="bf16", compile=True, peak_flops=peak, out=str(workdir / preset))
-    cfg = Config(model=model_cfg, train=tc).validate()
+                     precision=precision, compile=True, peak_flops=peak, out=str(workdir / f"{preset}-{precision}"))
+    return Config(model=get_preset(preset), train=tc).validate()
+
+
+def train_benchmark(preset: str, steps: int, warmup: int, peak: float, workdir: Path, precision: str = "bf16") -> dict:
+    cfg = train_config(preset, peak, workdir, precision)
+    model_cfg, batch = cfg.model, cfg.train.micro_batch_size
     trainer = Trainer(cfg, build_model(cfg, torch.device("cuda")), RandomTokens(4096, model_cfg.seq_len,
                                                                                   model_cfg.vocab_size), progress=False)
     start = time.perf_counter()
@@ -89,7 +100,7 @@ def train_benchmark(preset: str, steps: int, warmup: int, peak: float, workdir: 
     result = {"micro_batch": batch, "seq_len": model_cfg.seq_len, "warmup_seconds": first, "step_seconds": step,
               "tokens_per_s": tokens_per_s, "mfu": train_flops * tokens_per_s / peak,
               "peak_memory_GiB": torch.cuda.max_memory_allocated() / 2**30}
-    print(f"{preset}: {tokens_per_s:,.0f} tok/s, MFU {result['mfu']:.1%}, step {step * 1e3:.0f} ms")
+    print(f"{preset} {precision}: {tokens_per_s:,.0f} tok/s, MFU {result['mfu']:.1%}, step {step * 1e3:.0f} ms")
     del trainer
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -138,6 +149,25 @@ def compare_zero(results: dict[int, dict]) -> dict:
     one, three = results[1], results[3]
     return {"zero1": one, "zero3": three, "step_time_zero1_over_zero3": one["step_seconds"] / three["step_seconds"],
             "memory_zero1_over_zero3": one["peak_memory_GiB"] / three["peak_memory_GiB"]}
+
+
+def compare_precisions(results: dict[str, dict]) -> dict:
+    """fp8 against bf16 of one model: the step-time speed-up (MFU of both against the bf16 peak), or why
+    fp8 did not run (``{"refused": message}``)."""
+    bf16, fp8 = results["bf16"], results["fp8"]
+    if "refused" in fp8:
+        return {"bf16": bf16, "fp8": fp8}
+    return {"bf16": bf16, "fp8": fp8, "fp8_speedup": bf16["step_seconds"] / fp8["step_seconds"]}
+
+
+def fp8_benchmark(preset: str, args: argparse.Namespace, peak: float, workdir: Path) -> dict:
+    """bf16 then fp8 training of ``preset``; a ConfigError of fp8 (GPU older than 8.9, no torchao) is recorded."""
+    results = {"bf16": train_benchmark(preset, args.steps, args.warmup, peak, workdir)}
+    try:
+        results["fp8"] = train_benchmark(preset, args.steps, args.warmup, peak, workdir, "fp8")
+    except ConfigError as exc:
+        results["fp8"] = {"refused": str(exc)}
+    return compare_precisions(results)
 
 
 def zero_main(args: argparse.Namespace) -> int:
@@ -201,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the table")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--zero", action="store_true", help="compare parallel.zero=1 and 3 on this node (torchrun)")
+    p.add_argument("--fp8", action="store_true", help="compare train.precision=bf16 and fp8 (torchao) of --models")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/gpu.py needs a CUDA GPU; none is visible here, nothing measured")
@@ -211,6 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name()
     peak = peak_flops(name, args.peak_tflops)
     torch.backends.cuda.matmul.allow_tf32 = True
+    if args.fp8:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = {"gpu": name, "peak_bf16_flops": peak,
+                      **{m: fp8_benchmark(m, args, peak, Path(tmp)) for m in args.models.split(",")},
+                      "run": run_info(load_start)}
+        out = args.out if args.out != RESULTS else RESULTS.with_name("gpu_fp8.json")
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         result = {
             "gpu": name,

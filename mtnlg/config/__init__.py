@@ -1,6 +1,6 @@
 """Configuration: the typed sections (``sections``), how a Config is built from a preset, a file and
-overrides (``build``), the named model shapes (``presets``), the block-family switches (``families``)
-and the TOML / reference text (``text``).
+overrides (``build``), the named model shapes (``presets``), the block-family switches (``families``), the
+optimizer / schedule / precision choices (``recipe``) and the TOML / reference text (``text``).
 
 The names most code needs are re-exported here (``from mtnlg.config import Config, ConfigError``).
 May import: ``mtnlg.util``.

@@ -14,6 +14,7 @@ from typing import Any
 
 from mtnlg.config.errors import ConfigError
 from mtnlg.config.families import validate_family, validate_moe
+from mtnlg.config.recipe import validate_recipe
 from mtnlg.config.sampling import SAMPLING, sampling_help
 from mtnlg.config.schedules import SCHEDULES
 
@@ -236,7 +237,12 @@ class TrainConfig:
     rampup_batch_size: list[int] = _f(
         [], "Batch-size ramp-up [start, increment, ramp_samples], Megatron style; empty disables."
     )
-    precision: str = _f("fp32", "fp32, bf16 (autocast) or fp16 (autocast + dynamic loss scaling).")
+    precision: str = _f("fp32", "fp32, bf16 (autocast), fp16 (autocast + dynamic loss scaling) or fp8 (bf16 + "
+                        "torchao float8 linears; CUDA compute capability >= 8.9).")
+    optimizer: str = _f("adamw", "adamw, or muon: Muon for the blocks' 2-D matrices, AdamW for the rest.")
+    muon_momentum: float = _f(0.95, "Muon's Nesterov momentum (train.optimizer=muon).")
+    lr_schedule: str = _f("cosine", "cosine (warmup, cosine decay) or wsd (warmup, constant, linear decay at the end).")
+    decay_fraction: float = _f(0.2, "wsd: the last fraction of the run after warmup (steps or tokens): the decay.")
     seed: int = _f(1234, "Seed of model init and dropout.")
     eval_interval: int = _f(100, "Steps between validation passes; 0 disables.")
     eval_iters: int = _f(
@@ -276,8 +282,7 @@ class TrainConfig:
     def validate(self) -> None:
         if self.micro_batch_size < 1 or self.global_batch_size < 1 or self.steps < 0:
             raise ConfigError("train.micro_batch_size and train.global_batch_size must be >= 1, steps >= 0")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        validate_recipe(self)
         if self.rampup_batch_size and len(self.rampup_batch_size) != 3:
             raise ConfigError("train.rampup_batch_size needs three numbers: start, increment, ramp_samples")
         if min(self.warmup_steps, self.decay_steps, self.warmup_tokens, self.decay_tokens) < 0:

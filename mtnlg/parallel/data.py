@@ -32,7 +32,8 @@ from mtnlg.parallel.expert import shard_experts_over_dp
 def fsdp_mixed_precision(cfg: Config, dims: ParallelDims) -> bool:
     """bf16 on GPU under FSDP runs as FSDP mixed precision (bf16 compute copies, fp32 master
     weights and gradient reduction) instead of autocast (``parallel.zero`` 1/2 keep autocast: no FSDP)."""
-    return dims.dp > 1 and cfg.parallel.zero == 3 and dims.device.type == "cuda" and cfg.train.precision == "bf16"
+    return (dims.dp > 1 and cfg.parallel.zero == 3 and dims.device.type == "cuda"
+            and cfg.train.precision in ("bf16", "fp8"))
 
 
 def fsdp_options(cfg: Config, dims: ParallelDims) -> dict[str, Any]:

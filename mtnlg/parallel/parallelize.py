@@ -31,6 +31,7 @@ from mtnlg.model.gpt import GPT
 from mtnlg.parallel.data import apply_data_parallel
 from mtnlg.parallel.dims import ParallelDims
 from mtnlg.parallel.expert import apply_expert_parallel, check_expert_parallel
+from mtnlg.parallel.fp8 import apply_fp8, check_fp8
 from mtnlg.parallel.pipeline import check_pipeline, keep_rank_stages
 from mtnlg.parallel.tensor import apply_tensor_parallel
 from mtnlg.parallel.zero import check_zero
@@ -52,6 +53,8 @@ def parallelize(model: GPT, dims: ParallelDims, cfg: Config, *, inference: bool 
         check_pipeline(cfg, dims)
         keep_rank_stages(model, dims, cfg)
     check_expert_parallel(cfg, dims)
+    if dims.device.type != "meta":  # a dry run plans the layout; the hardware is the real run's
+        check_fp8(cfg, dims.device)
     if dims.tp_enabled:
         apply_tensor_parallel(
             model,
@@ -63,6 +66,8 @@ def parallelize(model: GPT, dims: ParallelDims, cfg: Config, *, inference: bool 
         materialize(model, dims.device, cfg.train.seed)
     if dims.ep > 1:
         apply_expert_parallel(model, dims)
+    if cfg.train.precision == "fp8" and not inference and dims.device.type != "meta":
+        apply_fp8(model, cfg, dims)
     if cfg.train.compile and not inference:
         for block in model.blocks.values():
             block.compile()

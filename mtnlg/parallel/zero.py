@@ -49,6 +49,9 @@ def check_zero(cfg: Config, dims: ParallelDims) -> None:
         return
     if dims.ep > 1:
         raise ConfigError("parallel.zero=1/2 with parallel.ep > 1 is not supported: use parallel.zero=3")
+    if cfg.train.optimizer == "muon":
+        raise ConfigError("parallel.zero=1/2 with train.optimizer=muon is not supported (the distributed optimizer "
+                          "is AdamW's): use parallel.zero=3")
     if cfg.parallel.zero == 2 and cfg.train.precision == "fp16":
         raise ConfigError("parallel.zero=2 with train.precision=fp16 is not supported (the loss scaler unscales "
                           "whole gradients): use bf16, or parallel.zero=1")

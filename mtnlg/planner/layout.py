@@ -35,6 +35,7 @@ class Layout:
     schedule: str = "1f1b"
     precision: str = "bf16"
     flash_attention: bool = False
+    optimizer: str = "adamw"
 
     @property
     def microbatches(self) -> int:

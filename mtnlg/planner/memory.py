@@ -31,6 +31,27 @@ GIB = float(1 << 30)
 # Bytes per parameter of each training-state part, by precision: the same at every precision (see
 # ``TRAIN_STATE_BYTES``).
 STATE_BYTES = dict.fromkeys(("bf16", "fp16", "fp32"), TRAIN_STATE_BYTES)
+MUON_BYTES = 4  # ``--optimizer muon``: one fp32 momentum buffer per element of the blocks' matrices
+
+
+def muon_parameters(cfg: ModelConfig, layers: float, tp: int) -> float:
+    """Elements of ``layers`` layers' matrices that Muon updates (attention and dense MLP; not the MoE
+    router or the stacked experts, which AdamW updates), split by tp. MoE layers are averaged in."""
+    C, HD, GD = cfg.hidden, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    attention = C * (HD + 2 * GD) + HD * C
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * C * cfg.ffn_size
+    dense_share = 1.0 - cfg.moe_layers / cfg.n_layers
+    return layers * (attention + dense_share * mlp) / tp
+
+
+def optimizer_bytes(cfg: ModelConfig, lay: Layout, params: float, layers: float) -> float:
+    """Unsharded optimizer state of ``params`` parameters of which ``layers`` layers: AdamW's two moments
+    (``STATE_BYTES``), or under Muon one momentum for the blocks' matrices and AdamW's two for the rest."""
+    adamw = STATE_BYTES[lay.precision][2]
+    if lay.optimizer != "muon":
+        return params * adamw
+    matrices = muon_parameters(cfg, layers, lay.tp)
+    return matrices * MUON_BYTES + (params - matrices) * adamw
 
 
 @dataclass
@@ -117,7 +138,7 @@ def activation_bytes(cfg: ModelConfig, lay: Layout, *, first: bool, last: bool) 
 def rank_memory(cfg: ModelConfig, lay: Layout, *, first: bool, last: bool) -> Memory:
     """Memory of one pipeline rank with ZeRO stage ``lay.zero`` over its ``dp`` data-parallel peers."""
     params = rank_parameters(cfg, lay, first=first, last=last)
-    w, g, o = STATE_BYTES[lay.precision]
+    w, g, _ = STATE_BYTES[lay.precision]
     shard = float(lay.dp)
     gathered = 0.0
     if lay.zero >= 3:  # FSDP: the current and the prefetched layer are unsharded while they run
@@ -126,7 +147,7 @@ def rank_memory(cfg: ModelConfig, lay: Layout, *, first: bool, last: bool) -> Me
     return Memory(
         weights=params * w / (shard if lay.zero >= 3 else 1.0),
         gradients=params * g / (shard if lay.zero >= 2 else 1.0),
-        optimizer=params * o / (shard if lay.zero >= 1 else 1.0),
+        optimizer=optimizer_bytes(cfg, lay, params, layers_per_rank(cfg, lay)) / (shard if lay.zero >= 1 else 1.0),
         activations=activation_bytes(cfg, lay, first=first, last=last),
         gathered_weights=gathered,
     )
@@ -156,7 +177,7 @@ def rank_state(cfg: ModelConfig, lay: Layout, rank: int) -> dict[str, object]:
     layers = sorted(layer for s in stages for layer in split[s])
     params = rank_parameters(cfg, lay, first=0 in stages, last=num_stages - 1 in stages, layers=len(layers))
     zero = lay.zero if lay.dp > 1 else 0
-    w, g, o = (b * params / (lay.dp if zero >= level else 1) for b, level in zip(STATE_BYTES[lay.precision], (3, 2, 1),
-                                                                                strict=True))
+    per_element = (*STATE_BYTES[lay.precision][:2], optimizer_bytes(cfg, lay, params, len(layers)) / params)
+    w, g, o = (b * params / (lay.dp if zero >= level else 1) for b, level in zip(per_element, (3, 2, 1), strict=True))
     return {"rank": rank, "stage": stages[0], "stages": stages, "layers": [layers[0], layers[-1]],
             "parameters": int(params), "parameter_bytes": int(w), "gradient_bytes": int(g), "optimizer_bytes": int(o)}

@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="activation recomputation; auto (default): the least that fits")
     p.add_argument("--sequence-parallel", action="store_true", default=None, help="shard activations over tp")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="training precision")
+    p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                   help="muon: one momentum for the blocks' matrices instead of AdamW's two moments (train.optimizer)")
     p.add_argument("--flash-attention", action="store_true", help="fused attention (no s^2 scores kept)")
     p.add_argument("--tokens", type=float, default=0.0, help="training tokens (default 20 per parameter)")
     p.add_argument("--search", action="store_true", help="rank the layouts that fit by predicted step time")
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace, cfg: ModelConfig, model_flags: list[str] | Non
     gpu = resolve_gpu(args.gpu, peak_tflops=args.peak_tflops, memory_gb=args.memory_gb, hbm_gbps=args.hbm_gbps,
                       nvlink_gbps=args.nvlink_gbps, network_gbps=args.network_gbps,
                       gpus_per_node=args.gpus_per_node, single=args.gpus == 1)
-    common = {"precision": args.precision, "flash_attention": args.flash_attention}
+    common = {"precision": args.precision, "flash_attention": args.flash_attention, "optimizer": args.optimizer}
     if args.search:
         fixed = {"tp": args.tp, "pp": args.pp, "dp": args.dp, "micro_batch": args.micro_batch,
                  "virtual_stages": args.virtual_stages, "zero": args.zero, "sequence_parallel": args.sequence_parallel,
@@ -100,6 +102,8 @@ def train_flags(lay: Layout) -> list[str]:
         flags.append("--parallel.sequence_parallel=true")
     if lay.recompute == "full":
         flags.append("--model.activation_checkpointing=true")
+    if lay.optimizer != "adamw":
+        flags.append(f"--train.optimizer={lay.optimizer}")
     return flags + [f"--train.micro_batch_size={lay.micro_batch}", f"--train.global_batch_size={lay.global_batch}",
                     f"--train.precision={lay.precision}"]
 

@@ -14,6 +14,7 @@ from torch import nn
 from mtnlg.config import ConfigError, ParallelConfig, TrainConfig
 from mtnlg.parallel.dims import ParallelDims
 from mtnlg.parallel.zero import ZeroAdamW
+from mtnlg.train.muon import build_muon
 
 
 def parameter_groups(
@@ -47,12 +48,13 @@ def _fused_supported(params: list[torch.Tensor]) -> bool:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, dims: ParallelDims | None = None,
-                    parallel: ParallelConfig | None = None) -> torch.optim.AdamW:
+                    parallel: ParallelConfig | None = None) -> torch.optim.Optimizer:
     """AdamW over ``parameter_groups``, using torch's fused kernel where it exists, else foreach;
     under ``parallel.zero`` 1 or 2 with dp > 1, the distributed optimizer (``mtnlg.parallel.zero``).
 
     The fused kernel updates every parameter in one pass over memory (param, grad, two moments),
-    which matters on CPUs where the step is memory-bound.
+    which matters on CPUs where the step is memory-bound. ``train.optimizer=muon``: ``MuonAdamW``
+    (``mtnlg.train.muon``), Muon for the blocks' matrices and this AdamW for the rest.
     """
     groups = parameter_groups(model, cfg.weight_decay, cfg.weight_decay_position_embedding)
     params = [p for g in groups for p in g["params"]]  # type: ignore[attr-defined]
@@ -61,11 +63,16 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, dims: ParallelDims | Non
                    foreach=None if fused else True)
     if dims is not None and parallel is not None and dims.dp > 1 and parallel.zero < 3:
         return ZeroAdamW(groups, dims, parallel.zero, parallel.bucket_mb, **options)
+    if cfg.optimizer == "muon":
+        adamw = {k: v for k, v in options.items() if k != "lr"}
+        return build_muon(model, groups, cfg.lr, cfg.muon_momentum, adamw)
     return torch.optim.AdamW(groups, **options)
 
 
 def learning_rate(cfg: TrainConfig, step: int, consumed_tokens: int) -> float:
-    """Linear warmup to ``cfg.lr``, then cosine decay to ``cfg.lr * cfg.min_lr_ratio``, then constant.
+    """Linear warmup to ``cfg.lr``, then cosine decay to ``cfg.lr * cfg.min_lr_ratio``, then constant;
+    or, with ``lr_schedule=wsd`` (warmup-stable-decay), ``cfg.lr`` until the last ``decay_fraction``
+    of the run, then a linear decay to the minimum.
 
     Progress is counted in optimizer steps (``warmup_steps``, decay until ``decay_steps`` or
     ``steps``), or in tokens when ``cfg.decay_tokens > 0`` (``warmup_tokens``, ``decay_tokens``) as
@@ -85,6 +92,9 @@ def learning_rate(cfg: TrainConfig, step: int, consumed_tokens: int) -> float:
     if progress >= end or end <= warmup:
         return min_lr
     ratio = (progress - warmup) / (end - warmup)
+    if cfg.lr_schedule == "wsd":
+        start = 1.0 - cfg.decay_fraction  # the stable phase ends here (a fraction of warmup .. end)
+        return cfg.lr if ratio < start else cfg.lr + (min_lr - cfg.lr) * (ratio - start) / cfg.decay_fraction
     return min_lr + (cfg.lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * ratio))
 
 

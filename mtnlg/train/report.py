@@ -16,7 +16,7 @@ from mtnlg.train.resilience import StragglerReport
 from mtnlg.util import dist as rank_info
 from mtnlg.util.fmt import format_flops
 
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 
 
 @dataclass

@@ -18,6 +18,7 @@ OPTIONAL_PACKAGES: dict[str, str | None] = {
     "fastapi": "serve", "uvicorn": "serve", "httpx": "serve", "prometheus_client": "serve", "matplotlib": "demo",
     "transformers": "dev", "yaml": None, "tensorboard": None, "lm_eval": "eval",
     "datatrove": "curate", "py3langid": "curate", "orjson": "curate", "ray": None,
+    "torchao": None,
 }
 PIP_NAMES = {"yaml": "pyyaml"}
 

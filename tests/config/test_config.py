@@ -70,7 +70,7 @@ def test_json_round_trip():
         (["--model.n_heads=5"], "not divisible by model.n_heads=5"),
         (["--model.hidden=abc"], "model.hidden: expected int, got 'abc'"),
         (["--model.dropout=1.5"], "model.dropout must be in [0, 1)"),
-        (["--train.precision=fp8"], "train.precision must be fp32, bf16 or fp16"),
+        (["--train.precision=fp4"], "train.precision must be one of fp32, bf16, fp16, fp8"),
         (["--model.hidden"], "needs a value"),
         (["hidden=3"], "overrides look like --section.field=value"),
     ],

@@ -1,4 +1,5 @@
-"""The distributed optimizer (``parallel.zero`` 1 and 2) on gloo ranks against one process and FSDP.
+"""The distributed optimizer (``parallel.zero`` 1 and 2) on gloo ranks against one process and FSDP;
+Muon (``train.optimizer=muon``) under FSDP and tensor parallelism against one process.
 
 One 4-rank world trains 5 steps of the real ``Trainer`` under each layout (the same config as
 ``test_data_parallel``: its one-process reference is shared), counts the collectives of a step
@@ -32,6 +33,9 @@ LAYOUTS = {
     "zero2 dp2 x pp2 interleaved": dict(zero=2, pp=2, pp_schedule="interleaved_1f1b", pp_stages_per_rank=2),
     "zero1 dp2 x pp2 dualpipev": dict(zero=1, pp=2, pp_schedule="dualpipev", pp_stages_per_rank=2),
 }
+# Muon orthogonalises whole matrices: FSDP's row shards and tp's row and column shards are gathered.
+MUON_LAYOUTS = {"muon dp4": {}, "muon dp2 x tp2": dict(tp=2), "muon dp2 x tp2 sequence-parallel":
+                dict(tp=2, sequence_parallel=True)}
 COLLECTIVES = ("all_reduce", "reduce_scatter_single", "all_gather_single")
 
 
@@ -101,10 +105,18 @@ def _zero1_checkpoint(checkpoints: Path) -> dict[str, Any]:
     return {"saved": saved, "loaded": full_states(loader)}
 
 
+def _muon_config(**parallel: Any) -> Any:
+    cfg = _config(**parallel)
+    cfg.train.optimizer = "muon"
+    return cfg
+
+
 def _world(checkpoints: str) -> dict[str, Any]:
     root = Path(checkpoints)
     results: dict[str, Any] = {name: _train(_config(**layout), world_dims(_config(**layout), 4))
                                for name, layout in LAYOUTS.items()}
+    results |= {name: _train(_muon_config(**layout), world_dims(_muon_config(**layout), 4))
+                for name, layout in MUON_LAYOUTS.items()}
     results["collectives"] = _collectives(root)
     results["overlap"] = _overlap()
     results["checkpoint"] = _zero1_checkpoint(root)
@@ -117,9 +129,14 @@ def _results() -> tuple[list[dict[str, Any]], Path]:
     return run_world(_world, 4, str(checkpoints), timeout=300), checkpoints
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@functools.cache
+def _muon_reference() -> dict[str, Any]:
+    return _train(_muon_config(), world_dims(_muon_config(), 1))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS) + list(MUON_LAYOUTS))
 def test_five_steps_match_one_process(layout: str) -> None:
-    ref = _reference()
+    ref = _muon_reference() if layout in MUON_LAYOUTS else _reference()
     seen: set[str] = set()
     for rank, result in enumerate(_results()[0]):
         got = result[layout]

@@ -39,3 +39,13 @@ def test_the_zero_comparison_trains_each_stage_on_the_same_batches(tmp_path: Pat
     ratios = gpu.compare_zero({1: {"step_seconds": 1.5, "peak_memory_GiB": 30.0},
                                3: {"step_seconds": 2.0, "peak_memory_GiB": 20.0}})
     assert ratios["step_time_zero1_over_zero3"] == 0.75 and ratios["memory_zero1_over_zero3"] == 1.5
+
+
+def test_the_fp8_comparison_trains_bf16_and_fp8_alike_and_records_a_refusal(tmp_path: Path) -> None:
+    bf16, fp8 = (gpu.train_config("gpt2-medium", 989e12, tmp_path, p) for p in ("bf16", "fp8"))
+    assert (bf16.train.precision, fp8.train.precision) == ("bf16", "fp8")
+    assert bf16.train.micro_batch_size == fp8.train.micro_batch_size and bf16.train.out != fp8.train.out
+    ratio = gpu.compare_precisions({"bf16": {"step_seconds": 1.28}, "fp8": {"step_seconds": 1.0}})
+    assert ratio["fp8_speedup"] == pytest.approx(1.28)
+    refused = gpu.compare_precisions({"bf16": {"step_seconds": 1.0}, "fp8": {"refused": "train.precision=fp8 needs"}})
+    assert "fp8_speedup" not in refused and refused["fp8"]["refused"].startswith("train.precision=fp8")

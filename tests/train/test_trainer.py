@@ -22,16 +22,18 @@ from tests.harness.training import RandomTokens, make_config, make_trainer, trai
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.toml"))
 
 
-def test_resume_is_bitwise_identical(tmp_path, small_model_config):
-    """6 steps straight == 3 steps, a new process-like restart, --resume, 3 more (dropout on: RNGs matter)."""
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_bitwise_identical(tmp_path, small_model_config, optimizer):
+    """6 steps straight == 3 steps, a new process-like restart, --resume, 3 more (dropout on: RNGs matter;
+    Muon: its momentum buffers and AdamW's moments of the other parameters travel in one optimizer state)."""
     model_cfg = dataclasses.replace(small_model_config, dropout=0.1)
-    straight = make_trainer(make_config(model_cfg, tmp_path / "a"))
+    straight = make_trainer(make_config(model_cfg, tmp_path / "a", optimizer=optimizer))
     straight.fit()
 
-    first = make_trainer(make_config(model_cfg, tmp_path / "b", steps=3, decay_steps=6))
+    first = make_trainer(make_config(model_cfg, tmp_path / "b", steps=3, decay_steps=6, optimizer=optimizer))
     first.fit()
     torch.manual_seed(999)  # whatever ran in between must not matter
-    resumed = make_trainer(make_config(model_cfg, tmp_path / "b"))
+    resumed = make_trainer(make_config(model_cfg, tmp_path / "b", optimizer=optimizer))
     assert resumed.resume() == tmp_path / "b" / "step_00000003"
     resumed.fit()
 
