@@ -66,8 +66,10 @@ class ModelConfig:
     bias: bool = _f(True, "Biases in every Linear layer of the blocks (GPT); off for Llama/Qwen.")
     qkv_bias: bool = _f(False, "Biases on the q, k, v projections even with model.bias off (Qwen 2).")
     qk_norm: bool = _f(False, "RMSNorm each head's queries and keys before RoPE (Qwen 3).")
-    activation_checkpointing: bool = _f(False, "Recompute each block's activations in backward to save memory.",
-                                        runtime=True)
+    recompute: str = _f("none", "Activation recomputation in backward: none, selective (the attention core, "
+                        "its s^2 part) or full (whole blocks).", runtime=True)
+    activation_checkpointing: bool = _f(False, "Older spelling of model.recompute=full (kept for configs and "
+                                        "checkpoints that set it).", runtime=True)
     moe_experts: int = _f(0, "Mixture of experts: expert MLPs per MoE block; 0 keeps every MLP dense.")
     moe_top_k: int = _f(2, "Experts each token is routed to (gates renormalised over them when > 1).")
     moe_every: int = _f(1, "Every k-th block is a MoE block (blocks k-1, 2k-1, ...); 2 = every other block.")

@@ -11,7 +11,7 @@ Transformations apply in a fixed order, each taking the previous one's module:
    time), so every layout starts from the single-process weights and no rank ever holds more
    than its shards and one block; then expert parallelism splits each MoE layer's experts over
    the ``ep`` mesh (``expert.py``; tp and ep are not combined);
-4. activation checkpointing: the model's own ``model.activation_checkpointing`` flag;
+4. activation recomputation: the model's own ``model.recompute`` (none, selective, full);
 5. compile (``train.compile``): each block in place, so parameter names stay those of the plain model;
 6. data parallelism (FSDP2, ``data.py``), outermost, so it shards the already tensor-parallel
    parameters again over the data-parallel ranks; under ``parallel.zero`` 1 or 2 the weights stay
