@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 
 import torch
@@ -65,6 +65,8 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.cfg = cfg  # the GPT's own config object: model.recompute is read at each forward
+        # SDPA unless context parallelism installs its ring attention (mtnlg.parallel.context), same signature
+        self.core: Callable[..., torch.Tensor] | None = None
 
     def forward(
         self,
@@ -90,7 +92,7 @@ class CausalSelfAttention(nn.Module):
         # No mask means a fresh sequence (causal) or a single new token that sees every key.
         is_causal = attn_mask is None and T > 1
         gqa = {"enable_gqa": True} if R > 1 else {}  # each kv head serves its group's R query heads
-        core = partial(F.scaled_dot_product_attention, dropout_p=dropout, is_causal=is_causal, **gqa)
+        core = partial(self.core or F.scaled_dot_product_attention, dropout_p=dropout, is_causal=is_causal, **gqa)
         if recompute_mode(self.cfg) == "selective" and self.training and kv_cache is None:
             # Megatron's selective recomputation: keep q, k, v (linear outputs), not the core's s^2 state
             # (softmax, dropout mask; flash's output and log-sum-exp), and run the core again in backward.
