@@ -143,11 +143,12 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the world of processes is split: dp x pp x tp = world size."""
+    """How the world of processes is split: dp x pp x cp x tp = world size."""
 
     tp: int = _f(1, "Tensor-parallel size: each layer's weights are split across this many ranks.")
     pp: int = _f(1, "Pipeline-parallel size: the layers are split into this many stages.")
     ep: int = _f(1, "Expert-parallel size: MoE experts split over this many of the data-parallel ranks.")
+    cp: int = _f(1, "Context-parallel size: each sample's sequence split over this many ranks (ring attention).")
     dp: int = _f(-1, "Data-parallel size; -1 means world_size / (tp * pp).")
     dp_replicate: int = _f(
         1, "HSDP: model replicas among the dp ranks, each sharded over dp / dp_replicate ranks (1: fully sharded)."
@@ -178,7 +179,7 @@ class ParallelConfig:
     def validate(self) -> None:
         if self.dp_shard == 0 or self.dp_shard < -1:
             raise ConfigError(f"parallel.dp_shard must be >= 1 or -1 (derive), got {self.dp_shard}")
-        for name in ("tp", "pp", "ep", "pp_stages_per_rank", "dp_replicate"):
+        for name in ("tp", "pp", "ep", "cp", "pp_stages_per_rank", "dp_replicate"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         if self.pp_microbatches < 0:

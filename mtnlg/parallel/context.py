@@ -153,3 +153,33 @@ def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup) -> nn.Mod
         if isinstance(module, CausalSelfAttention):
             module.core = core
     return model
+
+
+def check_layout(cfg: Any, dims: Any) -> None:
+    """The layouts context parallelism composes with today (a ``Config`` and its ``ParallelDims``)."""
+    check_context_parallel(dims.cp, cfg.model.seq_len, cfg.model.dropout)
+    if dims.pp > 1 or dims.ep > 1 or cfg.model.moe_experts:
+        raise ConfigError("parallel.cp > 1 runs with dp and tp: not yet with parallel.pp > 1, parallel.ep > 1 "
+                          "or model.moe_experts (their per-token routing statistics would be per rank)")
+
+
+def shard_batch(inputs: torch.Tensor, targets: torch.Tensor, extra: dict, cp: int, rank: int
+                ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """A micro-batch's inputs and targets (b, T) cut to this rank's chunks, with their global positions."""
+    if extra:
+        raise ConfigError("parallel.cp > 1 takes pretraining batches only (packed fine-tuning samples carry "
+                          "document masks that ring attention does not apply)")
+    positions = global_positions(inputs.shape[1], cp, rank, inputs.device).unsqueeze(0)
+    return shard_sequence(inputs, cp, rank), shard_sequence(targets, cp, rank), {"position_ids": positions}
+
+
+@torch.no_grad()
+def average_gradients(model: nn.Module, group: dist.ProcessGroup, cp: int) -> None:
+    """Average every gradient over the context-parallel ranks (each saw its chunks of the same samples,
+    so the mean of their equal-sized mean losses is the whole sequence's). Under FSDP or tp a gradient is
+    a DTensor whose local shard is what cp peers hold alike."""
+    for p in model.parameters():
+        if p.grad is not None:
+            local = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            dist.all_reduce(local, group=group)
+            local.div_(cp)

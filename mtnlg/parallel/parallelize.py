@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from mtnlg.config import Config, ConfigError
 from mtnlg.model.gpt import GPT
+from mtnlg.parallel.context import apply_context_parallel, check_layout
 from mtnlg.parallel.data import apply_data_parallel
 from mtnlg.parallel.dims import ParallelDims
 from mtnlg.parallel.expert import apply_expert_parallel, check_expert_parallel
@@ -52,6 +53,11 @@ def parallelize(model: GPT, dims: ParallelDims, cfg: Config, *, inference: bool 
         check_pipeline(cfg, dims)
         keep_rank_stages(model, dims, cfg)
     check_expert_parallel(cfg, dims)
+    if dims.cp > 1:
+        if inference:
+            raise ConfigError("generation runs in one process or on tensor-parallel ranks: not with parallel.cp")
+        check_layout(cfg, dims)
+        apply_context_parallel(model, dims.cp_group)
     if dims.tp_enabled:
         apply_tensor_parallel(
             model,
