@@ -15,10 +15,22 @@ ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 MOE_BALANCE = ("aux", "bias", "aux+bias", "none")
+RECOMPUTE = ("none", "selective", "full")
+
+
+def recompute_mode(self: Any) -> str:
+    """What ``ModelConfig`` (``self``) recomputes in backward: ``model.recompute``, with the older
+    ``model.activation_checkpointing=true`` meaning full."""
+    return "full" if self.activation_checkpointing else self.recompute
 
 
 def validate_family(self: Any) -> None:
     """The block-family switches of ``ModelConfig`` (``self``), each error naming its field."""
+    if self.recompute not in RECOMPUTE:
+        raise ConfigError(f"model.recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
+    if self.activation_checkpointing and self.recompute not in ("none", "full"):
+        raise ConfigError(f"model.activation_checkpointing=true means model.recompute=full, which contradicts "
+                          f"model.recompute={self.recompute}: set model.recompute alone")
     for name, allowed in (("position", POSITIONS), ("rope_scaling", ROPE_SCALINGS), ("norm", NORMS), ("mlp", MLPS)):
         if getattr(self, name) not in allowed:
             raise ConfigError(f"model.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

@@ -67,8 +67,10 @@ class ModelConfig:
     bias: bool = _f(True, "Biases in every Linear layer of the blocks (GPT); off for Llama/Qwen.")
     qkv_bias: bool = _f(False, "Biases on the q, k, v projections even with model.bias off (Qwen 2).")
     qk_norm: bool = _f(False, "RMSNorm each head's queries and keys before RoPE (Qwen 3).")
-    activation_checkpointing: bool = _f(False, "Recompute each block's activations in backward to save memory.",
-                                        runtime=True)
+    recompute: str = _f("none", "Activation recomputation in backward: none, selective (the attention core, "
+                        "its s^2 part) or full (whole blocks).", runtime=True)
+    activation_checkpointing: bool = _f(False, "Older spelling of model.recompute=full (kept for configs and "
+                                        "checkpoints that set it).", runtime=True)
     moe_experts: int = _f(0, "Mixture of experts: expert MLPs per MoE block; 0 keeps every MLP dense.")
     moe_top_k: int = _f(2, "Experts each token is routed to (gates renormalised over them when > 1).")
     moe_every: int = _f(1, "Every k-th block is a MoE block (blocks k-1, 2k-1, ...); 2 = every other block.")
@@ -142,11 +144,12 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the world of processes is split: dp x pp x tp = world size."""
+    """How the world of processes is split: dp x pp x cp x tp = world size."""
 
     tp: int = _f(1, "Tensor-parallel size: each layer's weights are split across this many ranks.")
     pp: int = _f(1, "Pipeline-parallel size: the layers are split into this many stages.")
     ep: int = _f(1, "Expert-parallel size: MoE experts split over this many of the data-parallel ranks.")
+    cp: int = _f(1, "Context-parallel size: each sample's sequence split over this many ranks (ring attention).")
     dp: int = _f(-1, "Data-parallel size; -1 means world_size / (tp * pp).")
     dp_replicate: int = _f(
         1, "HSDP: model replicas among the dp ranks, each sharded over dp / dp_replicate ranks (1: fully sharded)."
@@ -177,7 +180,7 @@ class ParallelConfig:
     def validate(self) -> None:
         if self.dp_shard == 0 or self.dp_shard < -1:
             raise ConfigError(f"parallel.dp_shard must be >= 1 or -1 (derive), got {self.dp_shard}")
-        for name in ("tp", "pp", "ep", "pp_stages_per_rank", "dp_replicate"):
+        for name in ("tp", "pp", "ep", "cp", "pp_stages_per_rank", "dp_replicate"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         if self.pp_microbatches < 0:

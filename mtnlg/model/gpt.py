@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mtnlg.config import ModelConfig
+from mtnlg.config.families import recompute_mode
 from mtnlg.model.kv_cache import KVCache
 from mtnlg.model.loss import cross_entropy_loss
 from mtnlg.model.moe import MoE, moe_layers
@@ -62,6 +64,9 @@ class CausalSelfAttention(nn.Module):
         self.k_norm = norm_layer(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.attn_dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.cfg = cfg  # the GPT's own config object: model.recompute is read at each forward
+        # SDPA unless context parallelism installs its ring attention (mtnlg.parallel.context), same signature
+        self.core: Callable[..., torch.Tensor] | None = None
 
     def forward(
         self,
@@ -87,7 +92,13 @@ class CausalSelfAttention(nn.Module):
         # No mask means a fresh sequence (causal) or a single new token that sees every key.
         is_causal = attn_mask is None and T > 1
         gqa = {"enable_gqa": True} if R > 1 else {}  # each kv head serves its group's R query heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal, **gqa)
+        core = partial(self.core or F.scaled_dot_product_attention, dropout_p=dropout, is_causal=is_causal, **gqa)
+        if recompute_mode(self.cfg) == "selective" and self.training and kv_cache is None:
+            # Megatron's selective recomputation: keep q, k, v (linear outputs), not the core's s^2 state
+            # (softmax, dropout mask; flash's output and log-sum-exp), and run the core again in backward.
+            y = checkpoint(core, q, k, v, attn_mask, use_reentrant=False)
+        else:
+            y = core(q, k, v, attn_mask)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
         return self.resid_dropout(self.out_proj(y))
 
@@ -300,7 +311,7 @@ class GPT(nn.Module):
         else:
             attn_mask = self._attention_mask(B, T, start, attention_mask, x.device)
         for block in self.blocks.values():
-            if self.cfg.activation_checkpointing and self.training and kv_cache is None:
+            if recompute_mode(self.cfg) == "full" and self.training and kv_cache is None:
                 x = checkpoint(block, x, None, attn_mask, rope, use_reentrant=False)
             else:
                 x = block(x, kv_cache, attn_mask, rope)

@@ -2,7 +2,8 @@
 
 Everything here takes the plain single-device model and returns it transformed (``parallelize``
 applies them in order: pipeline stages, tensor, expert, data parallelism); the only distributed
-state is the ``ParallelDims`` (``dims``) holding the mesh. ``utils`` holds what every layout's step
+state is the ``ParallelDims`` (``dims``) holding the mesh. ``context`` splits the sequence over
+ranks (ring attention with causal load balancing). ``utils`` holds what every layout's step
 needs around the model (gradient norm and clipping, the vocabulary-parallel loss); ``fp8`` swaps in
 torchao's float8 linear layers for ``train.precision=fp8``.
 

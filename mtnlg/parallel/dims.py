@@ -1,10 +1,10 @@
 """``ParallelDims``: how the world of processes is split, and the one ``DeviceMesh`` that names it.
 
-The world is a 3-D grid ``pp x dp x tp`` (pipeline stages x data-parallel ranks x
-tensor-parallel ranks), the data-parallel axis itself ``dp_replicate x dp_shard`` (HSDP: model
+The world is a grid ``pp x dp x cp x tp`` (pipeline stages x data-parallel ranks x context-parallel
+ranks x tensor-parallel ranks), the data-parallel axis itself ``dp_replicate x dp_shard`` (HSDP: model
 replicas, each fully sharded over ``dp_shard`` ranks). Ranks are laid out tp-minor, pp-major::
 
-    rank = (pp_rank * dp + dp_rank) * tp + tp_rank,   dp_rank = replica * dp_shard + shard
+    rank = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank,   dp_rank = replica * dp_shard + shard
 
 so tensor-parallel peers, which talk inside every layer, are consecutive ranks: the GPUs of
 one node when ``tp <= gpus_per_node``, as in MT-NLG's 8-way tensor slicing inside DGX nodes.
@@ -33,8 +33,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from mtnlg.config import ConfigError, ParallelConfig
 from mtnlg.util import dist as rank_info
 
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
-EP_MESH_DIMS = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+EP_MESH_DIMS = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp")
 
 
 @dataclass
@@ -47,12 +47,13 @@ class ParallelDims:
     world_size: int
     dp_replicate: int = 1
     ep: int = 1
+    cp: int = 1  # context parallelism: ranks splitting each sample's sequence (context.py), between dp and tp
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     mesh: DeviceMesh | None = field(default=None, repr=False)
     dp_mesh: DeviceMesh | None = field(default=None, repr=False)  # dp_replicate x dp_shard, flattened
 
     def __post_init__(self) -> None:
-        for name in ("dp", "pp", "tp", "world_size", "dp_replicate"):
+        for name in ("dp", "pp", "tp", "cp", "world_size", "dp_replicate"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         if self.dp_shard % self.ep:
@@ -61,10 +62,10 @@ class ParallelDims:
         if self.dp % self.dp_replicate:
             raise ConfigError(f"parallel.dp_replicate={self.dp_replicate} does not divide the data-parallel size "
                               f"{self.dp}: dp = dp_replicate x dp_shard")
-        if self.dp * self.pp * self.tp != self.world_size:
+        if self.dp * self.pp * self.cp * self.tp != self.world_size:
             raise ConfigError(
-                f"parallel.dp={self.dp} x parallel.pp={self.pp} x parallel.tp={self.tp} = "
-                f"{self.dp * self.pp * self.tp} processes, but the world has {self.world_size}: "
+                f"parallel.dp={self.dp} x parallel.pp={self.pp} x parallel.cp={self.cp} x parallel.tp={self.tp} = "
+                f"{self.dp * self.pp * self.cp * self.tp} processes, but the world has {self.world_size}: "
                 "launch that many (torchrun --nproc_per_node=N) or change the parallel sizes"
             )
 
@@ -76,17 +77,18 @@ class ParallelDims:
         cfg.validate()
         dp = cfg.dp
         if dp == -1:
-            if world_size % (cfg.tp * cfg.pp):
+            if world_size % (cfg.tp * cfg.pp * cfg.cp):
                 raise ConfigError(
                     f"the world size {world_size} is not divisible by parallel.tp={cfg.tp} x "
-                    f"parallel.pp={cfg.pp}: launch a multiple of {cfg.tp * cfg.pp} processes"
+                    f"parallel.pp={cfg.pp} x parallel.cp={cfg.cp}: launch a multiple of "
+                    f"{cfg.tp * cfg.pp * cfg.cp} processes"
                 )
-            dp = world_size // (cfg.tp * cfg.pp)
+            dp = world_size // (cfg.tp * cfg.pp * cfg.cp)
         if cfg.dp_shard != -1 and cfg.dp_replicate * cfg.dp_shard != dp:
             raise ConfigError(f"parallel.dp_replicate={cfg.dp_replicate} x parallel.dp_shard={cfg.dp_shard} must "
                               f"equal the data-parallel size {dp}")
         return cls(dp=dp, pp=cfg.pp, tp=cfg.tp, world_size=world_size, dp_replicate=cfg.dp_replicate, ep=cfg.ep,
-                   device=torch.device(device))
+                   cp=cfg.cp, device=torch.device(device))
 
     def build_mesh(self) -> DeviceMesh:
         """Create the named ``(pp, dp_replicate, dp_shard, tp)`` mesh over the initialized default process group."""
@@ -95,14 +97,14 @@ class ParallelDims:
                 "ParallelDims.build_mesh needs torch.distributed initialized (see init_distributed)"
             )
         if self.ep > 1:  # dp_shard = dp_shard_mod_ep x ep, ep minor
-            shape = (self.pp, self.dp_replicate, self.dp_shard // self.ep, self.ep, self.tp)
+            shape = (self.pp, self.dp_replicate, self.dp_shard // self.ep, self.ep, self.cp, self.tp)
             self.mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=EP_MESH_DIMS)
             self.mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
             if self.dp_replicate == 1:  # kept, not sliced from the root again (torch deprecates that)
                 self.dp_mesh = self.mesh["dp_shard_mod_ep", "ep"]._flatten("dp")
                 return self.mesh
         else:
-            shape = (self.pp, self.dp_replicate, self.dp_shard, self.tp)
+            shape = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
             self.mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=MESH_DIMS)
         self.dp_mesh = self.mesh["dp_replicate", "dp_shard"]._flatten("dp")
         return self.mesh
@@ -158,6 +160,16 @@ class ParallelDims:
     def dp_group(self) -> dist.ProcessGroup | None:
         """The group to average over data-parallel replicas (None in a single process)."""
         return self.dp_mesh.get_group() if self.dp_mesh is not None else None
+
+    @property
+    def cp_rank(self) -> int:
+        """This rank's place among the context-parallel ranks that split the same samples' sequences."""
+        return self.mesh["cp"].get_local_rank() if self.mesh is not None else 0
+
+    @property
+    def cp_group(self) -> dist.ProcessGroup | None:
+        """The context-parallel peers: the ring of ring attention, and a gradient-averaging group like dp."""
+        return self.mesh["cp"].get_group() if self.mesh is not None else None
 
     @property
     def pp_rank(self) -> int:

@@ -11,7 +11,7 @@ Transformations apply in a fixed order, each taking the previous one's module:
    time), so every layout starts from the single-process weights and no rank ever holds more
    than its shards and one block; then expert parallelism splits each MoE layer's experts over
    the ``ep`` mesh (``expert.py``; tp and ep are not combined);
-4. activation checkpointing: the model's own ``model.activation_checkpointing`` flag;
+4. activation recomputation: the model's own ``model.recompute`` (none, selective, full);
 5. compile (``train.compile``): each block in place, so parameter names stay those of the plain model;
 6. data parallelism (FSDP2, ``data.py``), outermost, so it shards the already tensor-parallel
    parameters again over the data-parallel ranks; under ``parallel.zero`` 1 or 2 the weights stay
@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from mtnlg.config import Config, ConfigError
 from mtnlg.model.gpt import GPT
+from mtnlg.parallel.context import apply_context_parallel, check_layout
 from mtnlg.parallel.data import apply_data_parallel
 from mtnlg.parallel.dims import ParallelDims
 from mtnlg.parallel.expert import apply_expert_parallel, check_expert_parallel
@@ -55,6 +56,11 @@ def parallelize(model: GPT, dims: ParallelDims, cfg: Config, *, inference: bool 
     check_expert_parallel(cfg, dims)
     if dims.device.type != "meta":  # a dry run plans the layout; the hardware is the real run's
         check_fp8(cfg, dims.device)
+    if dims.cp > 1:
+        if inference:
+            raise ConfigError("generation runs in one process or on tensor-parallel ranks: not with parallel.cp")
+        check_layout(cfg, dims)
+        apply_context_parallel(model, dims.cp_group)
     if dims.tp_enabled:
         apply_tensor_parallel(
             model,

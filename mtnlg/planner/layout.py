@@ -13,7 +13,7 @@ from mtnlg.config import ConfigError, ModelConfig
 from mtnlg.config.schedules import SCHEDULES, bubble_slots, busiest_rank_layers, check_stages_per_rank
 
 RECOMPUTE = ("none", "selective", "full")
-# What mtnlg train does (model.activation_checkpointing recomputes whole blocks); selective is an estimate only.
+# The levels --recompute auto tries (mtnlg train runs all three as model.recompute).
 RUNNABLE_RECOMPUTE = ("none", "full")
 PRECISIONS = ("bf16", "fp16", "fp32")
 

@@ -85,12 +85,9 @@ def run(args: argparse.Namespace, cfg: ModelConfig, model_flags: list[str] | Non
 def train_flags(lay: Layout) -> list[str]:
     """``mtnlg train`` flags that run ``lay`` (the config's names for the planner's knobs).
 
-    ZeRO 0 (nothing sharded) is FSDP over one rank per replica (``dp_shard=1``, DDP-like); selective
-    recomputation is a planner estimate that ``mtnlg train`` does not offer (``model.activation_checkpointing``
-    recomputes whole blocks), so such a layout has no command.
+    ZeRO 0 (nothing sharded) is FSDP over one rank per replica (``dp_shard=1``, DDP-like); the recomputation
+    level is ``model.recompute``.
     """
-    if lay.recompute == "selective":
-        raise ConfigError("selective recomputation is not a mode of mtnlg train (use --recompute full or none)")
     flags = [f"--parallel.tp={lay.tp}", f"--parallel.pp={lay.pp}", f"--parallel.dp={lay.dp}"]
     if lay.dp > 1:
         flags.append(f"--parallel.zero={lay.zero or 3}")
@@ -100,8 +97,8 @@ def train_flags(lay: Layout) -> list[str]:
         flags += [f"--parallel.pp_schedule={lay.schedule}", f"--parallel.pp_stages_per_rank={lay.virtual_stages}"]
     if lay.sequence_parallel:
         flags.append("--parallel.sequence_parallel=true")
-    if lay.recompute == "full":
-        flags.append("--model.activation_checkpointing=true")
+    if lay.recompute != "none":
+        flags.append(f"--model.recompute={lay.recompute}")
     if lay.optimizer != "adamw":
         flags.append(f"--train.optimizer={lay.optimizer}")
     return flags + [f"--train.micro_batch_size={lay.micro_batch}", f"--train.global_batch_size={lay.global_batch}",
@@ -163,7 +160,7 @@ def render(p: Plan, model_flags: list[str] | None = None) -> str:
         f"throughput       {human(p.tokens_per_step / t.step)} tokens/s; "
         f"{p.hfu * p.gpu.peak_flops / 1e12:.3g} TFLOP/s per GPU; MFU {p.mfu:.1%} (HFU {p.hfu:.1%})",
         f"training         {human(p.tokens)} tokens in {p.days:.1f} days",
-        f"run it           {train_command(p, model_flags or []) or 'not by mtnlg train (selective recompute)'}",
+        f"run it           {train_command(p, model_flags or []) or 'not by mtnlg train'}",
     ]
     return "\n".join(lines)
 

@@ -113,9 +113,10 @@ def _report(cfg: Config, dims: ParallelDims, model: GPT, optimizer: torch.optim.
     zero = pc.zero if dims.dp > 1 else 0
     return {
         "rank": dims.rank, "world_size": dims.world_size,
-        "layout": {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp, "ep": dims.ep, "dp_replicate": dims.dp_replicate,
-                   "zero": zero, "pp_schedule": pc.pp_schedule, "pp_stages_per_rank": pc.pp_stages_per_rank},
-        "coordinates": {"pp": dims.pp_rank, "dp": dims.dp_rank, "tp": dims.tp_rank},
+        "layout": {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp, "cp": dims.cp, "ep": dims.ep,
+                   "dp_replicate": dims.dp_replicate, "zero": zero, "pp_schedule": pc.pp_schedule,
+                   "pp_stages_per_rank": pc.pp_stages_per_rank},
+        "coordinates": {"pp": dims.pp_rank, "dp": dims.dp_rank, "cp": dims.cp_rank, "tp": dims.tp_rank},
         "stage": stages[0], "stages": stages, "layers": [layers[0], layers[-1]] if layers else [],
         "stage_layers": {str(s): [split[s][0], split[s][-1]] for s in stages} if dims.pp > 1 else {},
         "parameters": sum(_local(p).numel() for p in params),
@@ -205,7 +206,8 @@ def render(report: dict[str, Any]) -> str:
     gib = float(1 << 30)
     lines = [
         f"rank {report['rank']} of {report['world_size']}: tp={lay['tp']} pp={lay['pp']} dp={lay['dp']} "
-        f"zero={lay['zero']}; coordinates pp {coords['pp']} dp {coords['dp']} tp {coords['tp']}",
+        + (f"cp={lay['cp']} " if lay["cp"] > 1 else "") + f"zero={lay['zero']}; coordinates pp {coords['pp']} "
+        f"dp {coords['dp']} " + (f"cp {coords['cp']} " if lay["cp"] > 1 else "") + f"tp {coords['tp']}",
         f"stages           {', '.join(map(str, report['stages']))} (layers {report['layers'][0]}-"
         f"{report['layers'][1]})" if report["layers"] else "stages           (no layers)",
         f"parameters       {human(report['parameters'])} on this rank",

@@ -47,6 +47,7 @@ from mtnlg.data.gpt_dataset import Dataset, SampleLoader
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.model.counts import flops_per_token
 from mtnlg.model.gpt import GPT
+from mtnlg.parallel.context import average_gradients, shard_batch
 from mtnlg.parallel.data import fsdp_mixed_precision
 from mtnlg.parallel.dims import ParallelDims
 from mtnlg.parallel.expert import ExpertStatistics
@@ -144,7 +145,7 @@ class Trainer:
         self.state.step += 1
         self.state.consumed_samples += batch_size
         self.state.consumed_tokens += tokens
-        mean_loss = self._all_reduce(loss, dist.ReduceOp.SUM, self.dims.dp_group) / self.dp_size
+        mean_loss = self._all_reduce(self._mean_over_cp(loss), dist.ReduceOp.SUM, self.dims.dp_group) / self.dp_size
         seconds = time.perf_counter() - start
         return StepStats(self.state.step, float(mean_loss), float(grad_norm), lr, batch_size, tokens, seconds,
                          skipped, seconds - (self.collectives.wait_seconds - waited))
@@ -166,7 +167,15 @@ class Trainer:
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
         """The model's mean loss on one micro-batch (pretraining tokens or fine-tuning samples)."""
         inputs, targets, extra = split_batch(batch)
+        if self.dims.cp > 1:  # this rank's chunks of every sample's sequence, at their global positions
+            inputs, targets, extra = shard_batch(inputs, targets, extra, self.dims.cp, self.dims.cp_rank)
         return self.model(inputs, targets, **extra)
+
+    def _mean_over_cp(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a per-rank loss over the context-parallel ranks (equal token counts): the samples'."""
+        if self.dims.cp == 1:
+            return value
+        return self._all_reduce(value, dist.ReduceOp.SUM, self.dims.cp_group) / self.dims.cp
 
     def _next_batch(self, micro_batches: int) -> torch.Tensor:
         """This rank's share of ``micro_batches`` consecutive micro-batches, as one (b, T + 1) tensor."""
@@ -183,6 +192,8 @@ class Trainer:
     def _grad_norm(self) -> torch.Tensor:
         """Global L2 norm of all gradients (sharded DTensor gradients and pipeline stages reduced to the full norm)."""
         finish_gradient_reduction(self.optimizer)  # ZeRO 1/2: the buckets still in flight after backward
+        if self.dims.cp > 1:  # cp ranks reduce gradients like dp ranks
+            average_gradients(self.model, self.dims.cp_group, self.dims.cp)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = self.pipeline.counted_parameters() if self.pipeline is not None else self.model.parameters()
@@ -235,7 +246,7 @@ class Trainer:
             else:
                 losses = torch.stack([self._loss(b).float() for b in batches])
         self.model.train()
-        total = (losses * weights).sum()
+        total = self._mean_over_cp((losses * weights).sum())
         return float(self._all_reduce(total, dist.ReduceOp.SUM, self.dims.dp_group) / iters)
 
     # -- checkpoints -------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mtnlg.config import ConfigError, ModelConfig, build_config, config_from_dict, parse_overrides
+from mtnlg.config.families import recompute_mode
 from mtnlg.config.presets import PRESETS, get_preset
 from mtnlg.model.counts import flops_per_token, model_info, parameter_count
 from mtnlg.model.gpt import GPT
@@ -60,6 +61,15 @@ def test_json_round_trip():
     cfg = build_config("gpt2-medium", overrides=["--train.steps=7", "--model.activation_checkpointing=true"])
     again = config_from_dict(cfg.to_dict())
     assert again == cfg and again.model.activation_checkpointing is True
+
+
+def test_a_config_from_before_model_recompute_loads_with_its_checkpointing_as_full():
+    """A checkpoint's config.json written before ``model.recompute`` existed: the field is absent and
+    ``activation_checkpointing`` still means whole-block recomputation."""
+    data = build_config("gpt2-medium", overrides=["--model.activation_checkpointing=true"]).to_dict()
+    del data["model"]["recompute"]
+    model = config_from_dict(data).model
+    assert (model.recompute, recompute_mode(model)) == ("none", "full")
 
 
 @pytest.mark.parametrize(

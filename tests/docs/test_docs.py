@@ -53,7 +53,7 @@ PAGES = ("README.md", "docs/configuration.md", "docs/data.md", "docs/curation.md
          "docs/checkpoints.md",
          "docs/finetuning.md", "docs/generation.md", "docs/limits-and-security.md", "docs/evaluation.md",
          "docs/parallelism.md", "docs/moe.md", "docs/planning.md", "docs/fault-tolerance.md",
-         "docs/model-families.md")
+         "docs/model-families.md", "docs/long-sequences.md")
 MARKER = re.compile(r"^\s*<!-- runnable(?::\s*(?P<mode>.*?))?\s*-->\s*$")
 # Why a block of commands or code is not run: `<!-- not run: needs a GPU -->` (the reason is required).
 NOT_RUN = re.compile(r"^\s*<!-- not run: \S.*-->\s*$")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from mtnlg.config import ModelConfig
+from mtnlg.config import ConfigError, ModelConfig
 from mtnlg.model import GPT, KVCache
 
 
@@ -96,19 +97,32 @@ def test_left_padded_batch_equals_rows_alone(model):
     assert not torch.isnan(batched).any()
 
 
-def test_activation_checkpointing_gives_same_loss_and_grads(small_model_config):
+@pytest.mark.parametrize("mode", ["selective", "full", "alias"])
+def test_recompute_gives_the_loss_and_grads_of_none(small_model_config, mode):
+    """Recomputation replays the dropout masks (torch.utils.checkpoint restores the RNG), so with dropout
+    the loss and every gradient equal the run that keeps everything; ``alias`` is the older
+    ``model.activation_checkpointing=true``."""
     idx = torch.randint(0, 300, (2, 16))
     results = []
-    for ckpt in (False, True):
+    for recompute in ("none", mode):
         torch.manual_seed(0)
-        small_model_config.activation_checkpointing = ckpt
-        m = GPT(small_model_config).train()
+        alias = recompute == "alias"
+        cfg = dataclasses.replace(small_model_config, dropout=0.1, recompute="none" if alias else recompute,
+                                  activation_checkpointing=alias)
+        m = GPT(cfg).train()
         loss = m(idx[:, :-1], targets=idx[:, 1:])
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
-    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=0)
     for a, b in zip(results[0][1], results[1][1], strict=True):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_recompute_contradicting_its_alias_is_refused(small_model_config):
+    with pytest.raises(ConfigError, match="model.activation_checkpointing=true means model.recompute=full"):
+        dataclasses.replace(small_model_config, recompute="selective", activation_checkpointing=True).validate()
+    with pytest.raises(ConfigError, match="model.recompute must be one of none, selective, full"):
+        dataclasses.replace(small_model_config, recompute="some").validate()
 
 
 def test_megatron_init_scales_output_projections():

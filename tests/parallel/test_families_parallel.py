@@ -1,6 +1,7 @@
 """A Llama-family model (``--preset llama-tiny``: RoPE, RMSNorm, SwiGLU, grouped-query attention, untied,
 no biases; here with Qwen 3's QK-norm too) under ``torchrun`` tp=2 (with and without sequence
-parallelism), pp=2 and dp=2 (FSDP) against one process, and its tp=2 checkpoint exported to Hugging Face.
+parallelism), pp=2, dp=2 (FSDP) and cp=2 (ring attention) against one process, and its tp=2 checkpoint
+exported to Hugging Face.
 
 One shared set of runs (each ``torchrun`` launch costs seconds on 2 cores), cut to test size.
 """
@@ -22,7 +23,7 @@ STEPS = 4
 TRAIN = [*small_run_flags(n_layers=2, micro_batch_size=2, eval_iters=1), "--preset", "llama-tiny",
          "--model.qk_norm=true", f"--train.steps={STEPS}"]
 LAYOUTS = {"tp2": ["--parallel.tp=2"], "tp2-sp": ["--parallel.tp=2", "--parallel.sequence_parallel=true"],
-           "pp2": ["--parallel.pp=2"], "dp2": []}
+           "pp2": ["--parallel.pp=2"], "dp2": [], "cp2": ["--parallel.cp=2"]}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,112 @@
+"""Context parallelism (ring attention, causal load balancing) against one process, on one 4-rank gloo world."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtnlg.config import Config, ConfigError, ModelConfig, ParallelConfig
+from mtnlg.parallel.context import check_context_parallel, check_layout, global_positions, shard_sequence
+from tests.harness.dist import run_world
+
+GPT_CFG = ModelConfig(vocab_size=128, seq_len=32, n_layers=2, hidden=32, n_heads=4, padded_vocab_multiple=64)
+LLAMA_CFG = dataclasses.replace(GPT_CFG, position="rope", norm="rmsnorm", mlp="swiglu", n_kv_heads=2, bias=False,
+                                tie_embeddings=False)
+
+
+def _attention_error(cp: int, group: Any, rank: int) -> float:
+    """Max |ring - full| over the output and the q, k, v gradients, for grouped-query causal attention."""
+    from mtnlg.parallel.context import ring_core
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 32, 8), torch.randn(2, 2, 32, 8), torch.randn(2, 2, 32, 8)
+    g = torch.randn(2, 4, 32, 8)
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*full, is_causal=True, enable_gqa=True)
+    ref.backward(g)
+    local = [shard_sequence(t, cp, rank, dim=2).requires_grad_() for t in (q, k, v)]
+    out = ring_core(group)(*local)
+    out.backward(shard_sequence(g, cp, rank, dim=2))
+    pairs = [(out, ref)] + [(a.grad, b.grad) for a, b in zip(local, full, strict=True)]
+    return max((a - shard_sequence(b, cp, rank, dim=2)).abs().max().item() for a, b in pairs)
+
+
+def _step_error(cfg: ModelConfig, cp: int, cp_group: Any, cp_rank: int, dp: int, dp_rank: int) -> float:
+    """One forward/backward of a GPT on cp ranks (x dp) against the whole batch in one process: max error over
+    the loss and every gradient, gradients averaged over the dp x cp ranks as their reduction does."""
+    import torch.distributed as dist
+
+    from mtnlg.model.gpt import GPT
+    from mtnlg.parallel.context import apply_context_parallel
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (2 * dp, cfg.seq_len + 1))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    ref = GPT(cfg).train()
+    ref_loss = ref(x, targets=y)
+    ref_loss.backward()
+    model = apply_context_parallel(GPT(cfg).train(), cp_group)
+    model.load_state_dict(ref.state_dict())
+    rows = slice(2 * dp_rank, 2 * dp_rank + 2)  # the data-parallel rank's samples; cp ranks share them
+    positions = global_positions(cfg.seq_len, cp, cp_rank).unsqueeze(0)
+    loss = model(shard_sequence(x[rows], cp, cp_rank), targets=shard_sequence(y[rows], cp, cp_rank),
+                 position_ids=positions)
+    loss.backward()
+    dist.all_reduce(mean := loss.detach().clone())  # every rank holds as many tokens: the mean of the means
+    errors = [(mean / (cp * dp) - ref_loss).abs().item()]
+    for (name, p), r in zip(model.named_parameters(), ref.parameters(), strict=True):
+        dist.all_reduce(p.grad)
+        errors.append((p.grad / (cp * dp) - r.grad).abs().max().item())
+        assert name  # every parameter compared
+    return max(errors)
+
+
+def _world() -> dict[str, float]:
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # cp=2 groups (all ranks create every group)
+    cp2, cp2_rank = pairs[rank // 2], rank % 2
+    return {
+        "attention cp=4": _attention_error(4, dist.group.WORLD, rank),
+        "attention cp=2": _attention_error(2, cp2, cp2_rank),
+        "gpt cp=2 x dp=2": _step_error(GPT_CFG, 2, cp2, cp2_rank, 2, rank // 2),
+        "llama cp=2 x dp=2": _step_error(LLAMA_CFG, 2, cp2, cp2_rank, 2, rank // 2),
+        "llama cp=4 selective": _step_error(dataclasses.replace(LLAMA_CFG, recompute="selective"), 4,
+                                            dist.group.WORLD, rank, 1, 0),
+    }
+
+
+@pytest.fixture(scope="module")
+def errors() -> list[dict[str, float]]:
+    return run_world(_world, 4, timeout=120)
+
+
+@pytest.mark.parametrize("case", ["attention cp=4", "attention cp=2", "gpt cp=2 x dp=2", "llama cp=2 x dp=2",
+                                  "llama cp=4 selective"])
+def test_context_parallel_equals_one_process(errors: list[dict[str, float]], case: str) -> None:
+    """Ring attention's output and gradients, and a training step's loss and every gradient, within 1e-5 of
+    full attention / the whole sequence in one process (fp32, causal)."""
+    assert max(rank[case] for rank in errors) < 1e-5
+
+
+def test_load_balancing_gives_each_rank_a_head_and_its_mirrored_tail() -> None:
+    assert global_positions(8, 2, 0).tolist() == [0, 1, 6, 7]
+    assert global_positions(8, 2, 1).tolist() == [2, 3, 4, 5]
+    whole = torch.cat([global_positions(16, 4, r) for r in range(4)])
+    assert sorted(whole.tolist()) == list(range(16))
+
+
+def test_context_parallel_rules_name_their_fields() -> None:
+    with pytest.raises(ConfigError, match=r"model.seq_len=30 must be divisible by 2 \* parallel.cp = 4"):
+        check_context_parallel(2, 30, 0.0)
+    with pytest.raises(ConfigError, match="model.dropout=0.1 with parallel.cp=2"):
+        check_context_parallel(2, 32, 0.1)
+    cfg = Config(model=ModelConfig(seq_len=32), parallel=ParallelConfig(zero=1))
+    with pytest.raises(ConfigError, match="parallel.zero=3 \\(FSDP\\) only, not parallel.zero=1"):
+        check_layout(cfg, SimpleNamespace(cp=2, pp=1, ep=1))
