@@ -213,6 +213,11 @@ def perplexity(
 ) -> dict[str, float]:
     """Mean token NLL, perplexity and bits per byte of documents (text, or token ids), each scored on its own."""
     encoded = [scorer.tokenizer.encode(d) if isinstance(d, str) else [int(t) for t in d] for d in documents]
+    for i, ids in enumerate(encoded):  # token ids from a dataset (an indexed one, or given as ids)
+        if ids and not 0 <= min(ids) <= max(ids) < scorer.vocab_size:
+            raise ValueError(f"document {i} has token id {max(ids) if max(ids) >= scorer.vocab_size else min(ids)}, "
+                             f"outside the model's vocabulary of {scorer.vocab_size} (model.vocab_size): the data "
+                             "was tokenized with another tokenizer")
     windows = [w for ids in encoded for w in scorer.document_windows(ids, stride, prepend_eod)]
     if not windows:
         raise ValueError("no tokens to score: every document has at most one token (use --prepend-eod to score it)")
@@ -299,7 +304,10 @@ def evaluate(scorer: Scorer, spec: EvalSpec, data: list | None = None) -> dict[s
             head["split"] = f"{spec.split_name} of {spec.split}"
         stride = spec.stride or max(scorer.seq_len - 1, 1)
         head.update(stride=stride, prepend_eod=spec.prepend_eod)
-        return {**head, **perplexity(scorer, data, stride, spec.prepend_eod)}
+        try:
+            return {**head, **perplexity(scorer, data, stride, spec.prepend_eod)}
+        except ValueError as exc:
+            raise ValueError(f"{spec.data}: {exc}") from None
     if spec.shots:
         head.update(shots=spec.shots, seed=spec.seed)
     return {**head, **(cloze if spec.task == "cloze" else choice)(scorer, data)}

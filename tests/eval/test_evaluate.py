@@ -239,6 +239,15 @@ def test_indexed_split_and_int8(hf_checkpoint, small_tokenizer, tmp_path):
     assert got["nll"] == pytest.approx(perplexity(scorer, test_docs)["nll"], rel=1e-9)
     int8 = perplexity(Scorer.from_checkpoint(ckpt, quantize="int8"), test_docs)
     assert int8["nll"] != got["nll"] and int8["nll"] == pytest.approx(got["nll"], rel=0.02)
+    from mtnlg.data.indexed import IndexedDatasetWriter
+
+    writer = IndexedDatasetWriter(tmp_path / "other", np.uint16)  # ids of a larger vocabulary
+    for doc in ([1, 2, 3], [4, scorer.vocab_size + 5, 6]):
+        writer.add_document(doc)
+    writer.finalize()
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'other'}: document 1 has token id {scorer.vocab_size + 5}, "
+                                         r"outside the model's vocabulary"):
+        evaluate(scorer, EvalSpec("perplexity", str(tmp_path / "other"), split="0,0,1", split_name="test"))
 
 
 def test_a_mixture_of_experts_checkpoint_scores_as_its_model_computes(small_tokenizer, tmp_path):
