@@ -22,6 +22,7 @@ from mtnlg.checkpoint.directory import (
     WEIGHTS_FILE,
     CheckpointError,
 )
+from mtnlg.model.hf import FAMILIES
 
 
 def _config(directory: Path) -> dict:
@@ -42,8 +43,13 @@ MODEL, INT8, HF = "model checkpoint", "quantized (int8) checkpoint", "Hugging Fa
 KINDS: dict[str, Callable[[Path], bool]] = {  # what each kind of output directory holds
     MODEL: lambda d: _model_checkpoint(d, WEIGHTS_FILE) and not (d / INT8_WEIGHTS_FILE).exists(),
     INT8: lambda d: _model_checkpoint(d, INT8_WEIGHTS_FILE),
-    HF: lambda d: "n_embd" in _config(d) and (d / WEIGHTS_FILE).is_file(),
+    HF: lambda d: _hf_model_type(_config(d)) in FAMILIES and (d / WEIGHTS_FILE).is_file(),
 }
+
+
+def _hf_model_type(config: dict) -> str | None:
+    """The family of an HF ``config.json`` as import reads it (GPT-2 files may lack ``model_type``)."""
+    return config.get("model_type") or ("gpt2" if "n_embd" in config else None)
 
 
 def _within(inner: Path, outer: Path) -> bool:

@@ -94,6 +94,20 @@ def test_quantizing_into_a_runs_step_is_refused_and_a_same_kind_out_needs_overwr
     _refused(["convert", "--upcycle", str(sources["ckpt"]), "--out", str(out), "--overwrite"], capsys, "not a model")
 
 
+def test_an_export_of_a_llama_family_model_is_replaced_with_overwrite(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    from mtnlg.config import ModelConfig
+
+    cfg = Config(model=ModelConfig(vocab_size=300, seq_len=32, n_layers=1, hidden=32, n_heads=4, n_kv_heads=2,
+                                   position="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False,
+                                   padded_vocab_multiple=64)).validate()
+    save_model(tmp_path / "ckpt", GPT(cfg.model), cfg)
+    to_hf = ["convert", "--to-hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]
+    assert main(to_hf) == 0
+    _refused(to_hf, capsys, "--overwrite")
+    assert main([*to_hf, "--overwrite"]) == 0
+
+
 def test_latest_is_followed_only_to_a_step_directory(sources: dict, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     from mtnlg.checkpoint.directory import CheckpointError, find_training_checkpoint, resolve, resolve_verified
