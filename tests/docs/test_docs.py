@@ -51,7 +51,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # sections were; its Hugging Face examples, which came before the data sections, need only the demo.
 PAGES = ("README.md", "docs/configuration.md", "docs/data.md", "docs/curation.md", "docs/training.md",
          "docs/checkpoints.md",
-         "docs/finetuning.md", "docs/generation.md", "docs/limits-and-security.md", "docs/evaluation.md",
+         "docs/finetuning.md", "docs/generation.md", "docs/serving.md", "docs/limits-and-security.md",
+         "docs/evaluation.md",
          "docs/parallelism.md", "docs/moe.md", "docs/planning.md", "docs/fault-tolerance.md",
          "docs/model-families.md", "docs/long-sequences.md")
 MARKER = re.compile(r"^\s*<!-- runnable(?::\s*(?P<mode>.*?))?\s*-->\s*$")
