@@ -28,6 +28,7 @@ from mtnlg.checkpoint.directory import (
     write_checksums,
 )
 from mtnlg.checkpoint.model import consolidated_weights, load_config, write_model_files
+from mtnlg.checkpoint.output import MODEL, check_output
 from mtnlg.model.counts import model_info
 from mtnlg.util.fmt import human, human_bytes
 from mtnlg.util.fs import atomic_dir, read_json
@@ -122,16 +123,16 @@ def format_report(r: CheckpointReport) -> str:
     return "\n".join(f"{name:12s} {value}" for name, value in lines)
 
 
-def export_checkpoint(path: str | Path, out: str | Path, verify: bool = True) -> Path:
+def export_checkpoint(path: str | Path, out: str | Path, verify: bool = True, overwrite: bool = False) -> Path:
     """Write ``out``: config.json, a consolidated model.safetensors and the tokenizer of ``path``.
 
     The weights come from ``train_state/`` when there is one (in this process alone, whatever
-    layout wrote it), else from ``model.safetensors``. ``out`` must not exist or be empty:
-    nothing is overwritten. ``verify`` first checks the checksums (a training checkpoint has them).
+    layout wrote it), else from ``model.safetensors``. ``out`` must be new or empty, or with
+    ``overwrite`` an exported model (``check_output``); never the run or step it reads. ``verify``
+    first checks the checksums (a training checkpoint has them).
     """
-    directory, out = resolve(path), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"{out} already exists and is not empty: export into a new directory")
+    directory = resolve(path)
+    out = check_output(out, MODEL, [path, directory], overwrite)
     if verify and (directory / CHECKSUM_FILE).is_file():
         verify_checksums(directory)
     cfg = load_config(directory)
@@ -148,6 +149,4 @@ def export_checkpoint(path: str | Path, out: str | Path, verify: bool = True) ->
             shutil.copytree(directory / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
         write_checksums(tmp, local=True)
 
-    if out.exists():
-        out.rmdir()  # empty, checked above; atomic_dir renames the finished export into place
     return atomic_dir(out, fill)

@@ -62,6 +62,13 @@ def config_args(p: argparse.ArgumentParser, preset: bool = True) -> None:
     list_config_fields(p)
 
 
+def overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
+    """``--overwrite``, as every command that writes a directory spells it (``checkpoint.output``)."""
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace an existing --out that already holds {what}; any other non-empty --out is "
+                        "refused, and so is one that is or overlaps the source")
+
+
 def no_overrides(overrides: list[str]) -> None:
     if overrides:
         raise ConfigError(f"unrecognized arguments: {' '.join(overrides)}")

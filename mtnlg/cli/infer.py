@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from mtnlg.cli.args import command, field_flag, given_fields, int_in, no_overrides
+from mtnlg.cli.args import command, field_flag, given_fields, int_in, no_overrides, overwrite_arg
 from mtnlg.config import ConfigError
 from mtnlg.util.fs import write_json
 
@@ -23,7 +23,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
                      "(each expert a copy of the dense MLP; --model.moe_* overrides set the rest)")
     p.add_argument("--upcycle-experts", type=int, default=8, metavar="N", help="experts per MoE block (--upcycle)")
     p.add_argument("--out", required=True, help="output directory (new or empty; see --overwrite)")
-    _overwrite_arg(p, "what this command writes (a model checkpoint; a Hugging Face directory for --to-hf)")
+    overwrite_arg(p, "what this command writes (a model checkpoint; a Hugging Face directory for --to-hf)")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="tokenizer to store with the weights (tokenizer.json, or GPT-2's vocab.json + merges.txt); "
                         "default: the one in the source directory, if any")
@@ -45,12 +45,6 @@ def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"note: {out} has no tokenizer (none in the source directory): give --tokenizer DIR "
               "here, or to generate and serve")
     return 0
-
-
-def _overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--overwrite", action="store_true",
-                   help=f"replace an existing --out that already holds {what}; any other non-empty --out is "
-                        "refused, and so is one that is or overlaps the source")
 
 
 # -- generate, serve, quantize ---------------------------------------------------------------------
@@ -268,7 +262,7 @@ def _listen(host: str, port: int) -> object:
 def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="fp32 checkpoint directory, or a run directory")
     p.add_argument("--out", required=True, help="directory for the int8 checkpoint (new or empty; see --overwrite)")
-    _overwrite_arg(p, "an int8 checkpoint")
+    overwrite_arg(p, "an int8 checkpoint")
 
 
 @command("quantize", _quantize_args)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from mtnlg.cli.args import command, config_args, field_flag, given_fields, no_overrides
+from mtnlg.cli.args import command, config_args, field_flag, given_fields, no_overrides, overwrite_arg
 from mtnlg.config import Config, ConfigError, build_config
 from mtnlg.util import dist as rank_info
 
@@ -144,7 +144,8 @@ def _checkpoint_cmd_args(p: argparse.ArgumentParser) -> None:
                    help="inspect: step, tokens, saving layout, model, sizes, checksums; "
                         "export: consolidated weights + config + tokenizer into --out")
     p.add_argument("path", metavar="DIR", help="checkpoint directory, or a run directory (its latest step)")
-    p.add_argument("--out", help="export: new directory for the exported model")
+    p.add_argument("--out", help="export: directory for the exported model (new or empty; see --overwrite)")
+    overwrite_arg(p, "an exported model checkpoint")
     p.add_argument("--json", action="store_true", help="inspect: print machine-readable JSON")
     p.add_argument("--no-verify", action="store_true", help="skip re-hashing every file against checksums.json")
 
@@ -166,7 +167,7 @@ def cmd_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
             return 1 if report.checksums.startswith("FAILED") else 0
         if not args.out:
             raise ConfigError("checkpoint export needs --out DIR")
-        print(f"wrote {export_checkpoint(args.path, args.out, verify=not args.no_verify)}")
+        print(f"wrote {export_checkpoint(args.path, args.out, not args.no_verify, args.overwrite)}")
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
     return 0

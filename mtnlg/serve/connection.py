@@ -7,7 +7,9 @@ size (``h11_max_incomplete_event_size``), but it has no deadline for a head: a c
 opens a connection and trickles (or never finishes) its first head holds a file descriptor
 forever, before any key is checked. ``GuardedH11`` adds that deadline (408, then close) and
 refuses a connection past the cap as it opens (503), so unfinished heads count too. The body's
-deadline is the app's (``mtnlg.serve.middleware.BodyDeadline``).
+deadline is the app's (``mtnlg.serve.middleware.BodyDeadline``). These refusals happen before the
+app sees a request, so its access log cannot count them: each is reported to ``on_refuse`` with
+its error code (``mtnlg_connections_refused_total`` in ``/metrics``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import dataclasses
 import json
 import resource
+from collections.abc import Callable
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -44,6 +47,7 @@ class GuardedH11(H11Protocol):
     """uvicorn's h11 protocol with a first-head deadline, a connection cap and JSON 400s."""
 
     limits = ConnectionLimits()
+    on_refuse: Callable[[str], None] | None = None  # told each refusal's error code
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -70,13 +74,16 @@ class GuardedH11(H11Protocol):
 
     def _refuse(self, status: int, reason: str, message: str, code: str, extra: str = "") -> None:
         self.logger.debug("%s", message)  # not a warning: a flood of slow clients would flood the log
+        if self.on_refuse is not None:
+            self.on_refuse(code)
         self.transport.write(_raw_response(status, reason, message, code, extra))
         self.transport.close()
 
 
-def protocol_for(limits: ConnectionLimits) -> type[GuardedH11]:
-    """A ``GuardedH11`` holding ``limits`` (uvicorn makes each connection's protocol from a class)."""
-    return type("GuardedH11", (GuardedH11,), {"limits": limits})
+def protocol_for(limits: ConnectionLimits, on_refuse: Callable[[str], None] | None = None) -> type[GuardedH11]:
+    """A ``GuardedH11`` holding ``limits`` and ``on_refuse`` (uvicorn makes each connection's
+    protocol from a class)."""
+    return type("GuardedH11", (GuardedH11,), {"limits": limits, "on_refuse": staticmethod(on_refuse)})
 
 
 def raise_file_limit(wanted: int) -> int:
@@ -96,11 +103,14 @@ def raise_file_limit(wanted: int) -> int:
 
 def uvicorn_config(app: object, limits: ConnectionLimits, **options: object) -> object:
     """uvicorn's settings for ``app`` under ``limits``; ``options`` are further ``uvicorn.Config``
-    arguments (host, port, log_level...). The file limit is raised to cover the connection cap."""
+    arguments (host, port, log_level...). The file limit is raised to cover the connection cap, and
+    refused connections are counted in the app's metrics when it has them (``app.state.metrics``)."""
     import uvicorn
 
     fds = raise_file_limit(limits.max_connections + 256)  # + the model's files, the logs, the listening socket
     if fds < limits.max_connections + 64:
         limits = dataclasses.replace(limits, max_connections=max(1, fds - 64))
-    return uvicorn.Config(app, http=protocol_for(limits), timeout_keep_alive=limits.keep_alive_s,
+    metrics = getattr(getattr(app, "state", None), "metrics", None)
+    on_refuse = getattr(metrics, "refused_connection", None)
+    return uvicorn.Config(app, http=protocol_for(limits, on_refuse), timeout_keep_alive=limits.keep_alive_s,
                           h11_max_incomplete_event_size=limits.max_head_bytes, **options)

@@ -6,6 +6,9 @@ application) keep separate counts. What is measured:
 - ``mtnlg_requests_total{endpoint, status}`` and ``mtnlg_request_duration_seconds{endpoint}``: every
   HTTP request, refused ones included (401, 413, 400); ``endpoint`` is the route's path, or
   ``other`` for paths the server does not have (so a scan cannot create unbounded label values);
+- ``mtnlg_connections_refused_total{code}``: connections answered before the app saw a request
+  (``timeout``: no complete head by ``--header-timeout``; ``too_many_connections``: past
+  ``--max-connections``; ``bad_http``: malformed HTTP), which the access log never sees;
 - ``mtnlg_generated_tokens_total``: tokens generated, all endpoints together;
 - ``mtnlg_time_to_first_token_seconds``: from a request's sequences entering the batcher's queue to
   each sequence's first token (queueing and prefill);
@@ -57,6 +60,8 @@ class ServerMetrics(BatchObserver):
                                     registry=r)
         self.queue_depth = Gauge("mtnlg_queue_depth", "Sequences waiting for a batch.", registry=r)
         self.running = Gauge("mtnlg_running_sequences", "Sequences in the running batch.", registry=r)
+        self.refused = Counter("mtnlg_connections_refused", "Connections answered before a request reached the "
+                               "app, by error code.", ["code"], registry=r)
 
     def watch(self, batcher: Batcher) -> None:
         """Read the gauges from ``batcher`` at each scrape."""
@@ -69,6 +74,9 @@ class ServerMetrics(BatchObserver):
 
     def step(self, batch_size: int) -> None:
         self.batch_size.observe(batch_size)
+
+    def refused_connection(self, code: str) -> None:
+        self.refused.labels(code).inc()
 
     def response(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

@@ -106,5 +106,10 @@ def test_export_from_train_state_alone_generates_the_same_text(run: tuple[Path, 
     assert texts[0] == texts[1]
     assert main(["convert", "--to-hf", str(tmp_path / "w"), "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "config.json").is_file()
-    assert main(["checkpoint", "export", str(source), "--out", str(tmp_path / "w")]) == 2  # never overwrites
-    assert "already exists and is not empty" in capsys.readouterr().err
+    assert main(["checkpoint", "export", str(source), "--out", str(tmp_path / "w")]) == 2  # not without --overwrite
+    assert "already holds a model checkpoint: give --overwrite" in capsys.readouterr().err
+    assert main(["checkpoint", "export", str(source), "--out", str(tmp_path / "w"), "--overwrite", "--no-verify"]) == 0
+    assert main(["checkpoint", "export", str(source), "--out", str(tmp_path / "hf"), "--overwrite"]) == 2
+    assert "is not a model checkpoint, so it is not replaced" in capsys.readouterr().err  # an HF export stays
+    assert main(["checkpoint", "export", str(source), "--out", str(source / "exported")]) == 2
+    assert "overlaps the source" in capsys.readouterr().err  # never into the run it reads

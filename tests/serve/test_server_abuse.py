@@ -166,6 +166,15 @@ def test_unfinished_heads_and_bodies_time_out_and_connections_are_capped(url: st
     assert json.loads(answers[-1].split(b"\r\n\r\n", 1)[1])["error"]["code"] == "timeout"
     for s in [*heads, body, *extra]:
         s.close()
+    # refused before the app saw a request, yet counted: the heads' 408s and the cap's 503s
+    assert _refused(client, "timeout") >= 200 and _refused(client, "too_many_connections") >= 5
+
+
+def _refused(client: httpx.Client, code: str) -> float:
+    """``mtnlg_connections_refused_total{code}`` as ``/metrics`` reports it now (0 if never counted)."""
+    prefix = f'mtnlg_connections_refused_total{{code="{code}"}} '
+    lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith(prefix)]
+    return float(lines[0][len(prefix):]) if lines else 0.0
 
 
 AUTH_LINE = f"Authorization: {AUTH['Authorization']}\r\n".encode()
@@ -181,11 +190,13 @@ def test_only_loopback_names_are_served_on_loopback(url: str, client: httpx.Clie
 
 
 def test_http_edges_answer_in_the_api_shape(url: str, client: httpx.Client) -> None:
+    malformed_before = _refused(client, "bad_http")
     bad = _connect(url)
     bad.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header\r\n\r\n")
     answer = _read_all(bad)
     assert answer.startswith(b"HTTP/1.1 400"), answer
     assert "malformed HTTP" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["message"]
+    assert _refused(client, "bad_http") == malformed_before + 1
     for path in ("/", "/health"):
         assert httpx.head(url + path).status_code == 200
     # a Host that rebuilds the URL into /health does not skip the key for the route it reaches
