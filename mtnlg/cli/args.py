@@ -62,6 +62,21 @@ def config_args(p: argparse.ArgumentParser, preset: bool = True) -> None:
     list_config_fields(p)
 
 
+def json_key_arg(p: argparse.ArgumentParser, scope: str = "") -> None:
+    """``--json-key``: which key of a JSON Lines record holds the text (``scope`` prefixes the help)."""
+    p.add_argument("--json-key", default="text", help=f"{scope}JSON key holding the text (default 'text')")
+
+
+def strict_arg(p: argparse.ArgumentParser) -> None:
+    """``--strict``: a bad line (``mtnlg.data.jsonl``) ends the run instead of being counted and skipped."""
+    p.add_argument("--strict", action="store_true", help="stop at the first bad line instead of counting and "
+                   "skipping it")
+
+
+def quiet_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
     """``--overwrite``, as every command that writes a directory spells it (``checkpoint.output``)."""
     p.add_argument("--overwrite", action="store_true",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mtnlg.cli.args import command, int_in, no_overrides
+from mtnlg.cli.args import command, int_in, json_key_arg, no_overrides, quiet_arg, strict_arg
 
 
 def _curate_args(p: argparse.ArgumentParser) -> None:
@@ -33,9 +33,9 @@ def _curate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--languages", help="keep only these languages (ISO 639-1, comma-separated: en,de)")
     p.add_argument("--language-score", type=float, default=0.5, help="least probability of the language (0.5)")
     p.add_argument("--tokenizer", help="also tokenize the kept documents into OUTPUT/tokens/RANK.bin/.idx")
-    p.add_argument("--json-key", default="text", help="JSON key holding the text (default 'text')")
-    p.add_argument("--strict", action="store_true", help="stop at the first bad line instead of counting it")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    json_key_arg(p)
+    strict_arg(p)
+    quiet_arg(p)
 
 
 @command("curate", _curate_args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mtnlg.cli.args import command, field_flag, int_in, no_overrides
+from mtnlg.cli.args import command, field_flag, int_in, json_key_arg, no_overrides, quiet_arg, strict_arg
 from mtnlg.config import ConfigError
 from mtnlg.util.fs import atomic_dir
 
@@ -77,9 +77,9 @@ def _preprocess_args(p: argparse.ArgumentParser) -> None:
     field_flag(p, "data.tokenizer", "--tokenizer", required=True)
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx (Megatron MMIDIDX)")
     p.add_argument("--workers", type=int_in(1), default=1, help="tokenizer processes (default 1)")
-    p.add_argument("--json-key", default="text", help="JSON key holding the text (default 'text')")
-    p.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    json_key_arg(p)
+    strict_arg(p)
+    quiet_arg(p)
 
 
 @command("preprocess", _preprocess_args)
@@ -105,7 +105,7 @@ def _dedup_args(p: argparse.ArgumentParser) -> None:
                    help="drop documents with a larger share of non-alphanumeric characters (1: off)")
     p.add_argument("--no-exact", action="store_true", help="keep exact duplicates")
     p.add_argument("--no-near", action="store_true", help="keep near duplicates")
-    p.add_argument("--json-key", default="text", help="JSON key holding the text (default 'text')")
+    json_key_arg(p)
     p.add_argument("--report", metavar="FILE", help="also write the report as JSON")
 
 

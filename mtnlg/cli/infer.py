@@ -7,7 +7,16 @@ import json
 import os
 import sys
 
-from mtnlg.cli.args import command, field_flag, given_fields, int_in, no_overrides, overwrite_arg
+from mtnlg.cli.args import (
+    command,
+    field_flag,
+    given_fields,
+    int_in,
+    json_key_arg,
+    no_overrides,
+    overwrite_arg,
+    quiet_arg,
+)
 from mtnlg.config import ConfigError
 from mtnlg.util.fs import write_json
 
@@ -291,7 +300,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
                    "(default: the context length - 1, which reads each token once)")
     p.add_argument("--prepend-eod", action="store_true",
                    help="perplexity: score each document's first token too, given <|endoftext|>")
-    p.add_argument("--json-key", default="text", help="perplexity: JSON key holding the text (default 'text')")
+    json_key_arg(p, "perplexity: ")
     field_flag(p, "data.split", "--split", use_default=True, note="For an indexed dataset.")
     p.add_argument("--split-name", choices=["train", "valid", "test"], default="valid",
                    help="indexed dataset: the split to score (default valid)")
@@ -299,7 +308,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--out", metavar="FILE", help="also write the results as JSON to FILE")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    quiet_arg(p)
 
 
 @command("evaluate", _evaluate_args)
