@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import multiprocessing
 import random
 import shutil
 import warnings
@@ -190,6 +191,10 @@ class AsyncWriter:
             raise ValueError(f"unknown asynchronous writer {kind!r}: one of {', '.join(ASYNC_KINDS)}")
         if kind == "dcp-process" and not rank_info.distributed():
             raise ValueError("DCP's process-based asynchronous save needs a process group")
+        if kind == "process" and multiprocessing.current_process().daemon:  # it may not start processes
+            warnings.warn("a daemonic process cannot start a checkpoint writer process: DCP's writer thread "
+                          "writes in the background instead", stacklevel=2)
+            kind = "thread"
         group = dist.new_group(backend="gloo") if rank_info.distributed() else None
         stager = DefaultStager(StagingOptions(pinned, kind != "thread", False, False))
         process = WriterProcess() if kind == "process" else None
