@@ -1,17 +1,22 @@
-"""How long a checkpoint stops training: a synchronous save vs ``train.async_save``, gpt2-small on the CPU.
+"""How long a checkpoint stops training: a synchronous save vs ``train.async_save``'s writers, side by side.
 
 One trainer (gpt2-small, 124M parameters, AdamW state: 1.5 GB to write) trains steps of one
-sequence of T tokens. Per round, in this order:
+sequence of T tokens, in a gloo world of one process (DCP's process-based writer needs a process
+group; every variant runs in the same world). Per round, in turn:
 
-* baseline: ``--steps`` steps without a save; their median is one step's time;
-* sync: ``Trainer.save`` with the background writer switched off: the time it blocks is the stall;
-* async: ``Trainer.save`` (it returns once the state is copied to CPU memory), then steps until
-  the background write has committed. The stall is the save call plus the time those steps took
-  beyond as many baseline steps (the writer thread competes with training for the CPU), plus any
-  wait for a write that outlasts them.
+* sync: ``Trainer.save`` with no background writer: the time it blocks is the stall;
+* for each asynchronous writer (``mtnlg.checkpoint.training.ASYNC_KINDS``: "process", the state
+  staged in shared memory and written by mtnlg's writer process; "thread", DCP's writer thread in
+  the training process; "dcp-process", DCP's ``AsyncCheckpointerType.PROCESS``): ``--steps``
+  steps without a save (their median is one step's time), then ``Trainer.save`` (it returns once
+  the state is copied to CPU memory), then steps until the background write has committed. The
+  stall is the save call plus the time those steps took beyond as many plain steps, plus any wait
+  for a write that outlasts them.
 
-The target is an async stall of at most 20% of the synchronous save. Figures depend on the disk
-and on what else runs (the load average is recorded).
+Each writer saves once before the rounds (its process starts, its staging memory is allocated).
+The order of the writers turns from round to round. The target is an asynchronous stall of at most
+20% of the synchronous save. Figures depend on the disk and on what else runs (the load average
+is recorded, at the start and the end).
 
     .venv/bin/python benchmarks/checkpoint.py [--rounds 2] [--steps 3] [--seq-len 64] [--out DIR]
 """
@@ -29,8 +34,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from run_info import run_info
+from torch.distributed.elastic.utils.distributed import get_free_port
 
+from mtnlg.checkpoint.training import ASYNC_KINDS, AsyncWriter
 from mtnlg.config import Config, TrainConfig
 from mtnlg.config.presets import get_preset
 from mtnlg.train.build import build_model
@@ -68,62 +76,90 @@ def timed_steps(trainer: Trainer, n: int) -> list[float]:
     return times
 
 
-def async_round(trainer: Trainer, step_s: float) -> dict:
-    """The save call, then steps until the write has committed (at most 20), then any wait left."""
+def async_round(trainer: Trainer, steps: int) -> dict:
+    """Plain steps, the save call, then steps until the write has committed (at most 20), then any wait left."""
+    step_s = statistics.median(timed_steps(trainer, steps))
     start = time.perf_counter()
     trainer.save(weights=False)
     call_s = time.perf_counter() - start
-    steps: list[float] = []
-    while trainer.pending is not None and not trainer.pending.done() and len(steps) < 20:
-        steps += timed_steps(trainer, 1)
+    during: list[float] = []
+    while trainer.pending is not None and not trainer.pending.done() and len(during) < 20:
+        during += timed_steps(trainer, 1)
     start = time.perf_counter()
     trainer.wait_for_save()
     wait_s = time.perf_counter() - start
-    slowdown = sum(steps) - len(steps) * step_s
-    return {"save_call_s": call_s, "steps_during_write": len(steps), "step_slowdown_s": slowdown,
+    slowdown = sum(during) - len(during) * step_s
+    return {"step_s": step_s, "save_call_s": call_s, "steps_during_write": len(during), "step_slowdown_s": slowdown,
             "final_wait_s": wait_s, "stall_s": call_s + max(slowdown, 0.0) + wait_s}
+
+
+def sync_save(trainer: Trainer) -> float:
+    writer, trainer.writer = trainer.writer, None
+    start = time.perf_counter()
+    trainer.save(weights=False)
+    trainer.writer = writer
+    return time.perf_counter() - start
+
+
+def one_process_world() -> None:
+    """A gloo process group of this process alone (what DCP's process-based writer needs)."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(get_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def summary(rounds: list[dict]) -> dict:
+    sync = statistics.median(r["sync_save_s"] for r in rounds)
+    out: dict = {"median_sync_save_s": sync}
+    for kind in ASYNC_KINDS:
+        stall = statistics.median(r[kind]["stall_s"] for r in rounds)
+        call = statistics.median(r[kind]["save_call_s"] for r in rounds)
+        out[kind] = {"median_stall_s": stall, "stall_fraction_of_sync": stall / sync,
+                     "median_save_call_s": call, "save_call_fraction_of_sync": call / sync}
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3, help="baseline steps per round")
+    parser.add_argument("--steps", type=int, default=3, help="plain steps before each save")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--out", help="run directory (default: a temporary one); its disk is what is measured")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "checkpoint.json")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # training on one core, the writer thread on the other
+    torch.set_num_threads(1)  # training on one core, the writer on the other
     load = os.getloadavg()
+    one_process_world()
     with tempfile.TemporaryDirectory(dir=args.out) as out:
         trainer = make_trainer(Path(out), args.seq_len)
-        timed_steps(trainer, 2)  # warm-up: the heap grows to its peak
-        rounds = []
-        for _ in range(args.rounds):
-            step_s = statistics.median(timed_steps(trainer, args.steps))
-            writer, trainer.writer = trainer.writer, None
-            start = time.perf_counter()
-            trainer.save(weights=False)
-            sync_s = time.perf_counter() - start
-            trainer.writer = writer
-            rounds.append({"step_s": step_s, "sync_save_s": sync_s, **async_round(trainer, step_s)})
-            print(json.dumps(rounds[-1]), file=sys.stderr)
         trainer._close_writer()
-        state_bytes = sum(f.stat().st_size for f in Path(out).rglob("*.distcp"))
-    sync = statistics.median(r["sync_save_s"] for r in rounds)
-    stall = statistics.median(r["stall_s"] for r in rounds)
-    call = statistics.median(r["save_call_s"] for r in rounds)
+        writers = {kind: AsyncWriter.create(False, kind) for kind in ASYNC_KINDS}
+        timed_steps(trainer, 2)  # warm-up: the heap grows to its peak
+        for writer in writers.values():  # warm-up: each writer's process and staging memory
+            trainer.writer = writer
+            trainer.save(weights=False)
+            trainer.wait_for_save()
+        rounds = []
+        for i in range(args.rounds):
+            result: dict = {"sync_save_s": sync_save(trainer)}
+            for kind in ASYNC_KINDS[i % 3:] + ASYNC_KINDS[:i % 3]:
+                trainer.writer = writers[kind]
+                result[kind] = async_round(trainer, args.steps)
+            rounds.append(result)
+            print(json.dumps(rounds[-1]), file=sys.stderr)
+        state_bytes = sum(f.stat().st_size for f in Path(out).glob("step_*/train_state/*.distcp"))
+        for writer in writers.values():
+            writer.close()
     result = {
-        "benchmark": "checkpoint stall: synchronous save vs train.async_save (gpt2-small, CPU, fp32, AdamW)",
-        "seq_len": args.seq_len, "train_state_bytes": state_bytes, "rounds": rounds,
-        "median_sync_save_s": sync, "median_async_stall_s": stall, "async_stall_fraction_of_sync": stall / sync,
-        "median_async_save_call_s": call, "async_save_call_fraction_of_sync": call / sync,
-        "target_fraction": 0.2,
-        **run_info(load),
+        "benchmark": "checkpoint stall: synchronous save vs train.async_save's writers (gpt2-small, CPU, fp32, AdamW)",
+        "seq_len": args.seq_len, "train_state_bytes": state_bytes, "rounds": rounds, **summary(rounds),
+        "target_fraction": 0.2, **run_info(load),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    print(f"sync save {sync:.2f} s; async: the save call {call:.2f} s ({call / sync:.0%} of it), "
-          f"the whole stall {stall:.2f} s ({stall / sync:.0%}) -> {args.json}")
+    print(f"sync save {result['median_sync_save_s']:.2f} s; " + "; ".join(
+        f"{kind}: stall {result[kind]['median_stall_s']:.2f} s ({result[kind]['stall_fraction_of_sync']:.0%}), "
+        f"save call {result[kind]['median_save_call_s']:.2f} s" for kind in ASYNC_KINDS) + f" -> {args.json}")
 
 
 if __name__ == "__main__":

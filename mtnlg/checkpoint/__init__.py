@@ -1,5 +1,6 @@
 """Checkpoints, the one format: directories and checksums (``directory``), model files (``model``),
-exact-resume training state (``training``), Hugging Face conversion and upcycling (``convert``), tensors
+exact-resume training state (``training``; written in the background by ``writer``'s process),
+Hugging Face conversion and upcycling (``convert``), tensors
 streamed one at a time (``tensors``),
 ``mtnlg checkpoint inspect`` / ``export`` (``tools``).
 

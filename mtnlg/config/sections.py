@@ -274,8 +274,9 @@ class TrainConfig:
     )
     async_save: bool = _f(
         False, "Write checkpoints in the background (DCP async save): a save stalls training only to copy "
-        "the state to CPU memory; the commit (checksums, rename, `latest`) follows the write. The last save "
-        "of a job is synchronous."
+        "the state to shared CPU memory, which a writer process of each rank writes; the commit (checksums, "
+        "rename, `latest`) follows the write. Needs /dev/shm larger than a rank's state. The last save of "
+        "a job is synchronous."
     )
     straggler_threshold: float = _f(
         2.0, "Warn when a rank's busy time per step (the step minus its waits for other ranks) exceeds the "

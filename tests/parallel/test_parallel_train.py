@@ -5,7 +5,8 @@ steps, two pp=2 runs (1f1b, stopped by ``train.exit_interval=10`` as a cluster j
 interleaved 1f1b with 2 stages per rank), a dp=2 (FSDP) run and a dp=2 zero=1 (distributed optimizer) run
 of 10 steps, checkpointed every 5;
 then resumes under other layouts (the pp=2 job's rest in one process and under dp=2 must continue
-the 20-step run's loss trace), and the dp=2 run again with a rank killed and restarted by torchrun.
+the 20-step run's loss trace; the dp=2 run's step 5, saved asynchronously by the two ranks' writer
+processes, in one process), and the dp=2 run again with a rank killed and restarted by torchrun.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def runs(train_data_flags: list[str], tmp_path_factory: pytest.TempPathFactory) 
     assert main([*args, str(root / "single"), "--train.steps=20"]) == 0
     torchrun([*args, str(root / "pp2"), "--parallel.pp=2", "--train.steps=20", "--train.exit_interval=10"])
     torchrun([*args, str(root / "pp2-interleaved"), "--parallel.pp=2", *INTERLEAVED])
-    torchrun([*args, str(root / "dp2")])  # two processes and no other axis: dp=2
+    torchrun([*args, str(root / "dp2"), "--train.async_save=true"])  # dp=2; step 5 written by each rank's writer
     torchrun([*args, str(root / "dp2-zero1"), "--parallel.dp=2", "--parallel.zero=1"])  # the distributed optimizer
     return {name: root / name for name in ("single", "pp2", "pp2-interleaved", "dp2", "dp2-zero1")}
 

@@ -82,8 +82,9 @@ def test_kill_9_during_asynchronous_saves_leaves_a_loadable_checkpoint(
     train_data_flags: list[str], tmp_path: Path
 ) -> None:
     """Three jobs of one command line (--resume=auto, a checkpoint every step written in the
-    background), each killed at a random moment: after each, the newest checkpoint is complete and
-    passes its checksums, and the next job resumes it."""
+    background by a writer process), each killed at a random moment once it has committed a
+    checkpoint: after each, the newest checkpoint is complete and passes its checksums, the next
+    job resumes it, and the writer process has ended with its job (it writes into nothing after)."""
     run = tmp_path / "run"
     args = [sys.executable, "-m", "mtnlg", "train", *train_data_flags, *TRAIN, "--model.hidden=128",
             "--train.steps=100000", "--train.save_interval=1", "--train.keep_last=2", "--train.async_save=true",
@@ -92,10 +93,19 @@ def test_kill_9_during_asynchronous_saves_leaves_a_loadable_checkpoint(
     for _ in range(3):
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+        before = _latest(run)
         seen = _read_until(proc, "step ")
         step = _read_until(proc, "/100000", seen)
+        deadline = time.monotonic() + 120  # the writer process starts in the background (seconds)
+        while _latest(run) == before and time.monotonic() < deadline:
+            time.sleep(0.1)
         time.sleep(rng.uniform(0.3, 1.5))
+        writers = [int(pid) for pid in os.popen(f"pgrep -P {proc.pid}").read().split()]
         proc.kill()
+        killed = time.monotonic()
+        while not all(_gone(pid) for pid in writers) and time.monotonic() - killed < 10:
+            time.sleep(0.1)
+        assert writers and all(_gone(pid) for pid in writers), f"writer processes {writers} outlived their job"
         out = step + finish(proc, timeout=30)
         resumed.append(out)
         point = find_resume_point(run)

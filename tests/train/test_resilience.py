@@ -21,6 +21,7 @@ import torch
 from mtnlg.checkpoint import training as checkpoint_training
 from mtnlg.checkpoint.directory import write_checksums
 from mtnlg.checkpoint.training import NoSpaceError, find_resume_point
+from mtnlg.checkpoint.writer import WriterProcess
 from mtnlg.config import ModelConfig, build_config
 from mtnlg.parallel.dims import init_distributed
 from mtnlg.train.build import build_model
@@ -97,17 +98,19 @@ def test_sigterm_sigusr1_and_async_saves_resume_exactly(tmp_path: Path, small_mo
 
 
 def _fill_disk_at(monkeypatch: pytest.MonkeyPatch, step_name: str) -> None:
-    """DCP's file writer runs out of space while writing ``step_name`` (a real OSError, which DCP wraps)."""
+    """DCP's file writer runs out of space while writing ``step_name`` (a real OSError, which DCP
+    wraps); for an asynchronous save, the writer process answers with it (as its answer arrives)."""
     from torch.distributed.checkpoint.filesystem import _FileSystemWriter
 
-    write = _FileSystemWriter.write_data
+    def failing(write):  # noqa: ANN001, ANN202
+        def fails_at_step(self, *args):  # noqa: ANN001, ANN202
+            if step_name in str(args[0] if isinstance(self, WriterProcess) else self.path):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return write(self, *args)
+        return fails_at_step
 
-    def write_data(self, plan, planner):  # noqa: ANN001, ANN202
-        if step_name in str(self.path):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return write(self, plan, planner)
-
-    monkeypatch.setattr(_FileSystemWriter, "write_data", write_data)
+    monkeypatch.setattr(_FileSystemWriter, "write_data", failing(_FileSystemWriter.write_data))
+    monkeypatch.setattr(WriterProcess, "write", failing(WriterProcess.write))
 
 
 @pytest.mark.parametrize("async_save", [False, True])
