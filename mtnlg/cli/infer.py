@@ -268,7 +268,8 @@ def _listen(host: str, port: int) -> object:
 
 def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="fp32 checkpoint directory, or a run directory")
-    p.add_argument("--out", required=True, help="directory for the quantized checkpoint (new or empty; see --overwrite)")
+    p.add_argument("--out", required=True,
+                   help="directory for the quantized checkpoint (new or empty; see --overwrite)")
     p.add_argument("--dtype", choices=["int8", "int4"], default="int8",
                    help="int8: per-row int8 weights (default); int4: weight-only 4-bit, a scale and offset per group")
     p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], default=128,

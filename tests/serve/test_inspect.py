@@ -28,8 +28,9 @@ def test_inspect_returns_the_lens_and_attention(client: httpx.Client, engine: En
 
 
 def test_inspect_errors_name_the_field(client: httpx.Client, url: str) -> None:
-    for body, param in (({"prompt": "x", "attention_layer": 2}, "attention_layer"), ({"prompt": "x", "top_k": 0}, "top_k"),
-                        ({"prompt": "x " * 200}, "prompt"), ({"prompt": "x", "model": "other"}, "model")):
+    for body, param in (({"prompt": "x", "attention_layer": 2}, "attention_layer"),
+                        ({"prompt": "x", "top_k": 0}, "top_k"), ({"prompt": "x " * 200}, "prompt"),
+                        ({"prompt": "x", "model": "other"}, "model")):
         r = client.post("/v1/inspect", json=body)
         assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, (body, r.text)
     assert httpx.post(f"{url}/v1/inspect", json={"prompt": "x"}).status_code == 401

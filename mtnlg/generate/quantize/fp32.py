@@ -25,6 +25,7 @@ import functools
 import torch
 from torch import nn
 
+
 @functools.cache
 def onednn_linear_available() -> bool:
     """Whether this build runs oneDNN's prepacked fp32 Linear (x86 and Arm builds usually do)."""

@@ -22,6 +22,7 @@ import warnings
 import torch
 from torch import nn
 
+
 def check_backend(device: torch.device | str) -> None:
     if torch.device(device).type != "cpu":
         raise ValueError(f"int8 inference runs on CPU (fbgemm kernels); got device {device!r}: use bf16 on GPUs")
