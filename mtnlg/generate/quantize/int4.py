@@ -6,7 +6,7 @@ default; the kernel takes 32, 64, 128 or 256), and each group gets its own scale
 group, offset = min + 8 * scale) rather than symmetric: with only 16 levels, a symmetric grid
 spans [-max|w|, max|w|] and leaves the levels on the short side of a skewed group unused, and
 PyTorch's int4 kernels take (scale, offset) pairs anyway, so the offset costs nothing at run
-time. 4.25 bits per weight with group 128 (the scales and offsets are fp32 on disk: 0.5 byte per
+time. 4.5 bits per weight with group 128 (the scales and offsets are fp32 on disk: 0.5 byte per
 weight + 8 bytes per group).
 
 The matmul is ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (torch >= 2.6), chosen by
