@@ -1,4 +1,4 @@
-"""Decode throughput: mtnlg (fp32, int8) vs Hugging Face ``generate``, same gpt2-small weights.
+"""Decode throughput: mtnlg (fp32, int8, int4) vs Hugging Face ``generate``, same gpt2-small weights.
 
 One random gpt2-small (124M parameters) is saved as an mtnlg checkpoint and exported with
 ``mtnlg.checkpoint.convert.to_hf`` into a ``GPT2LMHeadModel`` (nothing is downloaded), so all three run the
@@ -16,7 +16,10 @@ tokens/s <= bandwidth / weight bytes. Bandwidth is measured here with ``torch`` 
 Server scaling: the fp32 engine behind ``mtnlg serve``'s app (uvicorn on 127.0.0.1), 1 client vs
 8 concurrent clients, each sending requests of 32 new tokens one after another.
 
-    .venv/bin/python benchmarks/generate.py [--threads N] [--rounds 3] [--quick]
+int4 (``mtnlg.generate.quantize.int4``: groups of 128 input columns, torch's int4 CPU kernel) runs
+beside int8 in every round.
+
+    .venv/bin/python benchmarks/generate.py [--threads N] [--rounds 3] [--quick] [--no-server]
 """
 
 from __future__ import annotations
@@ -187,6 +190,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--server-requests", type=int, default=3, help="requests per client in the server test")
     p.add_argument("--quick", action="store_true", help="a 2-layer model and few tokens (smoke test)")
+    p.add_argument("--no-server", action="store_true", help="skip the server scaling part")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     load_start = os.getloadavg()
@@ -200,14 +204,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf = hf_model(model, cfg, Path(tmp))
     int8 = prepare_for_inference(copy.deepcopy(model), "int8")
+    int4 = prepare_for_inference(copy.deepcopy(model), "int4")
     served = Engine(prepare_for_inference(copy.deepcopy(model)))  # `mtnlg serve`'s layout (batches)
 
     def engines_for(batch: int) -> dict[str, Engine]:
         """What `mtnlg generate` (one sequence) or `mtnlg serve` (batches) run, plus nn.Linear as an ablation."""
         fp32 = served if batch > 1 else Engine(prepare_for_inference(copy.deepcopy(model), max_batch_size=1))
-        return {"mtnlg_fp32": fp32, "mtnlg_int8": Engine(int8), "mtnlg_fp32_nn_linear": Engine(model)}
+        return {"mtnlg_fp32": fp32, "mtnlg_int8": Engine(int8), "mtnlg_int4": Engine(int4),
+                "mtnlg_fp32_nn_linear": Engine(model)}
     bandwidth = copy_bandwidth()
-    bytes_fp32, bytes_int8 = weight_bytes(model), weight_bytes(int8)
+    bytes_fp32, bytes_int8, bytes_int4 = weight_bytes(model), weight_bytes(int8), weight_bytes(int4)
     result = {
         "model": f"gpt2-small (random weights, vocab padded to {model_cfg.padded_vocab_size})",
         "threads": args.threads,
@@ -218,10 +224,11 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "greedy_outputs_match_hf": greedy_outputs_match(served, hf, model_cfg.vocab_size),
         "copy_bandwidth_GBps": bandwidth / 1e9,
-        "weight_bytes": {"fp32": bytes_fp32, "int8": bytes_int8},
-        "bandwidth_bound_tokens_per_s_batch_1": {"fp32": bandwidth / bytes_fp32, "int8": bandwidth / bytes_int8},
+        "weight_bytes": {"fp32": bytes_fp32, "int8": bytes_int8, "int4": bytes_int4},
+        "bandwidth_bound_tokens_per_s_batch_1": {"fp32": bandwidth / bytes_fp32, "int8": bandwidth / bytes_int8,
+                                                 "int4": bandwidth / bytes_int4},
         "decode": decode_benchmark(engines_for, hf, model_cfg.vocab_size, args),
-        "server_fp32": server_benchmark(served, model_cfg.vocab_size, args),
+        "server_fp32": None if args.no_server else server_benchmark(served, model_cfg.vocab_size, args),
         "run": run_info(load_start),
     }
     b1, b8 = result["decode"]["batch_1"], result["decode"]["batch_8"]
@@ -230,6 +237,9 @@ def main() -> None:
         "fp32_vs_hf_batch_1": speed["mtnlg_fp32"] / speed["hf_generate"],
         "fp32_vs_hf_batch_8": b8["mtnlg_fp32"]["tokens_per_s"] / b8["hf_generate"]["tokens_per_s"],
         "int8_vs_fp32_batch_1": speed["mtnlg_int8"] / speed["mtnlg_fp32"],
+        "int4_vs_fp32_batch_1": speed["mtnlg_int4"] / speed["mtnlg_fp32"],
+        "int4_vs_int8_batch_1": speed["mtnlg_int4"] / speed["mtnlg_int8"],
+        "int4_vs_fp32_batch_8": b8["mtnlg_int4"]["tokens_per_s"] / b8["mtnlg_fp32"]["tokens_per_s"],
         "fp32_vs_bandwidth_bound_batch_1": speed["mtnlg_fp32"] / (bandwidth / bytes_fp32),
     }
     print(json.dumps(result["ratios"], indent=2))

@@ -42,6 +42,7 @@ from mtnlg.util.fs import read_json, sha256, write_json, write_text
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INT8_WEIGHTS_FILE = "model-int8.safetensors"  # an int8 checkpoint's weights instead (mtnlg.generate.quantize)
+INT4_WEIGHTS_FILE = "model-int4.safetensors"  # an int4 checkpoint's weights instead (mtnlg.generate.quantize)
 TOKENIZER_DIR = "tokenizer"
 LATEST_FILE = "latest"
 TRAIN_STATE_DIR = "train_state"

@@ -117,8 +117,8 @@ def load_model(
         weights = directory / TRAIN_STATE_DIR
         state = {k: v.to(device) for k, v in consolidated_weights(weights, cfg).items()}
     else:
-        hint = " (an int8 checkpoint: load it with mtnlg.generate.load.load_for_inference)" if any(
-            directory.glob("model-int8*.safetensors")) else ""
+        hint = " (a quantized checkpoint: load it with mtnlg.generate.load.load_for_inference)" if any(
+            directory.glob("model-int[48]*.safetensors")) else ""
         raise CheckpointError(f"{directory}: missing {WEIGHTS_FILE}{hint}")
     with torch.device("meta"):
         model = GPT(cfg.model)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mtnlg.checkpoint.directory import (
     CONFIG_FILE,
+    INT4_WEIGHTS_FILE,
     INT8_WEIGHTS_FILE,
     LATEST_FILE,
     TRAIN_STATE_DIR,
@@ -39,10 +40,12 @@ def _model_checkpoint(directory: Path, weights: str) -> bool:
             and not (directory / TRAIN_STATE_DIR).exists() and not (directory / LATEST_FILE).exists())
 
 
-MODEL, INT8, HF = "model checkpoint", "quantized (int8) checkpoint", "Hugging Face directory"
+MODEL, HF = "model checkpoint", "Hugging Face directory"
+INT8, INT4 = "quantized (int8) checkpoint", "quantized (int4) checkpoint"
 KINDS: dict[str, Callable[[Path], bool]] = {  # what each kind of output directory holds
     MODEL: lambda d: _model_checkpoint(d, WEIGHTS_FILE) and not (d / INT8_WEIGHTS_FILE).exists(),
     INT8: lambda d: _model_checkpoint(d, INT8_WEIGHTS_FILE),
+    INT4: lambda d: _model_checkpoint(d, INT4_WEIGHTS_FILE),
     HF: lambda d: _hf_model_type(_config(d)) in FAMILIES and (d / WEIGHTS_FILE).is_file(),
 }
 

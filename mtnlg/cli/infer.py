@@ -61,8 +61,9 @@ def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its latest step)")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none",
-                   help="int8: int8 Linear layers, ~3x faster CPU decoding (int8 checkpoints load as int8)")
+    p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+                   help="int8: int8 Linear layers, ~3x faster CPU decoding; int4: 4-bit weights in groups of 128 "
+                        "input columns (quantized checkpoints load in their format)")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer to use instead of the checkpoint's "
                    "(needed for checkpoints that have none, e.g. converted from an HF directory without one)")
 
@@ -270,17 +271,23 @@ def _listen(host: str, port: int) -> object:
 
 def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="fp32 checkpoint directory, or a run directory")
-    p.add_argument("--out", required=True, help="directory for the int8 checkpoint (new or empty; see --overwrite)")
-    overwrite_arg(p, "an int8 checkpoint")
+    p.add_argument("--out", required=True,
+                   help="directory for the quantized checkpoint (new or empty; see --overwrite)")
+    p.add_argument("--dtype", choices=["int8", "int4"], default="int8",
+                   help="int8: per-row int8 weights (default); int4: weight-only 4-bit, a scale and offset per group")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], default=128,
+                   help="int4: input columns per scale and offset (default 128; a layer whose input count it "
+                        "does not divide uses the largest smaller one that does)")
+    overwrite_arg(p, "a quantized checkpoint of the same --dtype")
 
 
 @command("quantize", _quantize_args)
 def cmd_quantize(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Quantize a checkpoint's Linear layers (and output layer) to int8; generate/serve load it as is."""
+    """Quantize a checkpoint's Linear layers (and output layer) to int8 or int4; generate/serve load it as is."""
     from mtnlg.generate.quantize import quantize_checkpoint
 
     no_overrides(overrides)
-    print(f"wrote {quantize_checkpoint(args.checkpoint, args.out, args.overwrite)}")
+    print(f"wrote {quantize_checkpoint(args.checkpoint, args.out, args.overwrite, args.dtype, args.group_size)}")
     return 0
 
 

@@ -50,9 +50,9 @@ log = logging.getLogger(__name__)
 
 @register_model("mtnlg")
 class MtnlgLM(LM):
-    """An mtnlg checkpoint (fp32, int8 or converted from HF) behind lm_eval's three request types.
+    """An mtnlg checkpoint (fp32, int8, int4 or converted from HF) behind lm_eval's three request types.
 
-    ``--model_args``: ``checkpoint`` (required), ``quantize`` (none or int8), ``tokenizer`` (a
+    ``--model_args``: ``checkpoint`` (required), ``quantize`` (none, int8 or int4), ``tokenizer`` (a
     directory replacing the checkpoint's), ``max_gen_toks`` (default 256); lm_eval's
     ``--device`` (cpu when CUDA is missing) and ``--batch_size`` (default 8; ``auto`` means the default).
     """

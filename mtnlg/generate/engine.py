@@ -26,6 +26,7 @@ from mtnlg.config import Config
 from mtnlg.config.sampling import MAX_TOP_LOGPROBS
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.generate.decoder import Decoder
+from mtnlg.generate.inspect import MAX_INSPECT_TOKENS, Inspection, inspect_prompt
 from mtnlg.generate.load import load_for_inference
 from mtnlg.generate.sequence import Completion, Request, SamplingParams, TokenEvent
 from mtnlg.model.gpt import GPT
@@ -155,6 +156,15 @@ class Engine:
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[TokenEvent]:
         """Events for one prompt as its tokens are produced."""
         yield from self.run([self.request(prompt, params or SamplingParams())])
+
+    def inspect(self, prompt: str | Sequence[int], top_k: int = 5, attention_layer: int | None = None) -> Inspection:
+        """The token inspector on one prompt (``mtnlg.generate.inspect``): each layer's top-``top_k``
+        next-token predictions at every position, and ``attention_layer``'s per-head weights."""
+        limit = min(MAX_INSPECT_TOKENS, self.seq_len)
+        ids = self.encode(prompt, limit)
+        if len(ids) > limit:
+            raise ValueError(f"prompt of {len(ids)} tokens: the inspector takes at most {limit}")
+        return inspect_prompt(self.model, ids, top_k, attention_layer, self.vocab_size)
 
     # -- the decode loop -----------------------------------------------------------------------
 

@@ -10,13 +10,7 @@ from mtnlg.checkpoint.directory import resolve_verified
 from mtnlg.checkpoint.model import load_model
 from mtnlg.config import Config, ParallelConfig
 from mtnlg.data.tokenizer import Tokenizer
-from mtnlg.generate.quantize import (
-    INT8_WEIGHTS_FILE,
-    QUANTIZATIONS,
-    check_backend,
-    load_quantized,
-    prepare_for_inference,
-)
+from mtnlg.generate.quantize import FORMATS, check_quantization, load_quantized, prepare_for_inference, stored_format
 from mtnlg.model.gpt import GPT
 from mtnlg.parallel.dims import ParallelDims, init_distributed
 from mtnlg.parallel.parallelize import parallelize
@@ -25,14 +19,14 @@ from mtnlg.parallel.parallelize import parallelize
 def load_for_inference(
     path: str | Path, quantize: str | None = None, device: str = "cpu", max_batch_size: int = 8
 ) -> tuple[GPT, Config, Tokenizer | None]:
-    """A checkpoint ready to generate (``prepare_for_inference``): int8 if it was saved quantized
-    or ``quantize='int8'``, else fp32 in the fast layout."""
-    if quantize not in (None, "none", *QUANTIZATIONS):
-        raise ValueError(f"unknown quantization {quantize!r}; choose one of: none, {', '.join(QUANTIZATIONS)}")
+    """A checkpoint ready to generate (``prepare_for_inference``): in its format if it was saved
+    quantized (int8, int4), quantized with ``quantize='int8'``/``'int4'``, else fp32 in the fast layout."""
+    check_quantization(quantize)
     directory = resolve_verified(path)
-    if quantize == "int8" or (directory / INT8_WEIGHTS_FILE).is_file():
-        check_backend(device)
-    if (directory / INT8_WEIGHTS_FILE).is_file():
+    stored = stored_format(directory)
+    if stored is not None or quantize in FORMATS:
+        (stored or FORMATS[str(quantize)]).check_device(device)
+    if stored is not None:
         return load_quantized(directory)
     model, cfg, tokenizer = load_model(directory, device=device)
     return prepare_for_inference(model, quantize, max_batch_size), cfg, tokenizer

@@ -1,5 +1,6 @@
 """HTTP serving over one Engine: OpenAI-compatible completions and chat completions, Megatron's
-``PUT /api``, health, Prometheus metrics, and the playground page at ``/``.
+``PUT /api``, the token inspector (``POST /v1/inspect``), health, Prometheus metrics, and the
+playground page at ``/``.
 
 Concurrent requests are decoded together (continuous batching, ``mtnlg.serve.batcher``).
 The event loop only checks, parses and streams, and tokenizes in a worker thread, so it keeps
@@ -34,9 +35,10 @@ from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from mtnlg.generate.engine import Engine
-from mtnlg.serve import handlers
+from mtnlg.serve import handlers, inspect
 from mtnlg.serve.connection import ConnectionLimits, uvicorn_config
 from mtnlg.serve.handlers import APIError, ServerState
+from mtnlg.serve.inspect import InspectRequest
 from mtnlg.serve.metrics import AccessLog, ServerMetrics, log_to_stderr
 from mtnlg.serve.middleware import LOOPBACK_HOSTS, BearerKey, BodyDeadline, DeclaredSize, HostCheck, error_response
 from mtnlg.serve.protocol import ChatCompletionRequest, CompletionRequest, MegatronRequest
@@ -185,6 +187,10 @@ def _add_routes(app: FastAPI, server: ServerState, metrics: ServerMetrics) -> No
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
         return await handlers.chat_completion(server, request, body)
+
+    @app.post("/v1/inspect")
+    async def inspector(body: InspectRequest) -> dict:
+        return await inspect.inspect(server, body)
 
     @app.put("/api")
     async def megatron(request: Request, body: MegatronRequest) -> dict:

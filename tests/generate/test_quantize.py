@@ -1,4 +1,4 @@
-"""int8 inference: layer accuracy, perplexity of a trained model, save/load, CLI."""
+"""int8 and int4 inference: layer accuracy, perplexity of a trained model, save/load, CLI."""
 
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.generate.engine import Engine, SamplingParams
 from mtnlg.generate.load import load_for_inference
 from mtnlg.generate.quantize import (
+    INT4_WEIGHTS_FILE,
     INT8_WEIGHTS_FILE,
     ONEDNN_MAX_ROWS,
     FP32Linear,
+    Int4Linear,
     Int8Linear,
     onednn_linear_available,
     quantize_checkpoint,
@@ -31,6 +33,7 @@ from mtnlg.generate.quantize import (
     row_bucket,
     save_quantized,
 )
+from mtnlg.generate.quantize.int4 import dequantize_int4
 from mtnlg.model.gpt import GPT
 
 SEQ = 64
@@ -210,8 +213,10 @@ def test_cli_quantize_then_generate(trained, tmp_path: Path, capsys) -> None:
 
 def test_bad_requests_are_clear_errors(trained, tmp_path: Path) -> None:
     _, _, _, _, path = trained
-    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
-        load_for_inference(path, quantize="int4")
+    with pytest.raises(ValueError, match="unknown quantization 'int2'"):
+        load_for_inference(path, quantize="int2")
+    with pytest.raises(ValueError, match="int4 inference runs on CPU"):
+        load_for_inference(path, quantize="int4", device="cuda")
     with pytest.raises(ValueError, match="runs on CPU"):
         load_for_inference(path, quantize="int8", device="cuda")
     with pytest.raises(ValueError, match="quantize_model"):
@@ -226,3 +231,41 @@ def test_bad_requests_are_clear_errors(trained, tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="no checksums.json"), pytest.raises(
             CheckpointError, match="blocks.2.attn.qkv_proj.weight_int8"):
         load_for_inference(q)
+
+
+@pytest.mark.parametrize("out_features", [192, 200])  # the int4 kernel's rows come in 16s; 200 is dequantized
+def test_int4_linear_is_close_to_fp32(out_features: int) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(256, out_features)
+    q = Int4Linear.from_linear(linear)
+    assert q.weight_int4.dtype == torch.uint8 and q.weight_int4.shape == (out_features, 128)
+    assert q.weight_scale.shape == (out_features, 2) and q.uses_kernel == (out_features % 16 == 0)
+    x = torch.randn(3, 5, 256)
+    ref = linear(x)
+    dequantized = x @ dequantize_int4(q.weight_int4, q.weight_scale, q.weight_offset).t() + linear.bias
+    assert ((q(x) - dequantized).norm() / ref.norm()) < 0.01  # the kernel computes the stored weights
+    assert ((q(x) - ref).norm() / ref.norm()) < 0.12  # 16 levels per group: ~9 % on Gaussian weights
+
+
+def test_int4_perplexity_within_5_percent_of_fp32_and_round_trips(trained, tmp_path: Path, capsys) -> None:
+    model, cfg, _, held_out, path = trained
+    fp32 = perplexity(model, held_out)
+    int4_model, _, _ = load_for_inference(path, quantize="int4")
+    assert all(m.group_size == 64 for m in int4_model.modules() if isinstance(m, Int4Linear) and m.in_features == 64)
+    int4 = perplexity(int4_model, held_out)
+    assert abs(int4 / fp32 - 1) < 0.05, (fp32, int4)
+    assert main(["quantize", "--checkpoint", str(path), "--out", str(tmp_path / "q4"), "--dtype", "int4"]) == 0
+    out = tmp_path / "q4"
+    assert (out / INT4_WEIGHTS_FILE).is_file() and not (out / INT8_WEIGHTS_FILE).exists()
+    # 0.53 bytes per Linear weight vs 4; the fp32 embeddings (and the output layer's own copy) are most of the rest
+    assert (out / INT4_WEIGHTS_FILE).stat().st_size < 0.45 * (path / "model.safetensors").stat().st_size
+    loaded = load_for_inference(out)[0]
+    x = held_out[:SEQ].unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), int4_model(x))
+    args = ["--prompt", "The default is", "--max-new-tokens", "8", "--temperature", "0"]
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(out), *args]) == 0
+    saved = capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(path), "--quantize", "int4", *args]) == 0
+    assert capsys.readouterr().out == saved and saved.startswith("The default is")

@@ -3,11 +3,13 @@ through selenium (nothing is downloaded: both come from the system's packages)."
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from mtnlg.data.chat_template import ChatTemplate
 from mtnlg.data.tokenizer import Tokenizer
@@ -22,6 +24,7 @@ pytestmark = pytest.mark.skipif(
            "(Debian: apt-get install chromium chromium-driver; .ci/run installs them)",
 )
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install -e '.[dev]')")
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -121,3 +124,38 @@ def test_chat_mode_keeps_the_conversation(browser, url: str, engine: Engine) -> 
         messages.append({"role": "assistant", "content": expected})
     users = [e.get_attribute("textContent") for e in browser.find_elements(By.CSS_SELECTOR, ".msg.user .content")]
     assert users == ["Pack my box", "The quick"]
+
+
+def _visible(text: str) -> str:
+    """A token as the page's grid shows it (spaces, newlines and tabs made visible)."""
+    return text.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u21e5")
+
+
+def test_tokens_coloured_by_probability_and_the_inspector_grid(browser, url: str, engine: Engine) -> None:
+    params = SamplingParams(max_new_tokens=6, temperature=0, logprobs=5)
+    expected = engine.generate([PROMPT], params)[0]
+    _open(browser, url, max_tokens=6)
+    _fill(browser, "prompt", PROMPT)
+    browser.find_element(By.ID, "generate").click()
+    _done(browser)
+    spans = browser.find_elements(By.CSS_SELECTOR, "#output .generated .tok")
+    assert "".join(s.get_attribute("textContent") for s in spans) == expected.text
+    first = float(spans[0].get_attribute("data-p"))
+    assert abs(first - math.exp(expected.logprobs[0])) < 1e-3
+    ActionChains(browser).move_to_element(spans[0]).perform()
+    tip = browser.find_element(By.ID, "tip")
+    WebDriverWait(browser, 10).until(lambda _: tip.is_displayed())
+    best = max(expected.top_logprobs[0], key=expected.top_logprobs[0].get)
+    assert _visible(engine.tokenizer.token_str(best)) in tip.text and "%" in tip.text
+
+    _fill(browser, "attn-layer", "1")
+    browser.find_element(By.ID, "inspect").click()
+    WebDriverWait(browser, 30).until(lambda b: "inspected" in b.find_element(By.ID, "status").text)
+    ids = engine.encode(PROMPT)
+    with torch.no_grad():
+        greedy = engine.model(torch.tensor([ids]))[0, :, : engine.vocab_size].argmax(-1).tolist()
+    rows = browser.find_elements(By.CSS_SELECTOR, "#lens tr")
+    assert [r.get_attribute("data-layer") for r in rows[1:]] == ["1", "0"]  # the output layer on top
+    cells = [c.get_attribute("textContent") for c in rows[1].find_elements(By.TAG_NAME, "td")]
+    assert cells == [_visible(engine.tokenizer.token_str(t)) for t in greedy]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#heads canvas")) == 4  # the tiny model's heads
