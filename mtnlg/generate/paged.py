@@ -1,0 +1,179 @@
+"""The decoder over the block KV cache: the same ``add`` / ``step`` / ``cancel`` API as ``Decoder``.
+
+``add`` only queues requests (admission is by free blocks, see ``mtnlg.generate.scheduler``);
+each ``step`` admits what fits, runs this step's prefill work (one forward per sequence chunk,
+continuing from the blocks it already has: cached prefix blocks are never recomputed), then one
+decode forward over every sequence that has finished its prefill. Decoding rows of different
+lengths share a left-padded frame: each row's keys are gathered from its blocks into the last
+slots, the slots before them read the scratch block and are masked, and ``position_ids`` give
+each row its own positions, so a row decodes as it would alone. Sampling, events and failure
+isolation are the contiguous decoder's (``mtnlg.generate.decoder``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from types import SimpleNamespace
+
+import torch
+
+from mtnlg.generate.decoder import Engine, _choose, _failed, _guarded, _isolated
+from mtnlg.generate.sampling import draw_uniforms
+from mtnlg.generate.scheduler import BlockPool, Scheduler, Seq
+from mtnlg.generate.sequence import Request, Row, TokenEvent
+from mtnlg.model.paged_cache import PagedKVCache
+
+_SETTINGS = ("temperature", "top_k", "top_p", "repetition_penalty")
+
+
+class _Live:
+    """A row and its per-sequence tensors: sampling settings, and the tokens seen (the penalty)."""
+
+    def __init__(self, row: Row, vocab_size: int, device: torch.device) -> None:
+        self.row = row
+        self.settings = {name: torch.tensor(getattr(row.params, name), device=device) for name in _SETTINGS}
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.seen[torch.tensor(row.request.prompt, device=device)] = True
+
+
+class PagedDecoder:
+    """Sequences in progress over an engine's ``BlockPool``: ``add`` them (any time), ``step`` until empty."""
+
+    def __init__(self, engine: Engine, pool: BlockPool, prefill_chunk: int | None = None) -> None:
+        self.engine, self.pool = engine, pool
+        self.scheduler: Scheduler[_Live] = Scheduler(pool, engine.max_batch_size, prefill_chunk)
+        self.cache = PagedKVCache(pool.storage)
+        self.added = 0
+        self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_tokens": 0}
+
+    def __len__(self) -> int:
+        """Sequences not finished (waiting for blocks, prefilling or decoding)."""
+        return len(self.scheduler)
+
+    def can_add(self, requests: Sequence[Request]) -> bool:
+        """Whether ``requests`` can join: rows under the cap, and free blocks for their prompts."""
+        fits = all(len(r.prompt) + r.params.max_new_tokens <= self.engine.seq_len for r in requests)
+        return bool(requests) and fits and self.scheduler.can_add([r.prompt for r in requests])
+
+    def add(self, requests: Sequence[Request]) -> tuple[list[int], list[TokenEvent]]:
+        """Queue ``requests`` (which must ``can_add``); returns their event indices and the events they
+        end with at once (no token budget, or settings that cannot be sampled with)."""
+        if not self.can_add(requests):
+            raise ValueError("these requests cannot join now; check can_add first")
+        engine = self.engine
+        indices = list(range(self.added, self.added + len(requests)))
+        self.added += len(requests)
+        events = []
+        for index, request in zip(indices, requests, strict=True):
+            row = Row(index, request, engine.tokenizer, engine.seed_for(request.params))
+            if request.params.max_new_tokens == 0:
+                events.append(TokenEvent(index, None, "", finish_reason="length"))
+                continue
+            try:
+                live = _Live(row, engine.vocab_size, engine.device)
+            except Exception as exc:
+                events.append(_failed(row, exc))
+                continue
+            self.scheduler.add(live, request.prompt)
+        return indices, events
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """Admit, prefill (a chunk of) the admitted prompts, then decode one token for every prefilled row."""
+        sched = self.scheduler
+        if not len(sched):
+            return []
+        t0 = time.perf_counter()
+        sched.admit()
+        events = []
+        work = sched.prefills()
+        for seq, n in work:
+            try:
+                self._forward([seq], n)
+            except Exception as exc:
+                events.append(_failed(seq.item.row, exc))
+                sched.finish(seq)
+        t1 = time.perf_counter()
+        ready, _ = sched.decodable()
+        if not work and not ready and sched.running:  # every block is held by prefills that cannot go on
+            sched.preempt(max(sched.running, key=lambda s: s.order))
+        if ready:
+            events += self._decode(ready)
+        self.stats["prefill_s"] += t1 - t0
+        self.stats["decode_s"] += time.perf_counter() - t1
+        return sorted(events, key=lambda e: e.index)
+
+    def _forward(self, seqs: list[Seq[_Live]], n: int) -> torch.Tensor:
+        """Run the model over the next ``n`` tokens of each of ``seqs`` (their blocks reserved); returns
+        the logits of each one's last token, (B, V)."""
+        device, pool = self.engine.device, self.pool
+        starts = [s.table.cached for s in seqs]
+        width = max(starts)
+        read, write, fed, positions, pads = [], [], [], [], []
+        for seq, start in zip(seqs, starts, strict=True):
+            pad = width - start
+            slots = seq.table.slots(pool, 0, start + n)
+            read.append([0] * pad + slots)
+            write.append(slots[start:])
+            fed.append(seq.tokens[start : start + n])
+            positions.append(list(range(start, start + n)))
+            pads.append(pad)
+        as_tensor = lambda rows: torch.tensor(rows, dtype=torch.long, device=device)  # noqa: E731
+        self.cache.plan(as_tensor(write), as_tensor(read))
+        kwargs: dict = {"kv_cache": self.cache, "position_ids": as_tensor(positions)}
+        if any(pads):
+            kwargs["attention_mask"] = torch.arange(width + n, device=device).unsqueeze(0) >= as_tensor(pads)[:, None]
+        logits = self.engine.model(as_tensor(fed), **kwargs)
+        for seq in seqs:
+            seq.table.commit(pool, seq.tokens, n)
+        return logits[:, -1, : self.engine.vocab_size].float()
+
+    def _decode(self, ready: list[Seq[_Live]]) -> list[TokenEvent]:
+        """One decode forward over ``ready``; sample, and retire the rows that finished."""
+        engine = self.engine
+        try:
+            logits = self._forward(ready, 1)
+        except Exception as exc:  # not any one row's fault: every row ends with the error
+            for seq in ready:
+                self.scheduler.finish(seq)
+            return [_failed(s.item.row, exc) for s in ready]
+        rows = [s.item.row for s in ready]
+        view = SimpleNamespace(
+            rows=rows,
+            settings={k: torch.stack([s.item.settings[k] for s in ready]) for k in _SETTINGS},
+            seen=torch.stack([s.item.seen for s in ready]),
+        )
+        uniform = draw_uniforms([r.generator for r in rows])
+        chosen, events = _isolated(rows, lambda some: _choose(view, some, logits, uniform))
+        eod = engine.tokenizer.eod_id if engine.tokenizer is not None else None
+        by_index = {s.item.row.index: s for s in ready}
+        for row in rows:
+            if row.index in (chosen or {}):
+                token = chosen[row.index][0]
+                events.append(_guarded(row, lambda r=row: r.step(*chosen[r.index], eod)))
+                by_index[row.index].tokens.append(token)
+                by_index[row.index].item.seen[token] = True
+        for event in events:
+            if event.finish_reason is not None:
+                self.scheduler.finish(by_index[event.index])
+        self.stats["decode_tokens"] += len(events)
+        return events
+
+    def cancel(self, indices: set[int]) -> list[TokenEvent]:
+        """Retire the sequences with these event indices (e.g. their client left)."""
+        gone = [s for s in (*self.scheduler.running, *self.scheduler.waiting) if s.item.row.index in indices]
+        for seq in gone:
+            self.scheduler.finish(seq)
+        return [TokenEvent(s.item.row.index, None, "", finish_reason="cancelled") for s in gone]
+
+    def live(self) -> list[int]:
+        """Event indices of the sequences not finished."""
+        return sorted(s.item.row.index for s in (*self.scheduler.running, *self.scheduler.waiting))
+
+    def rollback(self, index: int, length: int) -> None:
+        """Cut sequence ``index`` back to its first ``length`` tokens (prompt included): their keys
+        stay cached, later ones are forgotten (e.g. rejected speculative tokens)."""
+        seq = next(s for s in (*self.scheduler.running, *self.scheduler.waiting) if s.item.row.index == index)
+        del seq.tokens[length:]
+        seq.table.truncate(self.pool, min(seq.table.cached, max(length - 1, 0)))
