@@ -86,9 +86,11 @@ class PagedDecoder:
             return []
         t0 = time.perf_counter()
         sched.admit()
-        events = []
-        work = sched.prefills()
-        for seq, n in work:
+        events, done, prefilled = [], set(), False
+        budget = sched.prefill_chunk or self.engine.seq_len * max(len(sched.running), 1)
+        while budget > 0 and (work := sched.next_prefill(budget, done)) is not None:
+            seq, n = work
+            budget, prefilled = budget - n, True
             try:
                 self._forward([seq], n)
             except Exception as exc:
@@ -96,7 +98,7 @@ class PagedDecoder:
                 sched.finish(seq)
         t1 = time.perf_counter()
         ready, _ = sched.decodable()
-        if not work and not ready and sched.running:  # every block is held by prefills that cannot go on
+        if not prefilled and not ready and sched.running:  # every block is held by prefills that cannot go on
             sched.preempt(max(sched.running, key=lambda s: s.order))
         if ready:
             events += self._decode(ready)

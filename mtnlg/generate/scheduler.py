@@ -9,7 +9,9 @@ a new block is needed and it is the oldest. ``SeqBlocks`` is one sequence's bloc
 ``Scheduler`` holds the sequences of a decoder: waiting ones are admitted while free blocks
 cover their prompts (the row count only caps the decode batch), then prefilled (in chunks of at
 most ``prefill_chunk`` tokens per step, shortest remaining prompt first, so one long prompt does
-not stall the others' decoding) and decoded. When a decode step finds no free block the most
+not stall the others' decoding) and decoded. Cached blocks are looked up just before a sequence's
+prefill, and a sequence whose next block an earlier one is prefilling waits for it: sixteen
+clients arriving together with one system prompt prefill it once. When a decode step finds no free block the most
 recently admitted sequence is preempted: its blocks are released (full ones stay cached) and it
 waits at the front of the queue to be recomputed from its tokens, so an exhausted pool delays
 sequences but never fails them.
@@ -115,19 +117,22 @@ class SeqBlocks:
     cached: int = 0
 
     def match(self, pool: BlockPool, tokens: list[int], limit: int) -> int:
-        """Take the cached blocks that start ``tokens`` (covering at most ``limit`` positions); returns
-        the positions they cover. Only for a sequence holding nothing yet."""
-        bs, parent = pool.block_size, ROOT
-        while pool.prefix_cache and (len(self.blocks) + 1) * bs <= limit:
+        """Take the cached blocks that continue this table's full blocks along ``tokens`` (covering at
+        most ``limit`` positions); returns the positions they add. Nothing is taken while the table
+        holds a block not yet full."""
+        bs, before = pool.block_size, self.cached
+        if not pool.prefix_cache or self.cached != len(self.blocks) * bs:
+            return 0
+        while (len(self.blocks) + 1) * bs <= limit:
             chunk = tuple(tokens[len(self.blocks) * bs : (len(self.blocks) + 1) * bs])
+            parent = self.hashes[-1] if self.hashes else ROOT
             block = pool.lookup(parent, chunk)
             if block is None:
                 break
             self.blocks.append(block)
-            parent = hash((parent, chunk))
-            self.hashes.append(parent)
+            self.hashes.append(hash((parent, chunk)))
         self.cached = len(self.blocks) * bs
-        return self.cached
+        return self.cached - before
 
     def reserve(self, pool: BlockPool, end: int) -> bool:
         """Hold blocks for positions [0, end); False (holding what it got) when the pool runs out."""
@@ -178,7 +183,8 @@ class SeqBlocks:
         self.cached = length
 
     def release(self, pool: BlockPool) -> None:
-        for block in self.blocks:
+        """Give every block back, the last first: the LRU list then evicts a prefix's tail before its head."""
+        for block in reversed(self.blocks):
             pool.release(block)
         self.blocks, self.hashes, self.cached = [], [], 0
 
@@ -239,26 +245,43 @@ class Scheduler(Generic[T]):
             if self.running and self.blocks_for(seq.tokens) > self.pool.available():
                 return
             self.waiting.popleft()
-            seq.table.match(self.pool, seq.tokens, len(seq.tokens) - 1)
-            self.pool.stats["hit_tokens"] += seq.table.cached
             self.pool.stats["queried_tokens"] += len(seq.tokens)
             seq.order, self._order = self._order, self._order + 1
             self.running.append(seq)
 
-    def prefills(self) -> list[tuple[Seq[T], int]]:
-        """This step's prefill work: (sequence, tokens to prefill), within the token budget, with
-        the blocks for them held; shortest remaining prompt first."""
-        budget = self.prefill_chunk or math.inf
-        work = []
-        for seq in sorted((s for s in self.running if s.to_prefill > 0), key=lambda s: (s.to_prefill, s.order)):
-            n = int(min(seq.to_prefill, budget))
+    def next_prefill(self, budget: int, done: set[int]) -> tuple[Seq[T], int] | None:
+        """The next prefill work of this step: (sequence, tokens to prefill now, at most ``budget``),
+        its blocks held; None when there is none. Shortest remaining prompt first; cached blocks are
+        taken just before (so one prefilled earlier in this step counts), and a sequence whose next
+        block an earlier one is prefilling waits for it (a shared prompt is prefilled once).
+        ``done`` holds the ids of sequences given work this step already."""
+        waiting = sorted((s for s in self.running if s.to_prefill > 0 and id(s) not in done),
+                         key=lambda s: (s.to_prefill, s.order))
+        for seq in waiting:
+            if self._follows(seq):
+                continue
+            done.add(id(seq))
+            self.pool.stats["hit_tokens"] += seq.table.match(self.pool, seq.tokens, len(seq.tokens) - 1)
+            n = min(seq.to_prefill, budget)
             if n <= 0:
-                break
+                continue  # all of it was cached: it decodes now
             if not seq.table.reserve(self.pool, seq.table.cached + n):
-                break  # the pool is full: decoding frees or preempts blocks first
-            work.append((seq, n))
-            budget -= n
-        return work
+                return None  # the pool is full: decoding frees or preempts blocks first
+            return seq, n
+        return None
+
+    def _follows(self, seq: Seq[T]) -> bool:
+        """Whether an earlier-admitted sequence is prefilling the very block ``seq`` would prefill next."""
+        bs, table = self.pool.block_size, seq.table
+        i = table.cached // bs
+        if not self.pool.prefix_cache or table.cached != len(table.blocks) * bs or (i + 1) * bs > len(seq.tokens) - 1:
+            return False
+        parent, chunk = table.hashes[-1] if i else ROOT, seq.tokens[i * bs : (i + 1) * bs]
+        return any(
+            other.order < seq.order and other.to_prefill > 0 and i * bs <= other.table.cached < (i + 1) * bs
+            and (i == 0 or other.table.hashes[i - 1] == parent) and other.tokens[i * bs : (i + 1) * bs] == chunk
+            for other in self.running
+        )
 
     def decodable(self) -> tuple[list[Seq[T]], list[Seq[T]]]:
         """The sequences to decode this step (each with a block for its next position), and those
