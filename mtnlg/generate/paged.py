@@ -109,24 +109,22 @@ class PagedDecoder:
     def _forward(self, seqs: list[Seq[_Live]], n: int) -> torch.Tensor:
         """Run the model over the next ``n`` tokens of each of ``seqs`` (their blocks reserved); returns
         the logits of each one's last token, (B, V)."""
-        device, pool = self.engine.device, self.pool
+        device, pool, bs = self.engine.device, self.pool, self.pool.block_size
         starts = [s.table.cached for s in seqs]
         width = max(starts)
-        read, write, fed, positions, pads = [], [], [], [], []
-        for seq, start in zip(seqs, starts, strict=True):
-            pad = width - start
-            slots = seq.table.slots(pool, 0, start + n)
-            read.append([0] * pad + slots)
-            write.append(slots[start:])
-            fed.append(seq.tokens[start : start + n])
-            positions.append(list(range(start, start + n)))
-            pads.append(pad)
-        as_tensor = lambda rows: torch.tensor(rows, dtype=torch.long, device=device)  # noqa: E731
-        self.cache.plan(as_tensor(write), as_tensor(read))
-        kwargs: dict = {"kv_cache": self.cache, "position_ids": as_tensor(positions)}
-        if any(pads):
-            kwargs["attention_mask"] = torch.arange(width + n, device=device).unsqueeze(0) >= as_tensor(pads)[:, None]
-        logits = self.engine.model(as_tensor(fed), **kwargs)
+        offsets = torch.arange(bs, device=device)
+        read = torch.zeros(len(seqs), width + n, dtype=torch.long, device=device)  # left padding reads slot 0
+        for i, (seq, start) in enumerate(zip(seqs, starts, strict=True)):
+            blocks = torch.tensor(seq.table.blocks, dtype=torch.long, device=device)
+            read[i, width - start :] = (blocks.unsqueeze(1) * bs + offsets).flatten()[: start + n]
+        self.cache.plan(read[:, width:], read)  # the new tokens' slots end every row
+        start_t = torch.tensor(starts, device=device)
+        kwargs: dict = {"kv_cache": self.cache, "position_ids": start_t.unsqueeze(1) + torch.arange(n, device=device)}
+        if width != min(starts):
+            kwargs["attention_mask"] = torch.arange(width + n, device=device) >= (width - start_t).unsqueeze(1)
+        fed = torch.tensor([seq.tokens[start : start + n] for seq, start in zip(seqs, starts, strict=True)],
+                           dtype=torch.long, device=device)
+        logits = self.engine.model(fed, **kwargs)
         for seq in seqs:
             seq.table.commit(pool, seq.tokens, n)
         return logits[:, -1, : self.engine.vocab_size].float()

@@ -153,11 +153,6 @@ class SeqBlocks:
             parent = self.hashes[-1] if self.hashes else ROOT
             self.hashes.append(pool.register(self.blocks[i], parent, tuple(tokens[i * bs : (i + 1) * bs])))
 
-    def slots(self, pool: BlockPool, start: int, end: int) -> list[int]:
-        """Slot ids of positions [start, end)."""
-        bs = pool.block_size
-        return [self.blocks[p // bs] * bs + p % bs for p in range(start, end)]
-
     def truncate(self, pool: BlockPool, length: int) -> None:
         """Forget positions >= ``length`` (rejected speculative tokens, a rewound sequence). A kept block
         that will be written again is made this sequence's own: out of the cache, or copied if shared."""

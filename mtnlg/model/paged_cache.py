@@ -40,8 +40,9 @@ class BlockStorage:
         """Layer ``layer``'s key and value pools, allocated like ``k`` (B, G, T, D) on first use."""
         if self.keys[layer] is None:
             G, D = k.shape[1], k.shape[3]
-            self.keys[layer] = k.new_zeros(self.num_blocks * self.block_size, G, D)
-            self.values[layer] = k.new_zeros(self.num_blocks * self.block_size, G, D)
+            for pools in (self.keys, self.values):  # untouched memory: pages are only spent as blocks are written
+                pools[layer] = k.new_empty(self.num_blocks * self.block_size, G, D)
+                pools[layer][: self.block_size] = 0  # the scratch block: masked, but 0 * its value must be 0
         keys, values = self.keys[layer], self.values[layer]
         assert keys is not None and values is not None
         return keys, values
