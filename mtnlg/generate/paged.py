@@ -88,14 +88,21 @@ class PagedDecoder:
         sched.admit()
         events, done, prefilled = [], set(), False
         budget = sched.prefill_chunk or self.engine.seq_len * max(len(sched.running), 1)
-        while budget > 0 and (work := sched.next_prefill(budget, done)) is not None:
-            seq, n = work
-            budget, prefilled = budget - n, True
-            try:
-                self._forward([seq], n)
-            except Exception as exc:
-                events.append(_failed(seq.item.row, exc))
-                sched.finish(seq)
+        while budget > 0:  # rounds: a round's prefills may let sequences waiting on their blocks go next
+            works = []
+            while budget > 0 and (work := sched.next_prefill(budget, done)) is not None:
+                works.append(work)
+                budget -= work[1]
+            if not works:
+                break
+            prefilled = True
+            for group in _groups(works):
+                by_row = {seq.item.row.index: (seq, n) for seq, n in group}
+                _, failed = _isolated([seq.item.row for seq, _ in group], lambda rows, w=by_row: self._forward(
+                    [w[r.index][0] for r in rows], [w[r.index][1] for r in rows]))
+                for event in failed:
+                    events.append(event)
+                    sched.finish(by_row[event.index][0])
         t1 = time.perf_counter()
         ready, _ = sched.decodable()
         if not prefilled and not ready and sched.running:  # every block is held by prefills that cannot go on
@@ -106,26 +113,34 @@ class PagedDecoder:
         self.stats["decode_s"] += time.perf_counter() - t1
         return sorted(events, key=lambda e: e.index)
 
-    def _forward(self, seqs: list[Seq[_Live]], n: int) -> torch.Tensor:
-        """Run the model over the next ``n`` tokens of each of ``seqs`` (their blocks reserved); returns
-        the logits of each one's last token, (B, V)."""
+    def _forward(self, seqs: list[Seq[_Live]], ns: list[int]) -> torch.Tensor:
+        """Run the model over the next ``ns[i]`` tokens of each of ``seqs`` (their blocks reserved);
+        returns the logits of each one's last token, (B, V).
+
+        The frame of S = width + T positions (T = max ns) right-aligns each row: left padding, its
+        cached keys, padding for the new tokens it has fewer than T of (their keys masked, written to
+        the scratch block), its new tokens."""
         device, pool, bs = self.engine.device, self.pool, self.pool.block_size
         starts = [s.table.cached for s in seqs]
-        width = max(starts)
+        width, T = max(starts), max(ns)
         offsets = torch.arange(bs, device=device)
-        read = torch.zeros(len(seqs), width + n, dtype=torch.long, device=device)  # left padding reads slot 0
-        for i, (seq, start) in enumerate(zip(seqs, starts, strict=True)):
-            blocks = torch.tensor(seq.table.blocks, dtype=torch.long, device=device)
-            read[i, width - start :] = (blocks.unsqueeze(1) * bs + offsets).flatten()[: start + n]
+        read = torch.zeros(len(seqs), width + T, dtype=torch.long, device=device)  # padding reads slot 0
+        keep = torch.zeros(len(seqs), width + T, dtype=torch.bool, device=device)
+        fed = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
+        positions = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
+        for i, (seq, start, n) in enumerate(zip(seqs, starts, ns, strict=True)):
+            slots = (torch.tensor(seq.table.blocks, dtype=torch.long, device=device).unsqueeze(1) * bs + offsets)
+            slots = slots.flatten()[: start + n]
+            read[i, width - start : width], read[i, width + T - n :] = slots[:start], slots[start:]
+            keep[i, width - start : width], keep[i, width + T - n :] = True, True
+            fed[i, T - n :] = torch.tensor(seq.tokens[start : start + n], device=device)
+            positions[i, T - n :] = torch.arange(start, start + n, device=device)
         self.cache.plan(read[:, width:], read)  # the new tokens' slots end every row
-        start_t = torch.tensor(starts, device=device)
-        kwargs: dict = {"kv_cache": self.cache, "position_ids": start_t.unsqueeze(1) + torch.arange(n, device=device)}
-        if width != min(starts):
-            kwargs["attention_mask"] = torch.arange(width + n, device=device) >= (width - start_t).unsqueeze(1)
-        fed = torch.tensor([seq.tokens[start : start + n] for seq, start in zip(seqs, starts, strict=True)],
-                           dtype=torch.long, device=device)
+        kwargs: dict = {"kv_cache": self.cache, "position_ids": positions}
+        if not bool(keep.all()):
+            kwargs["attention_mask"] = keep
         logits = self.engine.model(fed, **kwargs)
-        for seq in seqs:
+        for seq, n in zip(seqs, ns, strict=True):
             seq.table.commit(pool, seq.tokens, n)
         return logits[:, -1, : self.engine.vocab_size].float()
 
@@ -133,7 +148,7 @@ class PagedDecoder:
         """One decode forward over ``ready``; sample, and retire the rows that finished."""
         engine = self.engine
         try:
-            logits = self._forward(ready, 1)
+            logits = self._forward(ready, [1] * len(ready))
         except Exception as exc:  # not any one row's fault: every row ends with the error
             for seq in ready:
                 self.scheduler.finish(seq)
@@ -177,3 +192,15 @@ class PagedDecoder:
         seq = next(s for s in (*self.scheduler.running, *self.scheduler.waiting) if s.item.row.index == index)
         del seq.tokens[length:]
         seq.table.truncate(self.pool, min(seq.table.cached, max(length - 1, 0)))
+
+
+def _groups(works: list[tuple[Seq[_Live], int]]) -> list[list[tuple[Seq[_Live], int]]]:
+    """Prefill works batched into forwards, similar lengths together: a group pads to its longest, and
+    takes a work while the padding stays under half of what it computes."""
+    groups: list[list[tuple[Seq[_Live], int]]] = []
+    for work in sorted(works, key=lambda w: w[1]):
+        if groups and (len(groups[-1]) + 1) * work[1] <= 2 * (sum(n for _, n in groups[-1]) + work[1]):
+            groups[-1].append(work)
+        else:
+            groups.append([work])
+    return groups
