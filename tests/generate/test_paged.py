@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mtnlg.config import ModelConfig
-from mtnlg.generate.engine import Engine, SamplingParams
+from mtnlg.generate.engine import Completion, Engine, Request, SamplingParams
 from mtnlg.generate.paged import PagedDecoder
 from mtnlg.model.gpt import GPT
 from mtnlg.model.paged_cache import block_bytes
@@ -118,3 +118,15 @@ def test_rollback_forgets_positions_and_decoding_resumes_from_them(model: GPT) -
     while len(decoder):
         got += [e.token for e in decoder.step() if e.index == index and e.token is not None]
     assert got == want
+
+
+def test_a_request_that_cannot_be_sampled_fails_alone(model: GPT) -> None:
+    engine = Engine(model, None, max_batch_size=4, kv_cache="paged")
+    good = [engine.request(p, GREEDY) for p in mixed_prompts()[:2]]
+    broken = Request([1, 2, 3], SamplingParams(max_new_tokens=5, top_k=2**63))  # no validated request has it
+    results: dict[int, Completion] = {}
+    for event in engine.run([good[0], broken, good[1]]):
+        results.setdefault(event.index, Completion([])).add(event)
+    assert results[1].finish_reason == "error" and "overflow" in results[1].error.lower()
+    assert [results[0].tokens, results[2].tokens] == [c.tokens for c in Engine(model, None).generate(
+        [r.prompt for r in good], GREEDY)]
