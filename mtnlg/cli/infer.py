@@ -68,10 +68,27 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
                    "(needed for checkpoints that have none, e.g. converted from an HF directory without one)")
 
 
+def _kv_cache_args(p: argparse.ArgumentParser) -> None:
+    """The KV cache switches of generate and serve (docs/serving.md)."""
+    p.add_argument("--kv-cache", choices=["paged", "contiguous"], default="paged",
+                   help="paged: blocks from one pool, shared prefixes, admission by free blocks (default); "
+                        "contiguous: one buffer per batch at its full length")
+    p.add_argument("--kv-cache-bytes", type=int_in(1), metavar="BYTES",
+                   help="size of the paged pool (default: a quarter of the free memory, at most 4 x "
+                        "--max-batch-size full-length sequences)")
+    p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="share the cached blocks of prompts that start alike (paged; default on)")
+    p.add_argument("--prefill-chunk", type=int_in(1), metavar="TOKENS",
+                   help="prefill long prompts at most TOKENS per step, between the others' decode steps "
+                        "(paged; default: whole prompts)")
+
+
 def _load_engine(checkpoint: object, args: argparse.Namespace, **kwargs: object) -> object:
     from mtnlg.generate.engine import Engine
 
-    engine = Engine.from_checkpoint(checkpoint, quantize=args.quantize, **kwargs)
+    kv = {"kv_cache": args.kv_cache, "kv_cache_bytes": args.kv_cache_bytes, "prefix_cache": args.prefix_cache,
+          "prefill_chunk": args.prefill_chunk} if hasattr(args, "kv_cache") else {}
+    engine = Engine.from_checkpoint(checkpoint, quantize=args.quantize, **kv, **kwargs)
     engine.tokenizer = _cli_tokenizer(args, engine.tokenizer, engine.vocab_size)
     return engine
 
@@ -94,6 +111,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     _sampling_args(p)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens if it is too long")
+    _kv_cache_args(p)
     field_flag(p, "parallel.tp", "--tp", type=int_in(1), use_default=True,
                note="Launch with torchrun --nproc_per_node=TP (needs --prompt).")
 
@@ -193,6 +211,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MTNLG_API_KEY; none if unset)")
     p.add_argument("--model-name", help="model id reported by /v1/models (default: the checkpoint's name)")
     p.add_argument("--max-batch-size", type=int_in(1), default=8, help="sequences decoded together at most")
+    _kv_cache_args(p)
     p.add_argument("--max-body-bytes", type=int_in(1), default=1 << 20,
                    help="largest request body accepted, in bytes (default 1 MiB; larger ones get 413)")
     p.add_argument("--max-queued-sequences", type=int_in(1), default=256, metavar="N",

@@ -28,8 +28,11 @@ from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.generate.decoder import Decoder
 from mtnlg.generate.inspect import MAX_INSPECT_TOKENS, Inspection, inspect_prompt
 from mtnlg.generate.load import load_for_inference
+from mtnlg.generate.paged import PagedDecoder
+from mtnlg.generate.scheduler import BlockPool
 from mtnlg.generate.sequence import Completion, Request, SamplingParams, TokenEvent
 from mtnlg.model.gpt import GPT
+from mtnlg.model.paged_cache import block_storage
 
 __all__ = ["MAX_TOP_LOGPROBS", "Completion", "Decoder", "Engine", "Request", "SamplingParams", "TokenEvent"]
 
@@ -43,6 +46,11 @@ class Engine:
         max_batch_size: int = 8,
         seed: int = 0,
         config: Config | None = None,
+        kv_cache: str = "contiguous",
+        kv_cache_bytes: int | None = None,
+        prefix_cache: bool = True,
+        prefill_chunk: int | None = None,
+        block_size: int = 16,
     ) -> None:
         self.model = model.eval()
         self.config = config  # the checkpoint's Config, when loaded from one (sampling defaults)
@@ -52,6 +60,14 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.device = next(model.parameters()).device
         self._seeds = torch.Generator().manual_seed(seed)  # seeds for requests that bring none
+        if kv_cache not in ("contiguous", "paged"):
+            raise ValueError(f"kv_cache must be 'contiguous' or 'paged', got {kv_cache!r}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"--prefill-chunk must be >= 1 token, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
+        # the block pool outlives each decoder, so its cached prefixes serve later requests too
+        self.pool = None if kv_cache == "contiguous" else BlockPool(
+            block_storage(model, max_batch_size, kv_cache_bytes, block_size), prefix_cache)
 
     @classmethod
     def from_checkpoint(
@@ -168,9 +184,21 @@ class Engine:
 
     # -- the decode loop -----------------------------------------------------------------------
 
-    def decoder(self) -> Decoder:
-        """An empty batch to ``add`` requests to and ``step`` (the server's continuous batching)."""
-        return Decoder(self)
+    def decoder(self) -> Decoder | PagedDecoder:
+        """An empty batch to ``add`` requests to and ``step`` (the server's continuous batching): over
+        the block pool when the engine has one, else over a contiguous cache of its own."""
+        return Decoder(self) if self.pool is None else PagedDecoder(self, self.pool, self.prefill_chunk)
+
+    def kv_stats(self) -> dict[str, float] | None:
+        """The block pool's figures (None without one): blocks in use and in all, prefix-cache hit
+        rate (prompt tokens found cached / prompt tokens admitted), preemptions so far."""
+        if self.pool is None:
+            return None
+        s = self.pool.stats
+        return {"blocks_in_use": self.pool.in_use(), "blocks_total": self.pool.capacity,
+                "peak_blocks_in_use": s["peak_in_use"], "preemptions": s["preemptions"],
+                "prefix_hit_rate": s["hit_tokens"] / s["queried_tokens"] if s["queried_tokens"] else 0.0,
+                "bytes_per_block": self.pool.storage.bytes_per_block}
 
     @torch.inference_mode()
     def run(self, requests: Sequence[Request]) -> Iterator[TokenEvent]:
@@ -178,7 +206,7 @@ class Engine:
         produced; event ``index`` is the request's position in ``requests``."""
         if not requests or not self.fits(requests):
             raise ValueError("requests do not fit one batch; group them with plan_batches")
-        decoder = Decoder(self)
+        decoder = self.decoder()
         yield from decoder.add(requests)[1]
         while len(decoder):
             yield from decoder.step()

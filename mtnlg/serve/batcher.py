@@ -3,7 +3,8 @@
 Each handler queues its request's sequences as one job; the worker starts a batch with what is
 waiting (after the first arrival it waits ``batch_wait_s`` for more, up to the engine's
 ``max_batch_size`` sequences), and between decode steps lets queued sequences join the running
-batch while it has free rows and their prompt and budget fit; finished sequences leave it at
+batch while it has free rows and their prompt and budget fit (with the block KV cache: while free
+blocks cover their prompts, ``mtnlg.generate.paged``); finished sequences leave it at
 once, and so do those of a job that was stopped (its client left, or its deadline passed).
 
 Rows are shared fairly: the next free row goes to the waiting job that holds the fewest rows

@@ -16,7 +16,10 @@ application) keep separate counts. What is measured:
   shared with the rest of its batch);
 - ``mtnlg_queue_depth`` (sequences waiting for a batch) and ``mtnlg_running_sequences`` (in the
   running batch) as gauges read at scrape time, and ``mtnlg_batch_size``, the sequences decoded
-  by each step.
+  by each step;
+- with the block (paged) KV cache: ``mtnlg_kv_cache_blocks_in_use`` and ``mtnlg_kv_cache_blocks``
+  (the pool), ``mtnlg_prefix_cache_hit_rate`` (prompt tokens found cached / prompt tokens admitted)
+  and ``mtnlg_kv_cache_preemptions`` (sequences preempted for want of blocks, so far).
 
 The access log is one JSON object per request on the ``mtnlg.access`` logger: method, path,
 status, duration_s, tokens (generated for it) and client.
@@ -39,6 +42,12 @@ access_log = logging.getLogger("mtnlg.access")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+_KV_GAUGES = (
+    ("mtnlg_kv_cache_blocks_in_use", "blocks_in_use", "KV cache blocks held by sequences."),
+    ("mtnlg_kv_cache_blocks", "blocks_total", "KV cache blocks in the pool."),
+    ("mtnlg_prefix_cache_hit_rate", "prefix_hit_rate", "Prompt tokens found in the prefix cache / prompt tokens."),
+    ("mtnlg_kv_cache_preemptions", "preemptions", "Sequences preempted (to be recomputed) for want of blocks."),
+)
 
 
 class ServerMetrics(BatchObserver):
@@ -67,6 +76,11 @@ class ServerMetrics(BatchObserver):
         """Read the gauges from ``batcher`` at each scrape."""
         self.queue_depth.set_function(batcher.waiting)
         self.running.set_function(lambda: batcher.running)
+        if batcher.engine.kv_stats() is None:
+            return
+        for name, key, doc in _KV_GAUGES:
+            gauge = Gauge(name, doc, registry=self.registry)
+            gauge.set_function(lambda key=key: batcher.engine.kv_stats()[key])
 
     def token(self, seconds: float, first: bool) -> None:
         self.tokens.inc()

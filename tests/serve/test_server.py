@@ -167,11 +167,12 @@ def test_mtnlg_serve_command(tmp_path: Path, small_tokenizer) -> None:
     port = sock.getsockname()[1]
     sock.close()
     env = {**os.environ, "MTNLG_API_KEY": "k2"}
-    cmd = [sys.executable, "-m", "mtnlg", "serve", "--checkpoint", str(ckpt), "--port", str(port), "--quantize", "int8"]
+    cmd = [sys.executable, "-m", "mtnlg", "serve", "--checkpoint", str(ckpt), "--port", str(port), "--quantize", "int8",
+           "--kv-cache-bytes", "65536", "--prefill-chunk", "4", "--no-prefix-cache"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # a loaded 2-core machine took 88 s to start it
         while True:
             assert proc.poll() is None, proc.stdout.read().decode()
             assert time.monotonic() < deadline, "mtnlg serve did not come up"
@@ -184,6 +185,8 @@ def test_mtnlg_serve_command(tmp_path: Path, small_tokenizer) -> None:
         assert httpx.post(f"{base}/v1/completions", json=body).status_code == 401
         r = httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": "Bearer k2"}, timeout=30)
         assert r.status_code == 200 and r.json()["model"] == "ckpt"
+        metrics = httpx.get(f"{base}/metrics", headers={"Authorization": "Bearer k2"}).text
+        assert "mtnlg_kv_cache_blocks 15.0" in metrics  # 65536 bytes / (2 x 16 x 32 x 4 bytes), less the scratch block
     finally:
         proc.terminate()
         proc.wait(15)
