@@ -64,11 +64,26 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
                    "(needed for checkpoints that have none, e.g. converted from an HF directory without one)")
 
 
+def _speculative_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative", choices=["none", "ngram", "draft"], default="none",
+                   help="speculative decoding (lossless): ngram guesses from the prompt and output, draft from a "
+                        "small model (--draft-checkpoint); the model checks the guesses in one forward")
+    p.add_argument("--num-speculative-tokens", type=int_in(1), metavar="K", help="guesses per step (default 4)")
+    p.add_argument("--draft-checkpoint", metavar="DIR", help="draft model for --speculative draft (same tokenizer)")
+
+
 def _load_engine(checkpoint: object, args: argparse.Namespace, **kwargs: object) -> object:
     from mtnlg.generate.engine import Engine
+    from mtnlg.generate.speculative import speculation_for
 
     engine = Engine.from_checkpoint(checkpoint, quantize=args.quantize, **kwargs)
     engine.tokenizer = _cli_tokenizer(args, engine.tokenizer, engine.vocab_size)
+    if getattr(args, "speculative", "none") != "none" or getattr(args, "draft_checkpoint", None):
+        try:
+            engine.speculation = speculation_for(engine, args.speculative, args.num_speculative_tokens,
+                                                 args.draft_checkpoint)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     return engine
 
 
@@ -90,6 +105,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     _sampling_args(p)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens if it is too long")
+    _speculative_args(p)
     field_flag(p, "parallel.tp", "--tp", type=int_in(1), use_default=True,
                note="Launch with torchrun --nproc_per_node=TP (needs --prompt).")
 
@@ -121,6 +137,8 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     engine = _load_engine(checkpoint, args, max_batch_size=1)  # prompts run one at a time
     prompts = [args.prompt] if args.prompt is not None else read_prompts(sys.stdin)
     run_prompts(engine, prompts, params, stream=args.stream, truncate=args.truncate)
+    if engine.speculation is not None:
+        print(engine.speculation.summary(), file=sys.stderr)
     return 0
 
 
@@ -167,6 +185,8 @@ def _generate_tensor_parallel(args: argparse.Namespace, overrides: list[str]) ->
 
     if args.quantize != "none":
         raise ConfigError("--quantize is a single-process CPU layout; it cannot be combined with --tp")
+    if args.speculative != "none":
+        raise ConfigError("--speculative is not available with --tp yet: drop one of them")
     if args.prompt is None:
         raise ConfigError("--tp needs --prompt: every rank must generate from the same prompt")
     model, cfg, tokenizer, dims = load_parallel_for_inference(args.checkpoint, ParallelConfig(tp=args.tp))
@@ -189,6 +209,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MTNLG_API_KEY; none if unset)")
     p.add_argument("--model-name", help="model id reported by /v1/models (default: the checkpoint's name)")
     p.add_argument("--max-batch-size", type=int_in(1), default=8, help="sequences decoded together at most")
+    _speculative_args(p)
     p.add_argument("--max-body-bytes", type=int_in(1), default=1 << 20,
                    help="largest request body accepted, in bytes (default 1 MiB; larger ones get 413)")
     p.add_argument("--max-queued-sequences", type=int_in(1), default=256, metavar="N",

@@ -28,6 +28,7 @@ from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.generate.decoder import Decoder
 from mtnlg.generate.load import load_for_inference
 from mtnlg.generate.sequence import Completion, Request, SamplingParams, TokenEvent
+from mtnlg.generate.speculative import Speculation
 from mtnlg.model.gpt import GPT
 
 __all__ = ["MAX_TOP_LOGPROBS", "Completion", "Decoder", "Engine", "Request", "SamplingParams", "TokenEvent"]
@@ -42,8 +43,10 @@ class Engine:
         max_batch_size: int = 8,
         seed: int = 0,
         config: Config | None = None,
+        speculation: Speculation | None = None,
     ) -> None:
         self.model = model.eval()
+        self.speculation = speculation  # speculative decoding (None: off); every Decoder's steps use it
         self.config = config  # the checkpoint's Config, when loaded from one (sampling defaults)
         self.tokenizer = tokenizer
         self.vocab_size = model.cfg.vocab_size  # padded ids >= this are never sampled
