@@ -184,7 +184,7 @@ def verify(logits: torch.Tensor, guesses: list[int], q: torch.Tensor | None, p: 
         if q is None:
             residual[x] = 0.0
         else:
-            residual = (residual - q[j].to(residual.dtype)).clamp(min=0)
+            residual = (residual - q[j].to(residual)).clamp(min=0)
         if not float(residual.sum()) > 0:  # p <= q everywhere only when p == q: nothing to correct
             residual = p[j]
         return [*guesses[:j], _draw(residual, generator)]

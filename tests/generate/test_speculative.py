@@ -18,6 +18,16 @@ from mtnlg.model.kv_cache import KVCache
 GREEDY = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eod=True)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: a second intra-op thread only adds synchronisation, which costs tens of
+    times the work itself when the cores are busy with other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def model(vocab: int, std: float, seed: int, layers: int = 2, hidden: int = 64) -> GPT:
     torch.manual_seed(seed)
     return GPT(ModelConfig(vocab_size=vocab, seq_len=96, n_layers=layers, hidden=hidden, n_heads=4,
