@@ -70,9 +70,9 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
 
 def _kv_cache_args(p: argparse.ArgumentParser) -> None:
     """The KV cache switches of generate and serve (docs/serving.md)."""
-    p.add_argument("--kv-cache", choices=["paged", "contiguous"], default="paged",
-                   help="paged: blocks from one pool, shared prefixes, admission by free blocks (default); "
-                        "contiguous: one buffer per batch at its full length")
+    p.add_argument("--kv-cache", choices=["paged", "contiguous"],
+                   help="paged: blocks from one pool, shared prefixes, admission by free blocks (the default); "
+                        "contiguous: one buffer per batch at its full length (the default with --speculative)")
     p.add_argument("--kv-cache-bytes", type=int_in(1), metavar="BYTES",
                    help="size of the paged pool (default: a quarter of the free memory, at most 4 x "
                         "--max-batch-size full-length sequences)")
@@ -81,15 +81,37 @@ def _kv_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int_in(1), metavar="TOKENS",
                    help="prefill long prompts at most TOKENS per step, between the others' decode steps "
                         "(paged; default: whole prompts)")
+def _speculative_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative", choices=["none", "ngram", "draft"], default="none",
+                   help="speculative decoding (lossless): ngram guesses from the prompt and output, draft from a "
+                        "small model (--draft-checkpoint); the model checks the guesses in one forward")
+    p.add_argument("--num-speculative-tokens", type=int_in(1), metavar="K", help="guesses per step (default 4)")
+    p.add_argument("--draft-checkpoint", metavar="DIR", help="draft model for --speculative draft (same tokenizer)")
+
+
+def _kv_cache(args: argparse.Namespace) -> str:
+    """The cache ``--kv-cache`` names, else paged; speculative decoding rolls back rejected guesses
+    in the contiguous cache, the only one it runs on so far."""
+    speculative = getattr(args, "speculative", "none") != "none"
+    if speculative and args.kv_cache == "paged":
+        raise ConfigError("--speculative runs on the contiguous KV cache: drop --kv-cache paged or --speculative")
+    return args.kv_cache or ("contiguous" if speculative else "paged")
 
 
 def _load_engine(checkpoint: object, args: argparse.Namespace, **kwargs: object) -> object:
     from mtnlg.generate.engine import Engine
+    from mtnlg.generate.speculative import speculation_for
 
-    kv = {"kv_cache": args.kv_cache, "kv_cache_bytes": args.kv_cache_bytes, "prefix_cache": args.prefix_cache,
+    kv = {"kv_cache": _kv_cache(args), "kv_cache_bytes": args.kv_cache_bytes, "prefix_cache": args.prefix_cache,
           "prefill_chunk": args.prefill_chunk} if hasattr(args, "kv_cache") else {}
     engine = Engine.from_checkpoint(checkpoint, quantize=args.quantize, **kv, **kwargs)
     engine.tokenizer = _cli_tokenizer(args, engine.tokenizer, engine.vocab_size)
+    if getattr(args, "speculative", "none") != "none" or getattr(args, "draft_checkpoint", None):
+        try:
+            engine.speculation = speculation_for(engine, args.speculative, args.num_speculative_tokens,
+                                                 args.draft_checkpoint)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     return engine
 
 
@@ -112,6 +134,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens if it is too long")
     _kv_cache_args(p)
+    _speculative_args(p)
     field_flag(p, "parallel.tp", "--tp", type=int_in(1), use_default=True,
                note="Launch with torchrun --nproc_per_node=TP (needs --prompt).")
 
@@ -143,6 +166,8 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     engine = _load_engine(checkpoint, args, max_batch_size=1)  # prompts run one at a time
     prompts = [args.prompt] if args.prompt is not None else read_prompts(sys.stdin)
     run_prompts(engine, prompts, params, stream=args.stream, truncate=args.truncate)
+    if engine.speculation is not None:
+        print(engine.speculation.summary(), file=sys.stderr)
     return 0
 
 
@@ -189,6 +214,8 @@ def _generate_tensor_parallel(args: argparse.Namespace, overrides: list[str]) ->
 
     if args.quantize != "none":
         raise ConfigError("--quantize is a single-process CPU layout; it cannot be combined with --tp")
+    if args.speculative != "none":
+        raise ConfigError("--speculative is not available with --tp yet: drop one of them")
     if args.prompt is None:
         raise ConfigError("--tp needs --prompt: every rank must generate from the same prompt")
     model, cfg, tokenizer, dims = load_parallel_for_inference(args.checkpoint, ParallelConfig(tp=args.tp))
@@ -212,6 +239,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", help="model id reported by /v1/models (default: the checkpoint's name)")
     p.add_argument("--max-batch-size", type=int_in(1), default=8, help="sequences decoded together at most")
     _kv_cache_args(p)
+    _speculative_args(p)
     p.add_argument("--max-body-bytes", type=int_in(1), default=1 << 20,
                    help="largest request body accepted, in bytes (default 1 MiB; larger ones get 413)")
     p.add_argument("--max-queued-sequences", type=int_in(1), default=256, metavar="N",

@@ -124,6 +124,8 @@ class Decoder:
         self.batch: _Batch | None = None
         self.added = 0  # requests ever added: the next one's event index
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_tokens": 0}  # timings of this batch
+        speculation = getattr(engine, "speculation", None)  # mtnlg.generate.speculative.Speculation
+        self.speculative = speculation.attach(self) if speculation is not None else None
 
     def __len__(self) -> int:
         """Live rows."""
@@ -171,6 +173,9 @@ class Decoder:
         if b is None or not b.rows:
             return []
         t0 = time.perf_counter()
+        if self.speculative is not None and (events := self.speculative.step()) is not None:
+            self.stats["decode_s"] += time.perf_counter() - t0
+            return sorted(events, key=lambda e: e.index)  # stable: a row's tokens stay in order
         try:
             logits = engine.model(b.fed, **b.model_kwargs(b.next_pos.unsqueeze(1)))
             logits = logits[:, -1, : engine.vocab_size].float()

@@ -31,6 +31,7 @@ from mtnlg.generate.load import load_for_inference
 from mtnlg.generate.paged import PagedDecoder
 from mtnlg.generate.scheduler import BlockPool
 from mtnlg.generate.sequence import Completion, Request, SamplingParams, TokenEvent
+from mtnlg.generate.speculative import Speculation
 from mtnlg.model.gpt import GPT
 from mtnlg.model.paged_cache import block_storage
 
@@ -51,8 +52,10 @@ class Engine:
         prefix_cache: bool = True,
         prefill_chunk: int | None = None,
         block_size: int = 16,
+        speculation: Speculation | None = None,
     ) -> None:
         self.model = model.eval()
+        self.speculation = speculation  # speculative decoding (None: off); every Decoder's steps use it
         self.config = config  # the checkpoint's Config, when loaded from one (sampling defaults)
         self.tokenizer = tokenizer
         self.vocab_size = model.cfg.vocab_size  # padded ids >= this are never sampled
@@ -187,7 +190,11 @@ class Engine:
     def decoder(self) -> Decoder | PagedDecoder:
         """An empty batch to ``add`` requests to and ``step`` (the server's continuous batching): over
         the block pool when the engine has one, else over a contiguous cache of its own."""
-        return Decoder(self) if self.pool is None else PagedDecoder(self, self.pool, self.prefill_chunk)
+        if self.pool is None:
+            return Decoder(self)
+        if self.speculation is not None:
+            raise ValueError("speculative decoding runs on the contiguous KV cache (kv_cache='contiguous')")
+        return PagedDecoder(self, self.pool, self.prefill_chunk)
 
     def kv_stats(self) -> dict[str, float] | None:
         """The block pool's figures (None without one): blocks in use and in all, prefix-cache hit

@@ -106,14 +106,24 @@ def select_tokens(
     if not bool(sampled_rows.any()):
         return chosen
     rows = sampled_rows.nonzero().squeeze(-1)
-    x = logits[rows].float()
-    x = apply_temperature(x - x.amax(dim=-1, keepdim=True), temperature[rows])
-    if bool((top_k[rows] > 0).any()):
-        x = top_k_filter(x, top_k[rows])
-    if bool((top_p[rows] < 1).any()):
-        x = top_p_filter(x, top_p[rows])
+    x = filtered_logits(logits[rows], temperature[rows], top_k[rows], top_p[rows])
     chosen[rows] = sample(x, uniform[rows])
     return chosen
+
+
+def filtered_logits(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """The logits a sampled row draws from (temperature -> top-k -> top-p; every temperature > 0):
+    softmax of them is the distribution ``select_tokens`` samples, which speculative decoding's
+    rejection sampling must reproduce."""
+    x = logits.float()
+    x = apply_temperature(x - x.amax(dim=-1, keepdim=True), temperature)
+    if bool((top_k > 0).any()):
+        x = top_k_filter(x, top_k)
+    if bool((top_p < 1).any()):
+        x = top_p_filter(x, top_p)
+    return x
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -172,12 +172,14 @@ class Row:
         self.generator = make_generator(seed)
         self.detok = Detokenizer(tokenizer, self.params.stop)
         self.n_generated = 0
+        self.tokens: list[int] = []  # generated so far (speculative proposals look them up)
 
     def step(self, token: int, logprob: float | None, top: dict | None, eod_id: int | None) -> TokenEvent:
         """Record the sampled ``token`` and say whether the row is done."""
         if token == eod_id and not self.params.ignore_eod:
             return TokenEvent(self.index, None, self.detok.flush(), finish_reason="stop")
         self.n_generated += 1
+        self.tokens.append(token)
         text, stopped = self.detok.add(token)
         finish = "stop" if stopped else "length" if self.n_generated >= self.params.max_new_tokens else None
         if finish == "length":

@@ -38,6 +38,13 @@ class KVCache:
         """Mark ``n_tokens`` more positions as cached; the model calls this after its last layer."""
         self.length += n_tokens
 
+    def truncate(self, length: int) -> None:
+        """Forget the positions from ``length`` on (speculative decoding's rejected tokens): the next
+        ``update`` overwrites them. The buffers stay."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.length = length
+
     def reset(self) -> None:
         """Forget the cached positions but keep the buffers for the next sequence."""
         self.length = 0

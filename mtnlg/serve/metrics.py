@@ -17,6 +17,9 @@ application) keep separate counts. What is measured:
 - ``mtnlg_queue_depth`` (sequences waiting for a batch) and ``mtnlg_running_sequences`` (in the
   running batch) as gauges read at scrape time, and ``mtnlg_batch_size``, the sequences decoded
   by each step;
+- with speculative decoding on, ``mtnlg_speculative_proposed_tokens_total`` and
+  ``mtnlg_speculative_accepted_tokens_total`` (guesses made and kept), ``mtnlg_speculative_steps_total``
+  (verifying forwards) and ``mtnlg_speculative_acceptance_rate`` (kept / made), read from the engine.
 - with the block (paged) KV cache: ``mtnlg_kv_cache_blocks_in_use`` and ``mtnlg_kv_cache_blocks``
   (the pool), ``mtnlg_prefix_cache_hit_rate`` (prompt tokens found cached / prompt tokens admitted)
   and ``mtnlg_kv_cache_preemptions`` (sequences preempted for want of blocks, so far).
@@ -30,8 +33,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -76,6 +81,9 @@ class ServerMetrics(BatchObserver):
         """Read the gauges from ``batcher`` at each scrape."""
         self.queue_depth.set_function(batcher.waiting)
         self.running.set_function(lambda: batcher.running)
+        speculation = getattr(batcher.engine, "speculation", None)
+        if speculation is not None:
+            self.registry.register(_SpeculationCollector(speculation))
         if batcher.engine.kv_stats() is None:
             return
         for name, key, doc in _KV_GAUGES:
@@ -94,6 +102,22 @@ class ServerMetrics(BatchObserver):
 
     def response(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class _SpeculationCollector:
+    """The engine's speculative decoding counts (``Speculation.counts``), read at each scrape."""
+
+    def __init__(self, speculation: object) -> None:
+        self.speculation = speculation
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.speculation.counts
+        for key, name, text in (("proposed", "proposed_tokens", "Tokens proposed to the target for verification."),
+                                ("accepted", "accepted_tokens", "Proposed tokens the target kept."),
+                                ("steps", "steps", "Verifying forwards of the target.")):
+            yield CounterMetricFamily(f"mtnlg_speculative_{name}", text, value=counts[key])
+        yield GaugeMetricFamily("mtnlg_speculative_acceptance_rate", "Proposed tokens kept / proposed.",
+                                value=self.speculation.acceptance_rate())
 
 
 class AccessLog:
