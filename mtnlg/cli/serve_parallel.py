@@ -51,6 +51,8 @@ def serve_tensor_parallel(
         tokenizer = tokenizer_for(tokenizer, cfg.model.vocab_size)
         channel = Channel(args.rank_timeout, on_lost=_stop_server if main else None)
         if not main:
+            for stop in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, torchrun's stop: rank 0 tells the others
+                signal.signal(stop, signal.SIG_IGN)         # (they stop by themselves once it is gone)
             try:
                 follow(Engine(model, tokenizer, args.max_batch_size, config=cfg), channel)
             except RankLost as exc:

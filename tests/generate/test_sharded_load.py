@@ -7,7 +7,8 @@ so the figure is the load's own peak over the process's baseline, not the baseli
 baseline is taken after loading a tiny checkpoint the same way, so that the pages of torch's and
 gloo's code that loading runs for the first time (~15 MB, whatever the model's size) are in it,
 and with the allocator set as ``mtnlg`` commands set it (``return_freed_memory``). Half the model
-is a rank's share; 0.6 x the whole leaves room for one tensor read at a time.
+is a rank's share; 0.6 x the whole leaves room for one tensor read at a time. A training step's
+``train_state/`` (DCP), the other source of weights, is loaded too, before the measurement.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
-from mtnlg.checkpoint.model import load_model, save_model
+from mtnlg.checkpoint.directory import CONFIG_FILE, TRAIN_STATE_DIR, write_checksums
+from mtnlg.checkpoint.model import dcp_call, load_model, save_model
 from mtnlg.config import Config, ModelConfig
 from tests.harness.dist import run_world
 
@@ -34,7 +37,16 @@ def _status_kb(field: str) -> int:
     raise KeyError(field)
 
 
-def _load_on_rank(checkpoint: str, tiny: str) -> dict:
+def _logits_error(model: torch.nn.Module, checkpoint: str) -> float:
+    """Largest deviation of ``model``'s logits from those of ``checkpoint`` loaded whole in this process."""
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    full, _, _ = load_model(checkpoint)
+    with torch.no_grad():
+        logits, expected = model(prompt), full(prompt)
+    return ((logits - expected).abs().max() / expected.abs().max()).item()
+
+
+def _load_on_rank(checkpoint: str, tiny: str, tiny_steps: str) -> dict:
     import torch.distributed as dist
 
     from mtnlg.config import ParallelConfig
@@ -42,19 +54,15 @@ def _load_on_rank(checkpoint: str, tiny: str) -> dict:
     from mtnlg.util.memory import return_freed_memory
 
     return_freed_memory()
+    small, *_ = load_parallel_for_inference(tiny_steps, ParallelConfig(tp=2))  # from train_state/, by DCP
+    train_state_error = _logits_error(small, tiny)
     load_parallel_for_inference(tiny, ParallelConfig(tp=2))  # runs the code the baseline should hold
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = _status_kb("VmRSS")
     model, cfg, _, dims = load_parallel_for_inference(checkpoint, ParallelConfig(tp=2))
     grown = (_status_kb("VmHWM") - before) * 1024
-    prompt = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    with torch.no_grad():
-        logits = model(prompt)
-    full, _, _ = load_model(checkpoint)  # the reference, loaded after the measurement
-    with torch.no_grad():
-        expected = full(prompt)
-    return {"rank": dist.get_rank(), "peak_bytes": grown, "tp": dims.tp,
-            "error": ((logits - expected).abs().max() / expected.abs().max()).item()}
+    return {"rank": dist.get_rank(), "peak_bytes": grown, "tp": dims.tp, "error": _logits_error(model, checkpoint),
+            "train_state_error": train_state_error}
 
 
 def test_each_rank_reads_only_its_shards(tmp_path: Path) -> None:
@@ -65,9 +73,16 @@ def test_each_rank_reads_only_its_shards(tmp_path: Path) -> None:
     whole = sum(p.numel() * p.element_size() for p in model.parameters())
     checkpoint = save_model(tmp_path / "big", model, Config(model=BIG))
     del model
-    tiny = save_model(tmp_path / "tiny", GPT(TINY), Config(model=TINY))
-    results = run_world(_load_on_rank, 2, str(checkpoint), str(tiny), timeout=120)
+    small = GPT(TINY)
+    tiny = save_model(tmp_path / "tiny", small, Config(model=TINY))
+    steps = tmp_path / "step"  # a training step saved without model.safetensors: config and train_state/ only
+    steps.mkdir()
+    (steps / CONFIG_FILE).write_text(Config(model=TINY).to_json(), encoding="utf-8")
+    dcp_call(dcp.save, {"model": small.state_dict()}, steps / TRAIN_STATE_DIR, local=True)
+    write_checksums(steps, local=True)
+    results = run_world(_load_on_rank, 2, str(checkpoint), str(tiny), str(steps), timeout=120)
     for r in results:
         assert r["tp"] == 2 and r["error"] < 1e-4  # one process's logits, up to the order of sums
+        assert r["train_state_error"] < 1e-5
         print(f"rank {r['rank']}: peak growth {r['peak_bytes'] / 1e6:.1f} MB, {r['peak_bytes'] / whole:.3f} x model")
         assert r["peak_bytes"] <= 0.6 * whole, (r, whole)
