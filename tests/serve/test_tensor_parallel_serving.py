@@ -59,7 +59,7 @@ def test_tp2_server_answers_like_one_process_and_ends_when_a_rank_dies(tmp_path:
     try:
         base = f"http://127.0.0.1:{port}"
         _wait_healthy(proc, base, timeout=120)
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=60)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=180)
 
         def ask(prompt: str) -> str:
             return client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0).choices[0].text
