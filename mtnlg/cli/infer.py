@@ -206,16 +206,14 @@ def _sampling_params(args: argparse.Namespace, config: object, overrides: list[s
 def _generate_tensor_parallel(args: argparse.Namespace, overrides: list[str]) -> int:
     """``torchrun --nproc_per_node=TP -m mtnlg generate --tp TP``: each rank runs the engine on its
     shard and samples the same tokens (seeded per sequence); rank 0 prints."""
+    from mtnlg.cli.serve_parallel import tensor_parallel_limits
     from mtnlg.config import ParallelConfig
     from mtnlg.generate.console import run_prompts
     from mtnlg.generate.engine import Engine
     from mtnlg.generate.load import load_parallel_for_inference
     from mtnlg.parallel.dims import destroy_distributed
 
-    if args.quantize != "none":
-        raise ConfigError("--quantize is a single-process CPU layout; it cannot be combined with --tp")
-    if args.speculative != "none":
-        raise ConfigError("--speculative is not available with --tp yet: drop one of them")
+    tensor_parallel_limits(args)
     if args.prompt is None:
         raise ConfigError("--tp needs --prompt: every rank must generate from the same prompt")
     model, cfg, tokenizer, dims = load_parallel_for_inference(args.checkpoint, ParallelConfig(tp=args.tp))
@@ -255,6 +253,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="a Host name to answer (repeatable); on loopback localhost, 127.0.0.1 and [::1] always are, "
                         "other names get 400 (DNS rebinding); elsewhere every name is answered unless some are given")
+    field_flag(p, "parallel.tp", "--tp", type=int_in(1), use_default=True,
+               note="Launch with torchrun --nproc_per_node=TP: rank 0 serves, every rank runs its shard.")
+    field_flag(p, "parallel.timeout_s", "--rank-timeout", use_default=True, metavar="S",
+               note="With --tp: a rank silent this long (dead or hung) stops the server.")
 
 
 def _seconds(text: str) -> float:
@@ -270,30 +272,44 @@ def _seconds(text: str) -> float:
 
 @command("serve", _serve_args)
 def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Serve a checkpoint over HTTP: OpenAI-compatible /v1/completions, Megatron's PUT /api, /health."""
+    """Serve a checkpoint over HTTP: OpenAI-compatible /v1/completions, Megatron's PUT /api, /health.
+
+    Under torchrun with --tp N, rank 0 serves and every rank runs the model's shard."""
     from mtnlg.checkpoint.directory import resolve_verified
-    from mtnlg.serve.app import API_KEY_ENV, create_app, serve
-    from mtnlg.serve.connection import ConnectionLimits
+    from mtnlg.serve.app import API_KEY_ENV, serve
+    from mtnlg.util import dist as rank_info
 
     no_overrides(overrides)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
     if api_key is not None and not api_key.strip():
         where = "--api-key" if args.api_key is not None else f"${API_KEY_ENV}"
         raise ConfigError(f"{where} is empty: give a real key, or none (unset it) to serve without authentication")
+    if args.tp > 1 or rank_info.world_size() > 1:
+        from mtnlg.cli.serve_parallel import serve_tensor_parallel
+
+        return serve_tensor_parallel(args, api_key, listen, lambda engine: server_app(engine, args, api_key),
+                                     lambda found, vocab: _cli_tokenizer(args, found, vocab))
     checkpoint = resolve_verified(args.checkpoint)
-    sock = _listen(args.host, args.port)  # a port that is taken fails now, not after the model loaded
+    sock = listen(args.host, args.port)  # a port that is taken fails now, not after the model loaded
     engine = _load_engine(checkpoint, args, max_batch_size=args.max_batch_size)
+    serve(server_app(engine, args, api_key), args.host, args.port, sock=sock)
+    return 0
+
+
+def server_app(engine: object, args: argparse.Namespace, api_key: str | None) -> object:
+    """The app ``mtnlg serve``'s flags ask for, around ``engine``."""
+    from mtnlg.serve.app import API_KEY_ENV, create_app
+    from mtnlg.serve.connection import ConnectionLimits
+
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"mtnlg serve: warning: listening on {args.host} without an API key: anyone who can reach it "
               f"can use it (--api-key or ${API_KEY_ENV})", file=sys.stderr)
     name = args.model_name or os.path.basename(os.path.abspath(args.checkpoint))
     limits = ConnectionLimits(header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
                               max_connections=args.max_connections)
-    app = create_app(engine, api_key=api_key, model_name=name, max_body_bytes=args.max_body_bytes,
-                     max_queued_sequences=args.max_queued_sequences, request_timeout_s=args.request_timeout,
-                     allowed_hosts=_allowed_hosts(args.host, args.allowed_host), limits=limits)
-    serve(app, args.host, args.port, sock=sock)
-    return 0
+    return create_app(engine, api_key=api_key, model_name=name, max_body_bytes=args.max_body_bytes,
+                      max_queued_sequences=args.max_queued_sequences, request_timeout_s=args.request_timeout,
+                      allowed_hosts=_allowed_hosts(args.host, args.allowed_host), limits=limits)
 
 
 def _allowed_hosts(host: str, given: list[str]) -> tuple[str, ...] | None:
@@ -306,7 +322,7 @@ def _allowed_hosts(host: str, given: list[str]) -> tuple[str, ...] | None:
     return tuple(given) or None
 
 
-def _listen(host: str, port: int) -> object:
+def listen(host: str, port: int) -> object:
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

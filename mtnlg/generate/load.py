@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from mtnlg.checkpoint.directory import resolve_verified
-from mtnlg.checkpoint.model import load_model
+from mtnlg.checkpoint.model import load_config, load_model, load_tokenizer
+from mtnlg.checkpoint.shards import load_local_shards
 from mtnlg.config import Config, ParallelConfig
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.generate.quantize import FORMATS, check_quantization, load_quantized, prepare_for_inference, stored_format
@@ -33,13 +36,19 @@ def load_for_inference(
 
 
 def load_parallel_for_inference(
-    path: str, parallel: ParallelConfig
+    path: str | Path, parallel: ParallelConfig
 ) -> tuple[GPT, Config, Tokenizer | None, ParallelDims]:
-    """Every rank loads the plain checkpoint, then keeps its tensor-parallel part for generation.
+    """This rank's tensor-parallel part of a checkpoint, ready to generate; collective.
 
-    The plain model (not the fp32/int8 inference layouts of ``mtnlg.generate.quantize``) is loaded, since
-    only ``nn.Linear`` layers can be sharded by the plan.
+    The model is built on the meta device and sharded before any weight exists, then each rank
+    reads only its own slices of the checkpoint (``mtnlg.checkpoint.shards``): no rank ever holds
+    the whole model. It stays in the plain layout (not the fp32/int8 inference layouts of
+    ``mtnlg.generate.quantize``), since only ``nn.Linear`` layers can be sharded by the plan.
     """
-    model, cfg, tokenizer = load_model(path)
+    directory = resolve_verified(path)
+    cfg = load_config(directory)
     dims = init_distributed(parallel)
-    return parallelize(model, dims, cfg, inference=True), cfg, tokenizer, dims
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    parallelize(model, dims, cfg, inference=True, fill=lambda m: load_local_shards(m, directory, dims.device))
+    return model.eval(), cfg, load_tokenizer(directory), dims

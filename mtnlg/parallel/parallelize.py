@@ -23,6 +23,8 @@ The single-process model is the reference every layout is tested against.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -38,13 +40,17 @@ from mtnlg.parallel.tensor import apply_tensor_parallel
 from mtnlg.parallel.zero import check_zero
 
 
-def parallelize(model: GPT, dims: ParallelDims, cfg: Config, *, inference: bool = False) -> GPT:
+def parallelize(
+    model: GPT, dims: ParallelDims, cfg: Config, *, inference: bool = False, fill: Callable[[GPT], None] | None = None
+) -> GPT:
     """Apply the parallel layout of ``dims`` to ``model`` in place and return it.
 
     ``model`` is either built on the meta device (it is then materialised and initialised from
     ``train.seed``) or already holds weights, which every rank must share (same seed, or the same
     checkpoint). ``inference=True`` is for generation: no sequence parallelism (a decode step has
-    one token) and the logits are gathered, since sampling needs the whole vocabulary.
+    one token) and the logits are gathered, since sampling needs the whole vocabulary. ``fill``,
+    for a meta model, allocates and fills this rank's part instead of initialising it from the
+    seed (a checkpoint read shard by shard: ``mtnlg.checkpoint.shards``).
     """
     if dims.dp > 1 and inference:
         raise ConfigError("generation runs on tensor-parallel ranks only: every process must be a --tp rank")
@@ -69,7 +75,7 @@ def parallelize(model: GPT, dims: ParallelDims, cfg: Config, *, inference: bool 
             loss_parallel=not inference,
         )
     if any(p.is_meta for p in model.parameters()) and dims.device.type != "meta":  # meta: a dry run
-        materialize(model, dims.device, cfg.train.seed)
+        fill(model) if fill is not None else materialize(model, dims.device, cfg.train.seed)
     if dims.ep > 1:
         apply_expert_parallel(model, dims)
     if cfg.train.precision == "fp8" and not inference and dims.device.type != "meta":

@@ -73,3 +73,28 @@ def at_step(run: Path, copy: Path, step: int = 5) -> Path:
             shutil.rmtree(later)
     (copy / "latest").write_text(f"step_{step:08d}", encoding="utf-8")
     return copy
+
+
+def rank_pid(proc: subprocess.Popen, rank: int) -> int | None:
+    """The pid of the worker of ``rank`` among the torchrun ``proc``'s descendants (by its ``RANK``)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == proc.pid:
+                return True
+        return False
+
+    for pid in parents:
+        try:
+            if descends(pid) and f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
+        except OSError:
+            continue
+    return None
