@@ -151,6 +151,11 @@ class LeaderEngine(Engine):
         self.channel.send("decoder", *args, **kwargs)
         return LeaderDecoder(super().decoder(*args, **kwargs), self)  # type: ignore[return-value]
 
+    def inspect(self, *args: Any, **kwargs: Any) -> Any:
+        """Not under tp: rank 0 alone would run the model, whose collectives wait for every rank."""
+        raise NotImplementedError("the token inspector runs in one process: serve the model without --tp "
+                                  "to inspect it")
+
     def seeded(self, requests: Sequence[Request]) -> list[Request]:
         """``requests`` with each seed made explicit (drawn here when the request brings none)."""
         return [Request(r.prompt, dataclasses.replace(r.params, seed=self.seed_for(r.params))) for r in requests]

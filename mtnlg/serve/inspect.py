@@ -68,4 +68,6 @@ async def inspect(server: ServerState, body: InspectRequest) -> dict:
         found = await asyncio.to_thread(server.engine.inspect, prompt, body.top_k, body.attention_layer)
     except ValueError as exc:
         raise APIError(400, f"prompt: {exc}", param="prompt") from None
+    except NotImplementedError as exc:  # a tensor-parallel server
+        raise APIError(501, str(exc), code="not_implemented") from None
     return {"model": server.model_name, **render(server.engine, found)}

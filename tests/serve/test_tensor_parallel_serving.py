@@ -69,6 +69,8 @@ def test_tp2_server_answers_like_one_process_and_ends_when_a_rank_dies(tmp_path:
         sampled = client.completions.create(model="tiny", prompt="The", max_tokens=6, temperature=1.0, seed=3)
         assert httpx.get(f"{base}/v1/models").status_code == 401  # the same limits as one process
         assert "mtnlg_" in httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        inspected = httpx.post(f"{base}/v1/inspect", json={"prompt": "The"}, headers={"Authorization": f"Bearer {KEY}"})
+        assert inspected.status_code == 501 and "without --tp" in inspected.json()["error"]["message"]
 
         one = Engine.from_checkpoint(ckpt)
         greedy = SamplingParams(max_new_tokens=6, temperature=0)
