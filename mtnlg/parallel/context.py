@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from torch import nn
 from mtnlg.config import ConfigError
 from mtnlg.model.gpt import CausalSelfAttention, document_positions
 from mtnlg.model.loss import IGNORE_INDEX
+from mtnlg.model.moe import MoE
 
 
 def check_context_parallel(cp: int, seq_len: int, dropout: float) -> None:
@@ -166,6 +168,13 @@ def _document_ids(document_ids: torch.Tensor) -> torch.Tensor:
     return document_ids
 
 
+def _summed(counts: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``MoE.sequence_counts`` under cp: a forward's per-expert counts summed over the cp ranks."""
+    counts = counts.clone()
+    dist.all_reduce(counts, group=group)
+    return counts
+
+
 def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup) -> nn.Module:
     """Make every attention layer of ``model`` ring attention over ``group`` (in place; returns it)."""
     core = ring_core(group)
@@ -173,15 +182,20 @@ def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup) -> nn.Mod
     for module in model.modules():
         if isinstance(module, CausalSelfAttention):
             module.core = core
+        if isinstance(module, MoE):
+            module.sequence_counts = partial(_summed, group=group)
     return model
 
 
 def check_layout(cfg: Any, dims: Any) -> None:
     """The layouts context parallelism composes with today (a ``Config`` and its ``ParallelDims``)."""
     check_context_parallel(dims.cp, cfg.model.seq_len, cfg.model.dropout)
-    if dims.ep > 1 or cfg.model.moe_experts:
-        raise ConfigError("parallel.cp > 1 runs with dp, tp and pp: not yet with parallel.ep > 1 or "
-                          "model.moe_experts (their per-token routing statistics would be per rank)")
+    if dims.ep > 1:
+        raise ConfigError("parallel.cp > 1 with parallel.ep > 1 is not supported yet: use parallel.ep=1 (the "
+                          "experts replicated, or sharded over dp by parallel.zero=3)")
+    if cfg.model.moe_experts and cfg.model.moe_capacity_factor:
+        raise ConfigError(f"model.moe_capacity_factor={cfg.model.moe_capacity_factor:g} with parallel.cp > 1: an "
+                          "expert's capacity would count one rank's tokens; use 0 (dropless)")
 
 
 def shard_batch(inputs: torch.Tensor, targets: torch.Tensor, extra: dict, cp: int, rank: int
