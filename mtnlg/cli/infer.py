@@ -9,6 +9,7 @@ import sys
 
 from mtnlg.cli.args import command, field_flag, given_fields, int_in, no_overrides
 from mtnlg.config import ConfigError
+from mtnlg.config.families import CONTEXT_FIELDS
 from mtnlg.util.fs import write_json
 
 # -- convert ---------------------------------------------------------------------------------------
@@ -62,14 +63,31 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
                    help="int8: int8 Linear layers, ~3x faster CPU decoding (int8 checkpoints load as int8)")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer to use instead of the checkpoint's "
                    "(needed for checkpoints that have none, e.g. converted from an HF directory without one)")
+    for name in CONTEXT_FIELDS:  # a trained model run at a longer context (docs/long-sequences.md)
+        field_flag(p, f"model.{name}", "--" + name.replace("_", "-"), fallback="the checkpoint's")
 
 
 def _load_engine(checkpoint: object, args: argparse.Namespace, **kwargs: object) -> object:
     from mtnlg.generate.engine import Engine
 
-    engine = Engine.from_checkpoint(checkpoint, quantize=args.quantize, **kwargs)
+    engine = Engine.from_checkpoint(checkpoint, quantize=args.quantize, context=_context(args), **kwargs)
     engine.tokenizer = _cli_tokenizer(args, engine.tokenizer, engine.vocab_size)
     return engine
+
+
+def _context(args: argparse.Namespace) -> dict:
+    """--seq-len, --rope-scaling, ...: the context override given, checked against the checkpoint's config
+    before its weights load."""
+    import copy
+
+    from mtnlg.checkpoint.directory import resolve_verified
+    from mtnlg.checkpoint.model import load_config
+    from mtnlg.model.rope import extend_context
+
+    given = given_fields(args, "model")
+    if given:
+        extend_context(copy.deepcopy(load_config(resolve_verified(args.checkpoint)).model), **given)
+    return given
 
 
 def _cli_tokenizer(args: argparse.Namespace, found: object, vocab_size: int) -> object:
@@ -169,7 +187,8 @@ def _generate_tensor_parallel(args: argparse.Namespace, overrides: list[str]) ->
         raise ConfigError("--quantize is a single-process CPU layout; it cannot be combined with --tp")
     if args.prompt is None:
         raise ConfigError("--tp needs --prompt: every rank must generate from the same prompt")
-    model, cfg, tokenizer, dims = load_parallel_for_inference(args.checkpoint, ParallelConfig(tp=args.tp))
+    model, cfg, tokenizer, dims = load_parallel_for_inference(args.checkpoint, ParallelConfig(tp=args.tp),
+                                                              _context(args))
     try:
         tokenizer = _cli_tokenizer(args, tokenizer, cfg.model.vocab_size)
         engine = Engine(model, tokenizer, config=cfg)
@@ -318,7 +337,7 @@ def cmd_evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
                     args.json_key, args.split, args.split_name)
     data = read_task(spec)  # bad data fails before the model loads
     scorer = Scorer.from_checkpoint(args.checkpoint, args.quantize, args.device, args.batch_size, args.tokenizer,
-                                    progress=not args.quiet)
+                                    progress=not args.quiet, context=_context(args))
     results = {"checkpoint": args.checkpoint, **evaluate(scorer, spec, data)}
     if args.out:
         write_json(args.out, results, indent=2)
