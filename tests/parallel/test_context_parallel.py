@@ -119,6 +119,23 @@ def _packed_step_error(cfg: ModelConfig, cp: int, cp_group: Any, cp_rank: int) -
     return max(errors)
 
 
+def _saved_over_planned(cp: int, cp_group: Any, recompute: str) -> float:
+    """One GPT block's bytes saved for backward on a cp rank (a saved-tensor probe), over the planner's
+    ``layer_activation_bytes`` for that layout (fp32, 2 samples of 128 tokens)."""
+    from mtnlg.model.gpt import GPT
+    from mtnlg.parallel.context import apply_context_parallel
+    from mtnlg.planner import make_layout
+    from mtnlg.planner.memory import layer_activation_bytes
+    from tests.planner.test_plan import saved_bytes
+
+    cfg = ModelConfig(vocab_size=500, seq_len=128, n_layers=2, hidden=128, n_heads=4, recompute=recompute)
+    block = apply_context_parallel(GPT(cfg).train(), cp_group).view([0], embeddings=False, head=False)
+    x = torch.randn(2, cfg.seq_len // cp, cfg.hidden, requires_grad=True)
+    _, saved = saved_bytes(block, lambda: block(x))
+    lay = make_layout(cp, cp=cp, micro_batch=2, global_batch=2, precision="fp32")
+    return saved / layer_activation_bytes(cfg, lay, recompute)
+
+
 def _world() -> dict[str, float]:
     import torch.distributed as dist
 
@@ -135,6 +152,8 @@ def _world() -> dict[str, float]:
         "gpt cp=2 x dp=2": _step_error(GPT_CFG, 2, cp2, cp2_rank, 2, rank // 2),
         "llama cp=2 x dp=2": _step_error(LLAMA_CFG, 2, cp2, cp2_rank, 2, rank // 2),
         "moe cp=4": _step_error(MOE_CFG, 4, dist.group.WORLD, rank, 1, 0),
+        "saved / planned cp=4": _saved_over_planned(4, dist.group.WORLD, "none"),
+        "saved / planned cp=4 selective": _saved_over_planned(4, dist.group.WORLD, "selective"),
         "llama cp=4 selective": _step_error(dataclasses.replace(LLAMA_CFG, recompute="selective"), 4,
                                             dist.group.WORLD, rank, 1, 0),
     }
@@ -152,6 +171,14 @@ def test_context_parallel_equals_one_process(errors: list[dict[str, float]], cas
     """Ring attention's output and gradients, and a training step's loss and every gradient, within 1e-5 of
     full attention / the whole sequence in one process (fp32, causal; with packed documents' masks)."""
     assert max(rank[case] for rank in errors) < 1e-5
+
+
+def test_a_ranks_saved_activations_match_the_planner(errors: list[dict[str, float]]) -> None:
+    """The planner's cp memory model (s / cp tokens; ring attention's fp32 output and log-sum-exp, no
+    scores) within 3 % of what one block saves on each rank, with and without selective recomputation."""
+    for rank in errors:
+        assert rank["saved / planned cp=4"] == pytest.approx(1.0, abs=0.03)
+        assert rank["saved / planned cp=4 selective"] == pytest.approx(1.0, abs=0.03)
 
 
 def test_load_balancing_gives_each_rank_a_head_and_its_mirrored_tail() -> None:
