@@ -11,7 +11,10 @@ The ring: at step i rank r holds the key/value block of rank r - i; it starts se
 to r + 1 (``batch_isend_irecv``) before computing attention against it, so the transfer overlaps the
 block's computation. Each block's partial output and log-sum-exp are merged in fp32 with the online
 softmax. The backward runs the ring again: each block's key/value gradient travels with the block
-and arrives home after the last step.
+and arrives home after the last step. Packed documents (fine-tuning's ``document_ids``): each block's
+ids travel with it and mask keys of other documents; ``shard_batch`` weighs each rank's loss by its
+share of the counted targets. ZeRO-1/2 reduce over cp in ``zero.py``; MoE layers sum their expert
+counts over cp (``MoE.sequence_counts``); a pipeline gets the positions as a forward argument.
 
 ``torch.distributed.tensor.experimental.context_parallel`` is not used: in torch 2.13 it dispatches
 only the CUDA attention kernels (on CPU: "aten._scaled_dot_product_flash_attention_for_cpu does not
