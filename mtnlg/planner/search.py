@@ -5,7 +5,8 @@ the heads, pp over the divisors of gpus / tp (at most one stage per layer), micr
 stages per rank and schedule (interleaved 1F1B; with two, also the V schedules zbv and dualpipev,
 which ``mtnlg train`` runs with data parallelism under ZeRO 1/2 only), ZeRO stage, recomputation
 (none or full: the modes ``mtnlg train`` has), sequence parallelism and context parallelism (cp over
-powers of two with ``seq_len % 2 cp == 0``, for a model without dropout). Every layout it ranks is
+powers of two with ``seq_len % 2 cp == 0`` and chunks of at least ``MIN_CP_CHUNK`` tokens, for a model
+without dropout). Every layout it ranks is
 one ``mtnlg train`` runs (``report.train_command`` prints it). The global batch is fixed (it
 changes the optimisation, not only the speed).
 """
@@ -21,6 +22,9 @@ from mtnlg.planner import Plan, plan
 from mtnlg.planner.hardware import GpuSpec
 from mtnlg.planner.layout import RECOMPUTE, RUNNABLE_RECOMPUTE, make_layout
 
+# Smallest head/tail chunk (tokens) --search splits a sequence into: shorter blocks cannot hide the ring's
+# transfers behind their attention, and every cp value multiplies the candidates.
+MIN_CP_CHUNK = 512
 FIXABLE = ("tp", "pp", "dp", "cp", "micro_batch", "virtual_stages", "zero", "recompute", "sequence_parallel",
            "schedule")
 
@@ -37,6 +41,7 @@ def _choices(cfg: ModelConfig, gpu: GpuSpec, gpus: int, fixed: dict[str, object]
         "recompute": list(RUNNABLE_RECOMPUTE),
         "sequence_parallel": [False, True],
         "cp": [c for c in (1, 2, 4, 8, 16) if c == 1 or (gpus % c == 0 and cfg.seq_len % (2 * c) == 0
+                                                        and cfg.seq_len // (2 * c) >= MIN_CP_CHUNK
                                                         and cfg.dropout == 0 and not cfg.moe_capacity_factor)],
     }
     for key, value in fixed.items():
