@@ -18,6 +18,7 @@ from mtnlg.cli.args import (
     quiet_arg,
 )
 from mtnlg.config import ConfigError
+from mtnlg.config.families import CONTEXT_FIELDS
 from mtnlg.util.fs import write_json
 
 # -- convert ---------------------------------------------------------------------------------------
@@ -66,6 +67,8 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
                         "input columns (quantized checkpoints load in their format)")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer to use instead of the checkpoint's "
                    "(needed for checkpoints that have none, e.g. converted from an HF directory without one)")
+    for name in CONTEXT_FIELDS:  # a trained model run at a longer context (docs/long-sequences.md)
+        field_flag(p, f"model.{name}", "--" + name.replace("_", "-"), fallback="the checkpoint's")
 
 
 def _kv_cache_args(p: argparse.ArgumentParser) -> None:
@@ -81,6 +84,8 @@ def _kv_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int_in(1), metavar="TOKENS",
                    help="prefill long prompts at most TOKENS per step, between the others' decode steps "
                         "(paged; default: whole prompts)")
+
+
 def _speculative_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", choices=["none", "ngram", "draft"], default="none",
                    help="speculative decoding (lossless): ngram guesses from the prompt and output, draft from a "
@@ -104,7 +109,7 @@ def _load_engine(checkpoint: object, args: argparse.Namespace, **kwargs: object)
 
     kv = {"kv_cache": _kv_cache(args), "kv_cache_bytes": args.kv_cache_bytes, "prefix_cache": args.prefix_cache,
           "prefill_chunk": args.prefill_chunk} if hasattr(args, "kv_cache") else {}
-    engine = Engine.from_checkpoint(checkpoint, quantize=args.quantize, **kv, **kwargs)
+    engine = Engine.from_checkpoint(checkpoint, quantize=args.quantize, context=_context(args), **kv, **kwargs)
     engine.tokenizer = _cli_tokenizer(args, engine.tokenizer, engine.vocab_size)
     if getattr(args, "speculative", "none") != "none" or getattr(args, "draft_checkpoint", None):
         try:
@@ -113,6 +118,21 @@ def _load_engine(checkpoint: object, args: argparse.Namespace, **kwargs: object)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     return engine
+
+
+def _context(args: argparse.Namespace) -> dict:
+    """--seq-len, --rope-scaling, ...: the context override given, checked against the checkpoint's config
+    before its weights load."""
+    import copy
+
+    from mtnlg.checkpoint.directory import resolve_verified
+    from mtnlg.checkpoint.model import load_config
+    from mtnlg.model.rope import extend_context
+
+    given = given_fields(args, "model")
+    if given:
+        extend_context(copy.deepcopy(load_config(resolve_verified(args.checkpoint)).model), **given)
+    return given
 
 
 def _cli_tokenizer(args: argparse.Namespace, found: object, vocab_size: int) -> object:
@@ -216,7 +236,8 @@ def _generate_tensor_parallel(args: argparse.Namespace, overrides: list[str]) ->
     tensor_parallel_limits(args)
     if args.prompt is None:
         raise ConfigError("--tp needs --prompt: every rank must generate from the same prompt")
-    model, cfg, tokenizer, dims = load_parallel_for_inference(args.checkpoint, ParallelConfig(tp=args.tp))
+    model, cfg, tokenizer, dims = load_parallel_for_inference(args.checkpoint, ParallelConfig(tp=args.tp),
+                                                              _context(args))
     try:
         tokenizer = _cli_tokenizer(args, tokenizer, cfg.model.vocab_size)
         engine = Engine(model, tokenizer, config=cfg)
@@ -288,7 +309,7 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
         from mtnlg.cli.serve_parallel import serve_tensor_parallel
 
         return serve_tensor_parallel(args, api_key, listen, lambda engine: server_app(engine, args, api_key),
-                                     lambda found, vocab: _cli_tokenizer(args, found, vocab))
+                                     lambda found, vocab: _cli_tokenizer(args, found, vocab), _context(args))
     checkpoint = resolve_verified(args.checkpoint)
     sock = listen(args.host, args.port)  # a port that is taken fails now, not after the model loaded
     engine = _load_engine(checkpoint, args, max_batch_size=args.max_batch_size)
@@ -391,7 +412,7 @@ def cmd_evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
                     args.json_key, args.split, args.split_name)
     data = read_task(spec)  # bad data fails before the model loads
     scorer = Scorer.from_checkpoint(args.checkpoint, args.quantize, args.device, args.batch_size, args.tokenizer,
-                                    progress=not args.quiet)
+                                    progress=not args.quiet, context=_context(args))
     results = {"checkpoint": args.checkpoint, **evaluate(scorer, spec, data)}
     if args.out:
         write_json(args.out, results, indent=2)

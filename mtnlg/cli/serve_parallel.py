@@ -38,9 +38,11 @@ def serve_tensor_parallel(
     listen: Callable[[str, int], Any],
     make_app: Callable[[Any], Any],
     tokenizer_for: Callable[[Any, int], Any],
+    context: dict | None = None,
 ) -> int:
     """Every rank's part of a tensor-parallel server (returns when rank 0's server stops). The
-    socket, the app and the tokenizer are made as ``mtnlg serve`` makes them (``mtnlg.cli.infer``)."""
+    socket, the app, the tokenizer and the context override are made as ``mtnlg serve`` makes them
+    (``mtnlg.cli.infer``)."""
     from mtnlg.checkpoint.directory import resolve_verified
     from mtnlg.config import ParallelConfig
     from mtnlg.generate.engine import Engine
@@ -55,7 +57,7 @@ def serve_tensor_parallel(
     main = rank_info.rank() == 0
     sock = listen(args.host, args.port) if main else None  # a port that is taken fails before the model loads
     parallel = ParallelConfig(tp=args.tp, timeout_s=args.rank_timeout)
-    model, cfg, tokenizer, _ = load_parallel_for_inference(checkpoint, parallel)
+    model, cfg, tokenizer, _ = load_parallel_for_inference(checkpoint, parallel, context)
     try:
         tokenizer = tokenizer_for(tokenizer, cfg.model.vocab_size)
         channel = Channel(args.rank_timeout, on_lost=_stop_server if main else None)

@@ -11,6 +11,8 @@ from typing import Any
 from mtnlg.config.errors import ConfigError
 
 POSITIONS = ("learned", "rope")
+# what an inference loader may override to run a trained model at another context (mtnlg.model.rope.extend_context)
+CONTEXT_FIELDS = ("seq_len", "rope_scaling", "rope_factor", "rope_original_len")
 ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")

@@ -89,9 +89,11 @@ class Scorer:
         batch_size: int = 8,
         tokenizer: str | Path | None = None,
         progress: bool = False,
+        context: dict | None = None,
     ) -> Scorer:
-        """Load any checkpoint generation loads (fp32, int8, converted from HF), ``tokenizer`` replacing its own."""
-        model, cfg, found = load_for_inference(path, quantize, device, batch_size)
+        """Load any checkpoint generation loads (fp32, int8, converted from HF), ``tokenizer`` replacing its own
+        (``context``: its context length and RoPE scaling overridden, as ``load_for_inference`` does)."""
+        model, cfg, found = load_for_inference(path, quantize, device, batch_size, context)
         tok = load_tokenizer(tokenizer, cfg.model.vocab_size) if tokenizer else found
         if tok is None:
             raise ValueError(f"{path} has no tokenizer (converted from an HF directory without one?): "

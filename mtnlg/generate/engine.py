@@ -79,11 +79,13 @@ class Engine:
         quantize: str | None = None,
         device: str = "cpu",
         max_batch_size: int = 8,
+        context: dict | None = None,
         **kwargs: object,
     ) -> Engine:
         """Load a checkpoint (fp32, or int8 saved by ``mtnlg quantize``), optionally quantizing it,
-        in the weight layout fastest for ``max_batch_size`` sequences at a time."""
-        model, cfg, tokenizer = load_for_inference(path, quantize, device, max_batch_size)
+        in the weight layout fastest for ``max_batch_size`` sequences at a time; ``context``: its
+        context length and RoPE scaling overridden (``load_for_inference``)."""
+        model, cfg, tokenizer = load_for_inference(path, quantize, device, max_batch_size, context)
         return cls(model, tokenizer, max_batch_size, config=cfg, **kwargs)  # type: ignore[arg-type]
 
     # -- requests ------------------------------------------------------------------------------

@@ -164,6 +164,9 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
         self.ln_f: nn.Module | None = norm_layer(cfg, cfg.hidden)
         self.lm_head: nn.Linear | None = nn.Linear(cfg.hidden, cfg.padded_vocab_size, bias=False)
+        # Packed documents' attention mask from their ids; context parallelism (mtnlg.parallel.context), whose
+        # ring attention builds each key block's mask itself, makes it pass the ids through instead.
+        self.document_mask: Callable[[torch.Tensor], torch.Tensor] = document_mask
         self.tie_weights()
         if not self.lm_head.weight.is_meta:  # a model built on the meta device is initialised by materialize()
             self.reset_parameters()
@@ -234,7 +237,7 @@ class GPT(nn.Module):
         """
         view = GPT.__new__(GPT)
         nn.Module.__init__(view)
-        view.cfg = self.cfg
+        view.cfg, view.document_mask = self.cfg, self.document_mask
         view.wte, view.wpe = (self.wte, self.wpe) if embeddings else (None, None)
         view.drop = self.drop
         view.blocks = nn.ModuleDict({str(i): self.blocks[str(i)] for i in layers})
@@ -260,7 +263,9 @@ class GPT(nn.Module):
         own positions. ``document_ids`` (B, T) numbers the documents packed into each row (runs
         of equal ids): a token attends only to earlier tokens of its own document and positions
         restart at each one, so every document is computed as if it ran alone (fine-tuning's
-        packed samples). A stage without the output layer returns hidden states (B, T, C).
+        packed samples); given with ``position_ids``, the rows are a shard of longer sequences whose
+        document positions the caller computed (context parallelism). A stage without the output
+        layer returns hidden states (B, T, C).
         """
         h = self.hidden_states(x, kv_cache, attention_mask, position_ids, document_ids)
         if self.lm_head is None:
@@ -297,9 +302,11 @@ class GPT(nn.Module):
         if start + T > self.cfg.seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.cfg.seq_len}")
         if document_ids is not None:
-            if kv_cache is not None or attention_mask is not None or position_ids is not None:
-                raise ValueError("document_ids replace kv_cache, attention_mask and position_ids: give it alone")
-            position_ids = _document_positions(document_ids)
+            if kv_cache is not None or attention_mask is not None:
+                raise ValueError("document_ids replace kv_cache and attention_mask: give it alone (with position_ids "
+                                 "only for a shard of a longer sequence)")
+            if position_ids is None:
+                position_ids = document_positions(document_ids)
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=x.device).unsqueeze(0)  # (1, T)
         if self.wte is not None:
@@ -307,7 +314,7 @@ class GPT(nn.Module):
             x = self.drop(x + self.wpe(position_ids) if self.wpe is not None else x)
         rope = rope_cos_sin(self.cfg, position_ids, x.dtype) if self.cfg.position == "rope" else None
         if document_ids is not None:
-            attn_mask = _document_mask(document_ids)
+            attn_mask = self.document_mask(document_ids)
         else:
             attn_mask = self._attention_mask(B, T, start, attention_mask, x.device)
         for block in self.blocks.values():
@@ -346,7 +353,7 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def _document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
     """Position ids (B, T) counting from 0 at the first token of each run of equal document ids."""
     index = torch.arange(document_ids.shape[1], device=document_ids.device).expand_as(document_ids)  # (B, T)
     starts = torch.ones_like(document_ids, dtype=torch.bool)
@@ -355,7 +362,7 @@ def _document_positions(document_ids: torch.Tensor) -> torch.Tensor:
     return index - first
 
 
-def _document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
     """Boolean (B, 1, T, T) block-diagonal causal mask: query i sees key j <= i of the same document."""
     T = document_ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()  # (T, T)

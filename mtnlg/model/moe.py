@@ -167,6 +167,9 @@ class MoE(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.aux_grad_scale: float | None = None  # set by a pipeline schedule: attach the loss, do not record it
         self._aux_loss: torch.Tensor | None = None
+        # Context parallelism (mtnlg.parallel.context): sums a forward's per-expert counts over the ranks holding
+        # the rest of the same sequences, so the balance loss's assignment fractions are the whole sequences'.
+        self.sequence_counts: Callable[[torch.Tensor], torch.Tensor] | None = None
         E = cfg.moe_experts
         # Statistics of the training forwards since the last optimizer step (not saved: they restart each step).
         self.register_buffer("tokens_per_expert", torch.zeros(E), persistent=False)
@@ -217,7 +220,9 @@ class MoE(nn.Module):
         statistics accumulated."""
         cfg, n_assign = self.cfg, counts.sum()
         probs = scores if cfg.moe_score == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
-        balance = cfg.moe_experts * (counts.float() / n_assign * probs.mean(dim=0)).sum()  # 1 when uniform
+        whole = self.sequence_counts(counts) if self.sequence_counts is not None else counts
+        # 1 when uniform; under cp the mean of the ranks' values (their own tokens' probabilities) is the whole's
+        balance = cfg.moe_experts * (whole.float() / whole.sum() * probs.mean(dim=0)).sum()
         aux = torch.zeros((), device=out.device)
         if "aux" in cfg.moe_balance and cfg.moe_aux_loss_coef:
             aux = aux + cfg.moe_aux_loss_coef * balance

@@ -13,12 +13,14 @@ the layout of HF's checkpoints, so q/k projection weights are imported unpermute
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import nullcontext
 
 import torch
 
-from mtnlg.config import ModelConfig
+from mtnlg.config import ConfigError, ModelConfig
+from mtnlg.config.families import CONTEXT_FIELDS
 
 
 def _yarn(inv_freq: torch.Tensor, cfg: ModelConfig, dim: int) -> tuple[torch.Tensor, float]:
@@ -73,3 +75,38 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate ``x`` (B, H, T, D) by the angles of its positions: x cos + rotate_half(x) sin."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def extend_context(cfg: ModelConfig, **given: object) -> str:
+    """Run a trained model at another context length: set the ``CONTEXT_FIELDS`` given (in place, before
+    or after its weights load: the rotary tables are computed from ``cfg`` at every forward), validated;
+    a line saying what changed.
+
+    A RoPE scaling given without ``rope_original_len`` keeps the model's (or takes its trained length),
+    and without ``rope_factor`` takes new length / original length. Learned positions have one table
+    row per trained position: such a model runs at its length or shorter only.
+    """
+    unknown = set(given) - set(CONTEXT_FIELDS)
+    if unknown:
+        raise ConfigError(f"model.{sorted(unknown)[0]} cannot be changed at load; these can: "
+                          + ", ".join(f"model.{f}" for f in CONTEXT_FIELDS))
+    trained = cfg.seq_len
+    seq_len = int(given.get("seq_len") or trained)  # type: ignore[call-overload]
+    if seq_len < 1:
+        raise ConfigError(f"model.seq_len must be >= 1, got {seq_len}")
+    if cfg.position == "learned" and (seq_len > trained or set(given) - {"seq_len"}):
+        raise ConfigError(f"model.seq_len={seq_len} with model.position=learned: its position table has {trained} "
+                          "rows; only a rotary (model.position=rope) model's context extends, with a RoPE scaling")
+    scaling = str(given.get("rope_scaling") or cfg.rope_scaling)
+    changes: dict = {"seq_len": seq_len, "rope_scaling": scaling}
+    if "rope_scaling" in given and scaling != "none":
+        original = int(given.get("rope_original_len") or cfg.rope_original_len or trained)  # type: ignore[call-overload]
+        changes["rope_original_len"] = original
+        changes["rope_factor"] = float(given.get("rope_factor") or max(seq_len / original, 1.0))  # type: ignore[arg-type]
+    else:
+        changes |= {k: given[k] for k in ("rope_factor", "rope_original_len") if k in given}
+    dataclasses.replace(cfg, **changes).validate()  # nothing changes unless all of it is valid
+    for name, value in changes.items():
+        setattr(cfg, name, value)
+    rope = f", rope_scaling={scaling} factor {cfg.rope_factor:g} from {cfg.rope_original_len}"
+    return f"context: {seq_len} tokens (trained at {trained})" + (rope if scaling != "none" else "")

@@ -11,7 +11,10 @@ The ring: at step i rank r holds the key/value block of rank r - i; it starts se
 to r + 1 (``batch_isend_irecv``) before computing attention against it, so the transfer overlaps the
 block's computation. Each block's partial output and log-sum-exp are merged in fp32 with the online
 softmax. The backward runs the ring again: each block's key/value gradient travels with the block
-and arrives home after the last step.
+and arrives home after the last step. Packed documents (fine-tuning's ``document_ids``): each block's
+ids travel with it and mask keys of other documents; ``shard_batch`` weighs each rank's loss by its
+share of the counted targets. ZeRO-1/2 reduce over cp in ``zero.py``; MoE layers sum their expert
+counts over cp (``MoE.sequence_counts``); a pipeline gets the positions as a forward argument.
 
 ``torch.distributed.tensor.experimental.context_parallel`` is not used: in torch 2.13 it dispatches
 only the CUDA attention kernels (on CPU: "aten._scaled_dot_product_flash_attention_for_cpu does not
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -29,7 +33,9 @@ import torch.distributed as dist
 from torch import nn
 
 from mtnlg.config import ConfigError
-from mtnlg.model.gpt import CausalSelfAttention
+from mtnlg.model.gpt import CausalSelfAttention, document_positions
+from mtnlg.model.loss import IGNORE_INDEX
+from mtnlg.model.moe import MoE
 
 
 def check_context_parallel(cp: int, seq_len: int, dropout: float) -> None:
@@ -66,6 +72,16 @@ def _block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return p @ v.float(), lse
 
 
+def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor, q_docs: torch.Tensor | None, k_docs: torch.Tensor | None
+          ) -> torch.Tensor:
+    """Which keys of a block each query sees: causal by global position (T, T), and with packed documents
+    (their ids, (B, T) each) within its own document only (B, 1, T, T)."""
+    causal = q_pos.unsqueeze(1) >= k_pos.unsqueeze(0)
+    if q_docs is None or k_docs is None:
+        return causal
+    return (causal & (q_docs.unsqueeze(2) == k_docs.unsqueeze(1))).unsqueeze(1)
+
+
 def _ring_step(group: dist.ProcessGroup, *tensors: torch.Tensor) -> tuple[list[torch.Tensor], list[Any]]:
     """Start sending ``tensors`` to the next rank of the ring and receiving the previous rank's."""
     size, me = dist.get_world_size(group), dist.get_rank(group)
@@ -78,21 +94,23 @@ def _ring_step(group: dist.ProcessGroup, *tensors: torch.Tensor) -> tuple[list[t
 
 
 class RingAttention(torch.autograd.Function):
-    """Causal attention of this rank's queries against every rank's keys/values, passed around a ring."""
+    """Causal attention of this rank's queries against every rank's keys/values, passed around a ring; with
+    ``docs`` (this rank's document ids, (B, T)) the ids travel with their block and mask other documents."""
 
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup
-                ) -> torch.Tensor:
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
+                docs: torch.Tensor | None = None) -> torch.Tensor:
         cp, me = dist.get_world_size(group), dist.get_rank(group)
         T, scale = q.shape[2], 1.0 / math.sqrt(q.shape[-1])
         q_pos = global_positions(T * cp, cp, me, q.device)
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)
-        held = (k, v)
-        for step in range(cp):
+        held = (k, v) if docs is None else (k, v, docs)
+        for step in range(cp):  # step 0 is the rank's own block, where every query sees itself: lse is finite
             pending = _ring_step(group, *held) if step < cp - 1 else None
             k_pos = global_positions(T * cp, cp, (me - step) % cp, q.device)
-            o_b, lse_b = _block(q, *held, q_pos.unsqueeze(1) >= k_pos.unsqueeze(0), scale)
+            mask = _mask(q_pos, k_pos, docs, held[2] if docs is not None else None)
+            o_b, lse_b = _block(q, held[0], held[1], mask, scale)
             new = torch.logaddexp(lse, lse_b)  # online softmax: rescale both partial results to the new sum
             out = out * torch.exp(lse - new).unsqueeze(-1) + o_b * torch.exp(lse_b - new).unsqueeze(-1)
             lse = new
@@ -101,12 +119,12 @@ class RingAttention(torch.autograd.Function):
                 for work in works:
                     work.wait()
         ctx.group, ctx.scale = group, scale
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, docs)
         return out.to(q.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
-        q, k, v, out, lse = ctx.saved_tensors
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, lse, docs = ctx.saved_tensors
         group, scale = ctx.group, ctx.scale
         cp, me = dist.get_world_size(group), dist.get_rank(group)
         T = q.shape[2]
@@ -115,65 +133,110 @@ class RingAttention(torch.autograd.Function):
         delta = (g * out).sum(-1, keepdim=True)  # (B, H, T, 1): rowsum(dO * O)
         dq = torch.zeros_like(g)
         held = (k, v, torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32))
+        held += (docs,) if docs is not None else ()
         for step in range(cp):
-            kb, vb, dk, dv = held
+            kb, vb, dk, dv = held[:4]
             k_pos = global_positions(T * cp, cp, (me - step) % cp, q.device)
-            mask = q_pos.unsqueeze(1) >= k_pos.unsqueeze(0)
+            mask = _mask(q_pos, k_pos, docs, held[4] if docs is not None else None)
             s = ((q.float() @ kb.float().transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf"))
             p = torch.exp(s - lse.unsqueeze(-1))  # the final softmax probabilities of this block
             dv = dv + p.transpose(-1, -2) @ g
             ds = p * (g @ vb.float().transpose(-1, -2) - delta) * scale
             dq = dq + ds @ kb.float()
             dk = dk + ds.transpose(-1, -2) @ q.float()
-            held, works = _ring_step(group, kb, vb, dk, dv)  # the last step brings each gradient home
+            held, works = _ring_step(group, kb, vb, dk, dv, *held[4:])  # the last step brings each gradient home
             for work in works:
                 work.wait()
-        return dq.to(q.dtype), held[2].to(k.dtype), held[3].to(v.dtype), None
+        return dq.to(q.dtype), held[2].to(k.dtype), held[3].to(v.dtype), None, None
 
 
 def ring_core(group: dist.ProcessGroup) -> Callable[..., torch.Tensor]:
-    """An attention core for ``CausalSelfAttention.core``: SDPA's signature, computed by ``RingAttention``."""
+    """An attention core for ``CausalSelfAttention.core``: SDPA's signature, computed by ``RingAttention``.
+    Its ``attn_mask`` is None (causal) or the rank's document ids (``GPT.document_mask`` passes them on)."""
 
     def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
              **kwargs: Any) -> torch.Tensor:
-        if attn_mask is not None:
-            raise ConfigError("parallel.cp > 1 supports causal attention only (no padding or document masks)")
+        if attn_mask is not None and (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
+            raise ConfigError("parallel.cp > 1 supports causal attention and packed documents only (no padding masks)")
         group_size = q.shape[1] // k.shape[1]
         if group_size > 1:  # grouped-query heads: each kv head serves R query heads (gradients sum back)
             k, v = k.repeat_interleave(group_size, dim=1), v.repeat_interleave(group_size, dim=1)
-        return RingAttention.apply(q, k, v, group)
+        return RingAttention.apply(q, k, v, group, attn_mask)
 
     return core
+
+
+def _document_ids(document_ids: torch.Tensor) -> torch.Tensor:
+    """``GPT.document_mask`` under cp: the ids themselves, which ring attention compares block by block."""
+    return document_ids
+
+
+def _summed(counts: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``MoE.sequence_counts`` under cp: a forward's per-expert counts summed over the cp ranks."""
+    counts = counts.clone()
+    dist.all_reduce(counts, group=group)
+    return counts
 
 
 def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup) -> nn.Module:
     """Make every attention layer of ``model`` ring attention over ``group`` (in place; returns it)."""
     core = ring_core(group)
+    model.document_mask = _document_ids  # type: ignore[assignment]
     for module in model.modules():
         if isinstance(module, CausalSelfAttention):
             module.core = core
+        if isinstance(module, MoE):
+            module.sequence_counts = partial(_summed, group=group)
     return model
 
 
 def check_layout(cfg: Any, dims: Any) -> None:
     """The layouts context parallelism composes with today (a ``Config`` and its ``ParallelDims``)."""
     check_context_parallel(dims.cp, cfg.model.seq_len, cfg.model.dropout)
-    if dims.pp > 1 or dims.ep > 1 or cfg.model.moe_experts:
-        raise ConfigError("parallel.cp > 1 runs with dp and tp: not yet with parallel.pp > 1, parallel.ep > 1 "
-                          "or model.moe_experts (their per-token routing statistics would be per rank)")
-    if cfg.parallel.zero in (1, 2):
-        raise ConfigError(f"parallel.cp > 1 runs with parallel.zero=3 (FSDP) only, not parallel.zero="
-                          f"{cfg.parallel.zero}: the distributed optimizer reduces its gradient buckets over dp alone")
+    if dims.ep > 1:
+        raise ConfigError("parallel.cp > 1 with parallel.ep > 1 is not supported yet: use parallel.ep=1 (the "
+                          "experts replicated, or sharded over dp by parallel.zero=3)")
+    if cfg.model.moe_experts and cfg.model.moe_capacity_factor:
+        raise ConfigError(f"model.moe_capacity_factor={cfg.model.moe_capacity_factor:g} with parallel.cp > 1: an "
+                          "expert's capacity would count one rank's tokens; use 0 (dropless)")
 
 
 def shard_batch(inputs: torch.Tensor, targets: torch.Tensor, extra: dict, cp: int, rank: int
-                ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """A micro-batch's inputs and targets (b, T) cut to this rank's chunks, with their global positions."""
-    if extra:
-        raise ConfigError("parallel.cp > 1 takes pretraining batches only (packed fine-tuning samples carry "
-                          "document masks that ring attention does not apply)")
-    positions = global_positions(inputs.shape[1], cp, rank, inputs.device).unsqueeze(0)
-    return shard_sequence(inputs, cp, rank), shard_sequence(targets, cp, rank), {"position_ids": positions}
+                ) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]:
+    """A micro-batch's inputs and targets (b, T) cut to this rank's chunks, the forward arguments (global
+    positions; with packed documents their ids, and positions restarting at each document of the whole
+    row), and the factor that turns this rank's mean loss into its share of the micro-batch's.
+
+    That factor is cp x (this rank's counted targets) / (all counted targets): 1 for pretraining, where
+    every rank counts the same tokens; fine-tuning's ignored prompt tokens (-100) need not fall evenly.
+    A rank with no counted target scores one token with weight 0 (a mean over nothing is NaN)."""
+    unknown = set(extra) - {"document_ids"}
+    if unknown:
+        raise ConfigError(f"parallel.cp > 1: the batch carries {sorted(unknown)}, which ring attention does not apply")
+    index = global_positions(inputs.shape[1], cp, rank, inputs.device)
+    documents = extra.get("document_ids")
+    if documents is None:
+        forward: dict = {"position_ids": index.unsqueeze(0)}
+    else:
+        forward = {"position_ids": document_positions(documents).index_select(1, index),
+                   "document_ids": documents.index_select(1, index)}
+    mine = targets.index_select(1, index)
+    counted, total = (mine != IGNORE_INDEX).sum(), (targets != IGNORE_INDEX).sum()
+    first = torch.zeros_like(mine, dtype=torch.bool)
+    first[0, 0] = True
+    mine = torch.where(first & (counted == 0), 0, mine)
+    return inputs.index_select(1, index), mine, forward, (counted * cp).float() / total.float()
+
+
+def shard_pipeline_batch(batch: torch.Tensor, cp: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """A pipeline's batch (b, T + 1) cut to this rank's chunks, with the global positions (b, T / cp) that every
+    stage reads (split into micro-batches with the inputs)."""
+    if batch.dim() != 2:
+        raise ConfigError("parallel.cp > 1 with parallel.pp > 1 takes pretraining batches only: the ranks' shares of "
+                          "fine-tuning's counted tokens cannot reach the schedule's loss")
+    index = global_positions(batch.shape[1] - 1, cp, rank, batch.device)
+    positions = index.expand(batch.shape[0], -1).contiguous()
+    return batch[:, :-1].index_select(1, index), batch[:, 1:].index_select(1, index), {"position_ids": positions}
 
 
 @torch.no_grad()

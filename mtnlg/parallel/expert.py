@@ -106,8 +106,8 @@ def set_aux_grad_scale(model: nn.Module, scale: float | None) -> None:
 
 
 class ExpertStatistics:
-    """Before each optimizer step: sum the step's per-expert token counts over the data-parallel ranks, update
-    the auxiliary-loss-free biases from them, and keep them for the log (``log_record``).
+    """Before each optimizer step: sum the step's per-expert token counts over the data-parallel (and context-
+    parallel) ranks, update the auxiliary-loss-free biases from them, and keep them for the log (``log_record``).
 
     Registered as an optimizer step pre-hook, so the training loop has no MoE case; a dense model has no
     statistics and the hook does nothing.
@@ -115,6 +115,7 @@ class ExpertStatistics:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, dims: ParallelDims) -> None:
         self.model, self.group = model, dims.dp_group
+        self.cp_group = dims.cp_group if dims.cp > 1 else None  # cp ranks routed other tokens of the same samples
         self.window: dict[str, torch.Tensor] = {}
         if any(True for _ in moe_layers(model)):
             optimizer.register_step_pre_hook(lambda *_: self.step())
@@ -124,8 +125,9 @@ class ExpertStatistics:
         if not stats:
             return
         stacked = torch.stack(list(stats.values()))  # (layers, E + 4)
-        if self.group is not None:
-            dist.all_reduce(stacked, group=self.group)
+        for group in (self.group, self.cp_group):
+            if group is not None:
+                dist.all_reduce(stacked, group=group)
         summed = dict(zip(stats, stacked, strict=True))
         update_expert_bias(self.model, {name: row[:-4] for name, row in summed.items()})
         for name, row in summed.items():

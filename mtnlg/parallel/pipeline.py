@@ -177,8 +177,10 @@ class Pipeline:
                                        loss_fn=partial(_microbatch_loss, m=m), scale_grads=False)
         return self._schedules[key]
 
-    def _run(self, inputs: torch.Tensor, targets: torch.Tensor, m: int, training: bool) -> torch.Tensor:
-        """Run the schedule; the (m,) losses of the micro-batches."""
+    def _run(self, inputs: torch.Tensor, targets: torch.Tensor, m: int, training: bool, forward: dict | None = None
+             ) -> torch.Tensor:
+        """Run the schedule; the (m,) losses of the micro-batches. ``forward``: further forward arguments of
+        every stage, split into micro-batches like the inputs (context parallelism's global positions)."""
         for view in self.views:  # views share the modules, not the module's own mode flag
             view.train(self.model.training)
         schedule = self._schedule(m, training)
@@ -187,25 +189,26 @@ class Pipeline:
         args = (inputs,) if self.has_first else ()
         target = targets if self.has_last else None
         run = schedule.step if training else schedule.eval
-        run(*args, target=target, losses=losses, return_outputs=False)
+        run(*args, target=target, losses=losses, return_outputs=False, **(forward or {}))
         loss = torch.stack(losses).detach().float() * m if losses else torch.zeros(m, device=inputs.device)
         dist.all_reduce(loss, group=self.dims.pp_group)  # the last stage's losses, on every pipeline rank
         return loss
 
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor, m: int) -> torch.Tensor:
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor, m: int, forward: dict | None = None) -> torch.Tensor:
         """Forward and backward of this rank's batch in ``m`` micro-batches; the mean loss, on every pp rank.
 
         Gradients accumulate in ``.grad`` as in the single-process loop.
         """
-        loss = self._run(inputs, targets, m, training=True).mean()
+        loss = self._run(inputs, targets, m, True, forward).mean()
         if self._tied is not None:
             self._tied.sum_grads()
         return loss
 
     @torch.no_grad()
-    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor, m: int) -> torch.Tensor:
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor, m: int, forward: dict | None = None
+                 ) -> torch.Tensor:
         """The loss of each of ``m`` micro-batches (a forward-only pass), on every pp rank."""
-        return self._run(inputs, targets, m, training=False)
+        return self._run(inputs, targets, m, False, forward)
 
     def counted_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters to count in the global gradient norm: a tied copy of the embedding counts once."""

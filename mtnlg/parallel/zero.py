@@ -14,7 +14,10 @@ data-parallel rank (tensor-parallel shards under tp) and ``ZeroAdamW`` owns the 
   the rest of backward: an all-reduce (zero=1) or a reduce-scatter that leaves each rank only its
   chunk (zero=2). Buckets are launched strictly in order, so every rank issues the same
   collectives. Under a pipeline the schedule runs all backward passes itself; the buckets are
-  reduced after it (which is also what lets the zero-bubble V schedules run with dp);
+  reduced after it (which is also what lets the zero-bubble V schedules run with dp). Under
+  context parallelism each bucket is then all-reduced over the cp ranks as well (they computed
+  other tokens of the same samples), and the rows stay split over dp only, so cp peers hold the
+  same moments (Megatron splits them over dp x cp);
 - ``step`` runs torch's own AdamW kernel (fused where torch has it, as in one process) on the
   owned chunk of every weight, in place, then all-gathers the updated chunks bucket by bucket.
 
@@ -141,6 +144,9 @@ class ZeroAdamW(torch.optim.AdamW):
             raise RuntimeError("ZeroAdamW needs the data-parallel mesh (dp > 1 under torch.distributed)")
         self.stage, self.dp_mesh, self.dp = stage, dims.dp_mesh, dims.dp
         self.group = self.dp_mesh.get_group()
+        # Context-parallel peers saw other tokens of the same samples: their gradients are summed too (the
+        # dp x cp reduction); they own the same rows, so the moments stay split over dp and replicated over cp.
+        self.cp_group, self.replicas = (dims.cp_group, self.dp * dims.cp) if dims.cp > 1 else (None, self.dp)
         params = [p for g in self.param_groups for p in g["params"]]
         self.shards = {p: _Shard(p, self.dp_mesh) for p in params}
         self.buckets = _make_buckets([self.shards[p] for p in reversed(params)], bucket_mb * 2**20, self.dp)
@@ -215,8 +221,10 @@ class ZeroAdamW(torch.optim.AdamW):
         views of it, so the fp16 loss scaler unscales what the update reads), zero=2 this rank's rows."""
         assert bucket.buffer is not None
         offset = 0
+        if self.cp_group is not None:  # zero=2: only the owned chunk, already summed over dp
+            dist.all_reduce(bucket.buffer, group=self.cp_group)
         if self.stage == 1:
-            bucket.buffer.div_(self.dp)
+            bucket.buffer.div_(self.replicas)
         for s in bucket.shards:
             if self.stage == 1 and s.param.grad is not None:
                 grad = s.local(s.param.grad)
@@ -226,7 +234,7 @@ class ZeroAdamW(torch.optim.AdamW):
                 mine = bucket.buffer[self.dp_mesh.get_local_rank()] if self.stage == 1 else bucket.buffer
                 rows = mine[offset:offset + (s.end - s.start) * s.row_numel]
                 if self.stage == 2:
-                    rows.div_(self.dp)
+                    rows.div_(self.replicas)
                 self._grads[s.param] = rows.view(s.end - s.start, *s.local().shape[1:]) if s.local().dim() else rows
             offset += s.padded
         bucket.buffer = None
@@ -327,6 +335,11 @@ def finish_gradient_reduction(optimizer: torch.optim.Optimizer) -> None:
     """Wait for the distributed optimizer's reductions (a no-op for any other optimizer)."""
     if isinstance(optimizer, ZeroAdamW):
         optimizer.finish_gradient_reduction()
+
+
+def reduces_context_parallel(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer itself sums the gradients over the context-parallel ranks (the distributed one)."""
+    return isinstance(optimizer, ZeroAdamW)
 
 
 def step_gradients(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> Iterator[torch.Tensor]:

@@ -1,8 +1,9 @@
 """A training layout as the planner sees it: how the GPUs and the batch are split, and what is saved.
 
-This is the planner's own description (no process groups): ``tp x pp x dp = gpus``, the batch
+This is the planner's own description (no process groups): ``tp x cp x pp x dp = gpus``, the batch
 ``global = micro x dp x microbatches``, ZeRO sharding over the dp ranks, activation recomputation,
-sequence parallelism and the pipeline schedule.
+sequence parallelism, context parallelism (``cp``: each sequence split over cp ranks) and the
+pipeline schedule.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Layout:
     precision: str = "bf16"
     flash_attention: bool = False
     optimizer: str = "adamw"
+    cp: int = 1
 
     @property
     def microbatches(self) -> int:
@@ -51,17 +53,19 @@ class Layout:
         return asdict(self)
 
 
-def make_layout(gpus: int, tp: int = 1, pp: int = 1, dp: int = 0, **kwargs: object) -> Layout:
-    """A validated Layout; ``dp`` 0 means ``gpus / (tp * pp)``. Errors name the flag to change."""
-    if gpus < 1 or tp < 1 or pp < 1 or dp < 0:
-        raise ConfigError(f"plan: --gpus, --tp and --pp must be >= 1 and --dp >= 1 (got gpus={gpus} tp={tp} "
-                          f"pp={pp} dp={dp})")
-    if gpus % (tp * pp):
-        raise ConfigError(f"plan: --tp {tp} x --pp {pp} = {tp * pp} does not divide --gpus {gpus}")
-    dp = dp or gpus // (tp * pp)
-    if tp * pp * dp != gpus:
-        raise ConfigError(f"plan: --tp {tp} x --pp {pp} x --dp {dp} = {tp * pp * dp} GPUs, not --gpus {gpus}")
-    layout = Layout(gpus=gpus, tp=tp, pp=pp, dp=dp, **kwargs)  # type: ignore[arg-type]
+def make_layout(gpus: int, tp: int = 1, pp: int = 1, dp: int = 0, cp: int = 1, **kwargs: object) -> Layout:
+    """A validated Layout; ``dp`` 0 means ``gpus / (tp * cp * pp)``. Errors name the flag to change."""
+    if gpus < 1 or tp < 1 or pp < 1 or cp < 1 or dp < 0:
+        raise ConfigError(f"plan: --gpus, --tp, --pp and --cp must be >= 1 and --dp >= 1 (got gpus={gpus} tp={tp} "
+                          f"pp={pp} cp={cp} dp={dp})")
+    with_cp = f" x --cp {cp}" if cp > 1 else ""
+    if gpus % (tp * pp * cp):
+        raise ConfigError(f"plan: --tp {tp} x --pp {pp}{with_cp} = {tp * pp * cp} does not divide --gpus {gpus}")
+    dp = dp or gpus // (tp * pp * cp)
+    if tp * pp * cp * dp != gpus:
+        raise ConfigError(f"plan: --tp {tp} x --pp {pp}{with_cp} x --dp {dp} = {tp * pp * cp * dp} GPUs, "
+                          f"not --gpus {gpus}")
+    layout = Layout(gpus=gpus, tp=tp, pp=pp, dp=dp, cp=cp, **kwargs)  # type: ignore[arg-type]
     _check_choices(layout)
     _check_batch(layout)
     return layout
@@ -105,9 +109,18 @@ def check_model(cfg: ModelConfig, lay: Layout) -> None:
         raise ConfigError(f"plan: --tp {lay.tp} does not divide model.n_heads={cfg.n_heads}")
     if cfg.kv_heads % lay.tp:
         raise ConfigError(f"plan: --tp {lay.tp} does not divide model.n_kv_heads={cfg.kv_heads}")
+    if lay.cp > 1 and (cfg.seq_len % (2 * lay.cp) or cfg.dropout > 0 or cfg.moe_capacity_factor):
+        raise ConfigError(f"plan: --cp {lay.cp} needs model.seq_len % {2 * lay.cp} == 0 (got {cfg.seq_len}), "
+                          f"model.dropout=0 (got {cfg.dropout}) and model.moe_capacity_factor=0 "
+                          f"(got {cfg.moe_capacity_factor})")
     if cfg.n_layers < lay.pp * lay.virtual_stages:
         raise ConfigError(f"plan: {lay.pp * lay.virtual_stages} pipeline stages for model.n_layers="
                           f"{cfg.n_layers}: every stage needs a layer")
+
+
+def local_seq_len(cfg: ModelConfig, lay: Layout) -> float:
+    """Tokens of each sequence one rank holds: ``seq_len / cp``."""
+    return cfg.seq_len / lay.cp
 
 
 def layers_per_rank(cfg: ModelConfig, lay: Layout) -> int:

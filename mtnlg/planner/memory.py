@@ -15,6 +15,11 @@ With e = 2 and dropout this is the paper's ``sbh (10 + 24/t + 5as/ht)`` (``34/t`
 parallelism). Selective recomputation drops the attention-core terms; full recomputation keeps
 only each layer's input (e*sbh, /t with SP) plus one layer's full activations while it is
 recomputed. The first pipeline rank holds ``in_flight`` micro-batches of its layers.
+
+Context parallelism (``cp``) gives each rank s / cp tokens of every sequence: every term above
+uses s / cp, and ring attention (``mtnlg.parallel.context``) keeps no scores, only its fp32 output
+and log-sum-exp (4 s b h / (cp t) + 4 a s b / (cp t)) and, with grouped-query heads, the key and
+value blocks expanded to every head (2 e s b h / (cp t)). Weights and their sharding do not change.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from dataclasses import asdict, dataclass
 from mtnlg.config import ConfigError, ModelConfig
 from mtnlg.config.schedules import layer_split, stage_ids
 from mtnlg.model.counts import TRAIN_STATE_BYTES, parameter_count
-from mtnlg.planner.layout import Layout, in_flight, layers_per_rank
+from mtnlg.planner.layout import Layout, in_flight, layers_per_rank, local_seq_len
 
 GIB = float(1 << 30)
 
@@ -99,7 +104,7 @@ def rank_parameters(cfg: ModelConfig, lay: Layout, *, first: bool, last: bool, l
 def layer_activation_bytes(cfg: ModelConfig, lay: Layout, recompute: str | None = None) -> float:
     """Bytes one layer saves for backward for one micro-batch (see the module docstring)."""
     recompute = recompute or lay.recompute
-    s, b, h, a, t, e = cfg.seq_len, lay.micro_batch, cfg.hidden, cfg.n_heads, lay.tp, lay.element_bytes
+    s, b, h, a, t, e = local_seq_len(cfg, lay), lay.micro_batch, cfg.hidden, cfg.n_heads, lay.tp, lay.element_bytes
     sp = t if lay.sequence_parallel else 1
     sbh = s * b * h
     if recompute == "full":
@@ -108,6 +113,8 @@ def layer_activation_bytes(cfg: ModelConfig, lay: Layout, recompute: str | None 
     total = e * sbh * (4 / sp + 12 / t) + masks
     if recompute == "selective":
         return total
+    if lay.cp > 1:  # ring attention's saved output and log-sum-exp (fp32), and expanded grouped-query blocks
+        return total + 4 * s * b * h / t + 4 * a * s * b / t + (2 * e * s * b * h / t if cfg.kv_heads < a else 0.0)
     if lay.flash_attention:
         return total + 4 * a * s * b / t
     per_score = (2 * e + 1) if cfg.dropout > 0 else e
@@ -117,7 +124,7 @@ def layer_activation_bytes(cfg: ModelConfig, lay: Layout, recompute: str | None 
 def head_activation_bytes(cfg: ModelConfig, lay: Layout) -> float:
     """The last rank's output end for one micro-batch: final LayerNorm input and output, and the fp32
     log-softmax the cross-entropy keeps (vocabulary-parallel: split by tp)."""
-    s, b, h, e = cfg.seq_len, lay.micro_batch, cfg.hidden, lay.element_bytes
+    s, b, h, e = local_seq_len(cfg, lay), lay.micro_batch, cfg.hidden, lay.element_bytes
     sp = lay.tp if lay.sequence_parallel else 1
     return 2 * e * s * b * h / sp + 4 * s * b * cfg.padded_vocab_size / lay.tp
 
@@ -170,7 +177,7 @@ def rank_state(cfg: ModelConfig, lay: Layout, rank: int) -> dict[str, object]:
     """
     if not 0 <= rank < lay.gpus:
         raise ConfigError(f"plan: --rank {rank} is not a rank of --gpus {lay.gpus} (0 .. {lay.gpus - 1})")
-    pp_rank = rank // (lay.dp * lay.tp)
+    pp_rank = rank // (lay.dp * lay.cp * lay.tp)
     num_stages = lay.pp * lay.virtual_stages
     stages = stage_ids(pp_rank, lay.pp, lay.virtual_stages, lay.schedule) if lay.pp > 1 else [0]
     split = layer_split(cfg.n_layers, num_stages)

@@ -25,7 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-node", type=int, help="GPUs sharing NVLink (default 8)")
     p.add_argument("--tp", type=int, help="tensor-parallel size (default 1; --search: varied)")
     p.add_argument("--pp", type=int, help="pipeline-parallel size (default 1; --search: varied)")
-    p.add_argument("--dp", type=int, help="data-parallel size (default gpus / (tp * pp))")
+    p.add_argument("--cp", type=int, help="context-parallel size: each sequence split over cp ranks (parallel.cp; "
+                   "default 1; --search: varied)")
+    p.add_argument("--dp", type=int, help="data-parallel size (default gpus / (tp * cp * pp))")
     p.add_argument("--pp-stages-per-rank", "--virtual-stages", dest="virtual_stages", type=int,
                    help="parallel.pp_stages_per_rank: pipeline stages per rank (> 1: interleaved 1F1B)")
     p.add_argument("--pp-schedule", choices=list(SCHEDULES),
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace, cfg: ModelConfig, model_flags: list[str] | Non
                       gpus_per_node=args.gpus_per_node, single=args.gpus == 1)
     common = {"precision": args.precision, "flash_attention": args.flash_attention, "optimizer": args.optimizer}
     if args.search:
-        fixed = {"tp": args.tp, "pp": args.pp, "dp": args.dp, "micro_batch": args.micro_batch,
+        fixed = {"tp": args.tp, "pp": args.pp, "dp": args.dp, "cp": args.cp, "micro_batch": args.micro_batch,
                  "virtual_stages": args.virtual_stages, "zero": args.zero, "sequence_parallel": args.sequence_parallel,
                  "recompute": None if args.recompute in (None, "auto") else args.recompute,
                  "schedule": args.pp_schedule}
@@ -67,7 +69,8 @@ def run(args: argparse.Namespace, cfg: ModelConfig, model_flags: list[str] | Non
             return json.dumps([_with_command(p, model_flags) for p in plans], indent=2)
         return render_search(plans, model_flags)
     v = args.virtual_stages or 1
-    layout = make_layout(args.gpus, args.tp or 1, args.pp or 1, args.dp or 0, micro_batch=args.micro_batch or 1,
+    layout = make_layout(args.gpus, args.tp or 1, args.pp or 1, args.dp or 0, args.cp or 1,
+                         micro_batch=args.micro_batch or 1,
                          global_batch=args.global_batch, virtual_stages=v, zero=args.zero or 0,
                          recompute="none" if args.recompute in (None, "auto") else args.recompute,
                          sequence_parallel=bool(args.sequence_parallel),
@@ -89,6 +92,7 @@ def train_flags(lay: Layout) -> list[str]:
     level is ``model.recompute``.
     """
     flags = [f"--parallel.tp={lay.tp}", f"--parallel.pp={lay.pp}", f"--parallel.dp={lay.dp}"]
+    flags += [f"--parallel.cp={lay.cp}"] if lay.cp > 1 else []
     if lay.dp > 1:
         flags.append(f"--parallel.zero={lay.zero or 3}")
         if lay.zero == 0:
@@ -138,7 +142,8 @@ def _layout_text(p: Plan) -> str:
     extras += [lay.schedule] if lay.pp > 1 and lay.schedule not in ("1f1b", "interleaved_1f1b") else []
     extras += [f"zero={lay.zero}"] if lay.zero else []
     extras += ["sp"] if lay.sequence_parallel else []
-    return " ".join([f"tp={lay.tp} pp={lay.pp} dp={lay.dp} mb={lay.micro_batch}", *extras,
+    cp = f" cp={lay.cp}" if lay.cp > 1 else ""
+    return " ".join([f"tp={lay.tp}{cp} pp={lay.pp} dp={lay.dp} mb={lay.micro_batch}", *extras,
                      f"recompute={lay.recompute}"])
 
 
@@ -156,7 +161,8 @@ def render(p: Plan, model_flags: list[str] | None = None) -> str:
         + f" -> {'fits' if p.fits else 'does NOT fit'}",
         f"step time        {t.step:.2f} s: compute {t.compute:.2f}, bubble {t.bubble:.2f} "
         f"({t.bubble / t.step:.1%}), tp comm {t.tensor_parallel_comm:.2f}, pp comm {t.pipeline_comm:.2f}, "
-        f"dp comm {t.data_parallel_comm:.2f}, optimizer {t.optimizer:.2f}",
+        f"dp comm {t.data_parallel_comm:.2f}, optimizer {t.optimizer:.2f}"
+        + (f", cp comm {t.context_parallel_comm:.2f}" if lay.cp > 1 else ""),
         f"throughput       {human(p.tokens_per_step / t.step)} tokens/s; "
         f"{p.hfu * p.gpu.peak_flops / 1e12:.3g} TFLOP/s per GPU; MFU {p.mfu:.1%} (HFU {p.hfu:.1%})",
         f"training         {human(p.tokens)} tokens in {p.days:.1f} days",

@@ -4,7 +4,9 @@ The search varies what the caller did not fix: tp over powers of two within a no
 the heads, pp over the divisors of gpus / tp (at most one stage per layer), micro-batch 1-8,
 stages per rank and schedule (interleaved 1F1B; with two, also the V schedules zbv and dualpipev,
 which ``mtnlg train`` runs with data parallelism under ZeRO 1/2 only), ZeRO stage, recomputation
-(none or full: the modes ``mtnlg train`` has) and sequence parallelism. Every layout it ranks is
+(none or full: the modes ``mtnlg train`` has), sequence parallelism and context parallelism (cp over
+powers of two with ``seq_len % 2 cp == 0`` and chunks of at least ``MIN_CP_CHUNK`` tokens, for a model
+without dropout). Every layout it ranks is
 one ``mtnlg train`` runs (``report.train_command`` prints it). The global batch is fixed (it
 changes the optimisation, not only the speed).
 """
@@ -20,7 +22,11 @@ from mtnlg.planner import Plan, plan
 from mtnlg.planner.hardware import GpuSpec
 from mtnlg.planner.layout import RECOMPUTE, RUNNABLE_RECOMPUTE, make_layout
 
-FIXABLE = ("tp", "pp", "dp", "micro_batch", "virtual_stages", "zero", "recompute", "sequence_parallel", "schedule")
+# Smallest head/tail chunk (tokens) --search splits a sequence into: shorter blocks cannot hide the ring's
+# transfers behind their attention, and every cp value multiplies the candidates.
+MIN_CP_CHUNK = 512
+FIXABLE = ("tp", "pp", "dp", "cp", "micro_batch", "virtual_stages", "zero", "recompute", "sequence_parallel",
+           "schedule")
 
 
 def _choices(cfg: ModelConfig, gpu: GpuSpec, gpus: int, fixed: dict[str, object]) -> dict[str, list[object]]:
@@ -34,6 +40,9 @@ def _choices(cfg: ModelConfig, gpu: GpuSpec, gpus: int, fixed: dict[str, object]
         "zero": [0, 1, 2, 3],
         "recompute": list(RUNNABLE_RECOMPUTE),
         "sequence_parallel": [False, True],
+        "cp": [c for c in (1, 2, 4, 8, 16) if c == 1 or (gpus % c == 0 and cfg.seq_len % (2 * c) == 0
+                                                        and cfg.seq_len // (2 * c) >= MIN_CP_CHUNK
+                                                        and cfg.dropout == 0 and not cfg.moe_capacity_factor)],
     }
     for key, value in fixed.items():
         if value is not None and key in choices:
@@ -56,18 +65,18 @@ def candidates(cfg: ModelConfig, gpu: GpuSpec, gpus: int, global_batch: int,
                fixed: dict[str, object], tokens: float = 0.0, **common: object) -> Iterable[Plan]:
     """Plans of every valid combination (invalid ones, e.g. a batch that does not split, are skipped)."""
     ch = _choices(cfg, gpu, gpus, fixed)
-    for tp, pp, mb, v, zero, rec, sp in itertools.product(
-        ch["tp"], ch["pp"], ch["micro_batch"], ch["virtual_stages"], ch["zero"], ch["recompute"],
+    for tp, pp, cp, mb, v, zero, rec, sp in itertools.product(
+        ch["tp"], ch["pp"], ch["cp"], ch["micro_batch"], ch["virtual_stages"], ch["zero"], ch["recompute"],
         ch["sequence_parallel"],
     ):
-        if (sp and tp == 1) or (v > 1 and (pp == 1 or cfg.n_layers % (pp * v))) or gpus % (tp * pp):
+        if (sp and tp == 1) or (v > 1 and (pp == 1 or cfg.n_layers % (pp * v))) or gpus % (tp * pp * cp):
             continue
-        dp = fixed.get("dp") or gpus // (tp * pp)
-        if tp * pp * dp != gpus or (zero and dp == 1):
+        dp = fixed.get("dp") or gpus // (tp * pp * cp)
+        if tp * pp * cp * dp != gpus or (zero and dp == 1):
             continue
         for name in _schedules(pp, v, zero, dp, fixed.get("schedule")):
             try:
-                lay = make_layout(gpus, tp, pp, dp, micro_batch=mb, global_batch=global_batch, virtual_stages=v,
+                lay = make_layout(gpus, tp, pp, dp, cp, micro_batch=mb, global_batch=global_batch, virtual_stages=v,
                                   zero=zero, recompute=rec, sequence_parallel=sp, schedule=name, **common)
                 yield plan(cfg, lay, gpu, tokens=tokens)
             except ConfigError:

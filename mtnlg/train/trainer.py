@@ -47,13 +47,19 @@ from mtnlg.data.gpt_dataset import Dataset, SampleLoader
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.model.counts import flops_per_token
 from mtnlg.model.gpt import GPT
-from mtnlg.parallel.context import average_gradients, shard_batch
+from mtnlg.parallel.context import average_gradients, shard_batch, shard_pipeline_batch
 from mtnlg.parallel.data import fsdp_mixed_precision
 from mtnlg.parallel.dims import ParallelDims
 from mtnlg.parallel.expert import ExpertStatistics
 from mtnlg.parallel.pipeline import Pipeline, microbatches
 from mtnlg.parallel.utils import clip_grads, grad_norm, loss_context
-from mtnlg.parallel.zero import finish_gradient_reduction, set_gradient_sync, sharded_gradients, step_gradients
+from mtnlg.parallel.zero import (
+    finish_gradient_reduction,
+    reduces_context_parallel,
+    set_gradient_sync,
+    sharded_gradients,
+    step_gradients,
+)
 from mtnlg.train.limits import JobLimits, StopRequest
 from mtnlg.train.metrics import MetricsLog
 from mtnlg.train.optim import build_optimizer, global_batch_size, learning_rate, validate_batch_sizes
@@ -168,7 +174,8 @@ class Trainer:
         """The model's mean loss on one micro-batch (pretraining tokens or fine-tuning samples)."""
         inputs, targets, extra = split_batch(batch)
         if self.dims.cp > 1:  # this rank's chunks of every sample's sequence, at their global positions
-            inputs, targets, extra = shard_batch(inputs, targets, extra, self.dims.cp, self.dims.cp_rank)
+            inputs, targets, extra, share = shard_batch(inputs, targets, extra, self.dims.cp, self.dims.cp_rank)
+            return self.model(inputs, targets, **extra) * share
         return self.model(inputs, targets, **extra)
 
     def _mean_over_cp(self, value: torch.Tensor) -> torch.Tensor:
@@ -185,14 +192,21 @@ class Trainer:
     def _pipeline_step(self, batch_size: int) -> torch.Tensor:
         """The same batch as ``_forward_backward`` reads, run through the pipeline schedule."""
         assert self.pipeline is not None
-        inputs, targets, _ = split_batch(self._next_batch(batch_size // self.micro), pipeline=True)
+        inputs, targets, forward = self._pipeline_batch(self._next_batch(batch_size // self.micro))
         with self._autocast():
-            return self.pipeline.step(inputs, targets, microbatches(self.cfg, self.dp_size, batch_size))
+            return self.pipeline.step(inputs, targets, microbatches(self.cfg, self.dp_size, batch_size), forward)
+
+    def _pipeline_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Inputs, targets and the stages' further forward arguments of a pipeline's batch (this cp rank's part)."""
+        if self.dims.cp > 1:
+            return shard_pipeline_batch(batch, self.dims.cp, self.dims.cp_rank)
+        inputs, targets, _ = split_batch(batch, pipeline=True)
+        return inputs, targets, {}
 
     def _grad_norm(self) -> torch.Tensor:
         """Global L2 norm of all gradients (sharded DTensor gradients and pipeline stages reduced to the full norm)."""
         finish_gradient_reduction(self.optimizer)  # ZeRO 1/2: the buckets still in flight after backward
-        if self.dims.cp > 1:  # cp ranks reduce gradients like dp ranks
+        if self.dims.cp > 1 and not reduces_context_parallel(self.optimizer):  # cp ranks reduce gradients like dp
             average_gradients(self.model, self.dims.cp_group, self.dims.cp)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -241,8 +255,8 @@ class Trainer:
         self.model.eval()
         with self._autocast(), loss_context(self.dims):
             if self.pipeline is not None:
-                inputs, targets, _ = split_batch(torch.cat(batches), pipeline=True)
-                losses = self.pipeline.evaluate(inputs, targets, per_rank)
+                inputs, targets, forward = self._pipeline_batch(torch.cat(batches))
+                losses = self.pipeline.evaluate(inputs, targets, per_rank, forward)
             else:
                 losses = torch.stack([self._loss(b).float() for b in batches])
         self.model.train()

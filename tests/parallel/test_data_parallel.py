@@ -63,6 +63,7 @@ LAYOUTS = {
         "dp2 x tp2": dict(tp=2),
         "dp2 x pp2": dict(pp=2),
         "dp2 x pp2 interleaved": dict(pp=2, pp_schedule="interleaved_1f1b", pp_stages_per_rank=2),
+        "cp2 x pp2": dict(cp=2, pp=2),  # every stage reads the rank's global positions
     },
 }
 

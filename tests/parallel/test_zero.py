@@ -32,6 +32,8 @@ LAYOUTS = {
     "zero1 dp2 x pp2": dict(zero=1, pp=2),
     "zero2 dp2 x pp2 interleaved": dict(zero=2, pp=2, pp_schedule="interleaved_1f1b", pp_stages_per_rank=2),
     "zero1 dp2 x pp2 dualpipev": dict(zero=1, pp=2, pp_schedule="dualpipev", pp_stages_per_rank=2),
+    "zero1 dp2 x cp2": dict(zero=1, cp=2),  # the buckets are reduced over dp x cp
+    "zero2 dp2 x cp2": dict(zero=2, cp=2),
 }
 # Muon orthogonalises whole matrices: FSDP's row shards and tp's row and column shards are gathered.
 MUON_LAYOUTS = {"muon dp4": {}, "muon dp2 x tp2": dict(tp=2), "muon dp2 x tp2 sequence-parallel":

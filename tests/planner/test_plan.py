@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mtnlg.cli import main
-from mtnlg.config import ModelConfig
+from mtnlg.config import ConfigError, ModelConfig
 from mtnlg.config.presets import get_preset
 from mtnlg.model.gpt import GPT
 from mtnlg.planner import GPUS, make_layout, plan
@@ -167,3 +167,21 @@ def test_parameter_gradient_and_adamw_bytes_exact(measured_step: tuple) -> None:
     assert mem.gradients == sum(p.grad.nbytes for p in params)
     moments = [opt.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq")]
     assert mem.optimizer == sum(m.nbytes for m in moments)  # the per-tensor scalar step counters aside
+
+
+def test_search_splits_a_long_sequence_with_context_parallelism(capsys: pytest.CaptureFixture[str]) -> None:
+    """llama3-8b at 131072 tokens on 16 H100s: no layout without cp fits, the search ranks cp layouts and
+    prints the train command that runs each; cp at least halves the activations and leaves the weights."""
+    cfg = get_preset("llama3-8b")
+    cfg.seq_len = 131072
+    code, out, _ = run_cli(capsys, "--preset", "llama3-8b", "--model.seq_len=131072", "--gpus", "16", "--gpu",
+                           "h100-80gb", "--global-batch", "16", "--tp", "8", "--search", "--json")
+    plans = json.loads(out)
+    assert code == 0 and plans and all(p["layout"]["cp"] > 1 and p["fits"] for p in plans)
+    assert all(f"--parallel.cp={p['layout']['cp']}" in p["train_command"] for p in plans)
+    one, two = (plan(cfg, make_layout(16, 8, dp=2 // cp, cp=cp, global_batch=16, recompute="full"), GPUS["h100-80gb"])
+                for cp in (1, 2))
+    assert not one.fits and two.memory.weights == one.memory.weights
+    assert two.memory.activations < one.memory.activations / 2  # s / 2 tokens, and no s^2 scores for the ring
+    with pytest.raises(ConfigError, match=r"--cp 3 needs model.seq_len % 6 == 0"):
+        plan(cfg, make_layout(48, 8, cp=3, global_batch=16), GPUS["h100-80gb"])
