@@ -34,17 +34,20 @@ C_SOURCE = r"""
    Deficits in double exactly as Python computes them (no contraction: -ffp-contract=off). */
 void greedy_blend(const double *w, int32_t k, int64_t size, int32_t served_first,
                   int16_t *chosen, int64_t *local, int64_t *served) {
+    int64_t count[k];  /* a local copy: the stores to chosen/local cannot alias it */
+    for (int32_t d = 0; d < k; ++d) count[d] = served[d];
     for (int64_t i = 0; i < size; ++i) {
         double n = served_first ? (double)(i + 1) : (double)(i > 1 ? i : 1);
         int32_t best = 0;
-        double deficit = w[0] * n - (double)served[0];
+        double deficit = w[0] * n - (double)count[0];
         for (int32_t d = 1; d < k; ++d) {
-            double e = w[d] * n - (double)served[d];
+            double e = w[d] * n - (double)count[d];
             if (e > deficit) { deficit = e; best = d; }
         }
         chosen[i] = (int16_t)best;
-        local[i] = served[best]++;
+        local[i] = count[best]++;
     }
+    for (int32_t d = 0; d < k; ++d) served[d] = count[d];
 }
 """
 CFLAGS = ["-O2", "-shared", "-fPIC", "-std=c99", "-ffp-contract=off"]
