@@ -6,12 +6,16 @@
   and of its largest process, and what a rerun after one lost task costs;
 * curate: `run_curation` (dedup + PII) over shards of a fixed size, 1x and 4x as many: documents/s
   of every step (its time summed over tasks, so per core) and peak memory per task process;
-* blend: `blending_indices` for 10 sources x 10^8 samples, and the old greedy Python loop timed on
-  10^6 samples and extrapolated linearly (it is one pass over the samples).
+* blend: `blending_indices` (Megatron's greedy rule, compiled) for 10 sources x 10^8 samples, beside
+  the due-time sort it replaced, megatron-core's `build_blending_indices`, and the same loop in
+  Python timed on 10^6 samples and extrapolated linearly (it is one pass over the samples).
 
 Every case runs in a fresh subprocess.
 
-    .venv/bin/python benchmarks/curate.py [--docs 50000] [--out benchmarks/results/curate.json]
+    .venv/bin/python benchmarks/curate.py [--docs 50000] [--cases engines,curate,blend] [--append]
+
+``--append`` adds this run to the ``runs`` list of an existing results file instead of replacing it
+(a 1M-document run need not redo the engine comparison, which needs Ray).
 """
 
 from __future__ import annotations
@@ -182,47 +186,73 @@ def cpu_seconds() -> float:
 
 
 def case_blend(_: Path, __: Path) -> dict:
+    """The compiled greedy loop at 10^8 samples, beside the due-time sort it replaced (BLEND_VERSION 2),
+    megatron-core's helper (its own time convention) and the Python loop (10^6 samples, extrapolated:
+    it is one pass). Each timed in wall and CPU seconds of this process (CPU is what load inflates least)."""
     import numpy as np
 
-    from mtnlg.data.gpt_dataset import blending_indices
+    from mtnlg.data.blend import blending_indices, load_helper, megatron_core_helpers, python_blend
 
     weights = list(np.random.default_rng(0).dirichlet(np.ones(10)))
-    start = time.perf_counter()
-    d, _ = blending_indices(weights, 10**8)
-    vectorised = time.perf_counter() - start
-    counts = np.bincount(d, minlength=10)
-    start = time.perf_counter()
-    old = greedy_loop(weights, 10**6)
-    loop = time.perf_counter() - start
+    result: dict = {"sources": 10, "samples": 10**8}
 
-    def worst(chosen: np.ndarray) -> float:  # the largest |served - n w_d| over every prefix and source
-        out = 0.0
-        for k in range(10):
-            served = np.cumsum(chosen == k)
-            out = max(out, float(np.abs(served - np.arange(1, chosen.size + 1) * weights[k]).max()))
+    def timed(name: str, fn, *args):  # noqa: ANN001, ANN202
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = fn(*args)
+        result[f"{name}_seconds"] = round(time.perf_counter() - wall, 2)
+        result[f"{name}_cpu_seconds"] = round(time.process_time() - cpu, 2)
         return out
 
-    return {"sources": 10, "samples": 10**8, "vectorised_seconds": vectorised, "loop_seconds_at_1e6": loop,
-            "loop_seconds_extrapolated_to_1e8": loop * 100,
-            "largest_final_count_error": float(np.abs(counts - 10**8 * np.asarray(weights)).max()),
-            "largest_prefix_error_at_1e6": {"vectorised": worst(d[:10**6]), "greedy_loop": worst(old)}}
+    timed("helper_load_or_build", load_helper)
+    d = timed("compiled", blending_indices, weights, 10**8)[0]
+    counts = np.bincount(d, minlength=10)
+    old = timed("python_loop_at_1e6", python_blend, weights, 10**6)[0]
+    result["python_loop_cpu_seconds_extrapolated_to_1e8"] = result["python_loop_at_1e6_cpu_seconds"] * 100
+    result["same_as_python_loop_at_1e6"] = bool(np.array_equal(d[:10**6], old))
+    result["largest_final_count_error"] = float(np.abs(counts - 10**8 * np.asarray(weights)).max())
+    result["largest_prefix_error_at_1e6"] = {"compiled_greedy": worst_prefix_error(d[:10**6], weights)}
+    del d
+    due = timed("due_time_sort_v2", due_time_blend, weights, 10**8)[0]
+    result["largest_prefix_error_at_1e6"]["due_time_sort_v2"] = worst_prefix_error(due[:10**6], weights)
+    del due
+    helpers = megatron_core_helpers()
+    if helpers is not None:
+        md, ms = np.empty(10**8, np.int16), np.empty(10**8, np.int64)
+        timed("megatron_core_helper", helpers.build_blending_indices, md, ms, np.asarray(weights), 10, md.size, False)
+        ours = timed("compiled_megatron_convention", blending_indices, weights, 10**8, False)[0]
+        result["megatron_convention_equal_to_megatron_core"] = bool(np.array_equal(ours, md))
+    return result
 
 
-def greedy_loop(weights: list[float], size: int):  # noqa: ANN201
-    """The blending loop mtnlg had before (Megatron's greedy rule in Python), for its time."""
+def due_time_blend(weights: list[float], size: int, chunk: int = 1 << 22):  # noqa: ANN201
+    """The schedule of BLEND_VERSION 2 (samples sorted by due time ``(k + 1/2) / w_d``), for its time
+    and its prefix error beside the greedy loop that replaced it."""
     import numpy as np
 
-    w = [float(x) for x in weights]
-    served = [0] * len(w)
-    chosen = np.empty(size, dtype=np.int16)
-    for n in range(1, size + 1):
-        best, deficit = 0, w[0] * n - served[0]
-        for d in range(1, len(w)):
-            if w[d] * n - served[d] > deficit:
-                best, deficit = d, w[d] * n - served[d]
-        chosen[n - 1] = best
-        served[best] += 1
-    return chosen
+    w = np.asarray(weights, dtype=np.float64)
+    chosen, local = np.empty(size, dtype=np.int16), np.empty(size, dtype=np.int64)
+    filled, t0 = 0, 0.0
+    while filled < size:
+        t1 = t0 + chunk
+        times, which, count = [], [], []
+        for d, wd in enumerate(w):
+            k = np.arange(max(0, int(np.floor(t0 * wd - 0.5))), int(np.ceil(t1 * wd - 0.5)) + 1, dtype=np.int64)
+            t = (k + 0.5) / wd
+            inside = (t >= t0) & (t < t1)
+            times.append(t[inside]), count.append(k[inside]), which.append(np.full(int(inside.sum()), d, np.int16))
+        t, d, k = np.concatenate(times), np.concatenate(which), np.concatenate(count)
+        order = np.lexsort((d, t))[: size - filled]
+        chosen[filled:filled + order.size], local[filled:filled + order.size] = d[order], k[order]
+        filled, t0 = filled + order.size, t1
+    return chosen, local
+
+
+def worst_prefix_error(chosen, weights: list[float]) -> float:  # noqa: ANN001
+    """The largest |served - n w_d| over every prefix and source."""
+    import numpy as np
+
+    return max(float(np.abs(np.cumsum(chosen == k) - np.arange(1, chosen.size + 1) * w).max())
+               for k, w in enumerate(weights))
 
 
 CASES = {"datatrove": case_datatrove, "ray_data": case_ray, "curate": case_curate, "blend": case_blend}
@@ -241,6 +271,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--docs", type=int, default=50_000, help="documents of the 1x corpus (4x runs too)")
     parser.add_argument("--engine-docs", type=int, default=50_000, help="documents of the engine comparison")
+    parser.add_argument("--cases", default="engines,curate,blend", help="comma-separated subset of these three")
+    parser.add_argument("--append", action="store_true", help="add the run to the results file's 'runs' list")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "curate.json")
     args = parser.parse_args()
     if args.case:  # one measurement in this fresh process
@@ -253,21 +285,34 @@ def main() -> None:
                       peak_process_mib=round(sampler.peak_process_kb / 1024))
         print(json.dumps(result))
         return
-    load = os.getloadavg()
-    results = []
+    load, cases = os.getloadavg(), set(args.cases.split(","))
+    previous = json.loads(args.out.read_text()) if args.append and args.out.is_file() else None
+    results: list[dict] = []
+
+    def save() -> dict:  # after every case, so a run cut short keeps what it measured
+        report = {**run_info(load), "shard_documents": SHARD_DOCS, "engine_shard_documents": ENGINE_SHARD_DOCS,
+                  "results": results}
+        if previous is not None:
+            report = {**previous, "runs": [*previous.get("runs", []), report]}
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        return report
+
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        make_corpus(root / "engines", args.engine_docs, ENGINE_SHARD_DOCS)
-        for case in ("datatrove", "ray_data"):
-            results.append({"documents": args.engine_docs, **measure(case, root / "engines", root / case)})
-        for scale in (1, 4):
+        if "engines" in cases:
+            make_corpus(root / "engines", args.engine_docs, ENGINE_SHARD_DOCS)
+            for case in ("datatrove", "ray_data"):
+                results.append({"documents": args.engine_docs, **measure(case, root / "engines", root / case)})
+                save()
+        for scale in (1, 4) if "curate" in cases else ():
             make_corpus(root / f"x{scale}", args.docs * scale)
             result = measure("curate", root / f"x{scale}", root / f"c{scale}")
             results.append({"documents": args.docs * scale, "shards": -(-args.docs * scale // SHARD_DOCS), **result})
-        results.append(measure("blend", root, root))
-    report = {**run_info(load), "shard_documents": SHARD_DOCS, "engine_shard_documents": ENGINE_SHARD_DOCS,
-              "results": results}
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+            save()
+            shutil.rmtree(root / f"x{scale}"), shutil.rmtree(root / f"c{scale}")
+        if "blend" in cases:
+            results.append(measure("blend", root, root))
+    report = save()
     print(json.dumps(report, indent=1))
 
 

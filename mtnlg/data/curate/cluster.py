@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
 
 from mtnlg.data.curate.records import FILE_BITS, order_key
 from mtnlg.util.fs import atomic_file, write_text
@@ -49,6 +50,24 @@ def lsh_bands(threshold: float, num_perm: int, recall: float = 0.99) -> tuple[in
         if 1.0 - (1.0 - threshold**rows) ** bands >= recall:
             return bands, rows
     return num_perm, 1
+
+
+class Signatures(MinhashDedupSignature):
+    """datatrove's MinHash signature step, always into fresh files. datatrove (0.10.1) reuses the
+    signature files it finds non-empty, and the unclosed files of a task that died mid-shard in this
+    process flush their buffers whenever they are collected, into the rerun's file if it reuses the
+    inode (the bucket stage then found it out of order). mtnlg's completion markers already skip
+    finished tasks, so a task that runs removes its old files first and never keeps them."""
+
+    def check_can_skip_sig_writing(self, rank: int) -> tuple[bool, int | None]:
+        return False, None
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1):  # noqa: ANN201
+        for band in range(self.config.num_buckets):
+            path = f"bucket_{band:03d}/{rank:05d}.minhash.sig"
+            if self.output_folder.exists(path):
+                self.output_folder.rm(path)  # a stale writer now flushes into the unlinked file
+        return super().run(data, rank, world_size)
 
 
 class OrderKeys(PipelineStep):

@@ -10,6 +10,7 @@ import os
 import sys
 
 from datatrove.executor import LocalPipelineExecutor
+from datatrove.executor.slurm import SlurmPipelineExecutor
 from datatrove.utils.logging import logger
 
 
@@ -34,6 +35,17 @@ class QuietLocalExecutor(LocalPipelineExecutor):
                 quiet_logs()  # datatrove restores its chatty default logger after each task
 
 
+class SlurmExecutor(SlurmPipelineExecutor):
+    """datatrove's Slurm executor, leaving the partition to the cluster's default when none is named
+    (datatrove writes a bare ``#SBATCH --partition``, which sbatch rejects)."""
+
+    def get_sbatch_args(self, max_array: int = 1) -> dict:
+        args = super().get_sbatch_args(max_array)
+        if not self.partition:
+            del args["partition"]
+        return args
+
+
 def make_executor(cfg, steps: list, tasks: int, logging_dir: str, previous=None):  # noqa: ANN001, ANN201
     """The executor of one stage on ``cfg.engine``; ``previous`` is the stage it waits for (Slurm)."""
     workers = min(cfg.workers, tasks)
@@ -48,8 +60,7 @@ def make_executor(cfg, steps: list, tasks: int, logging_dir: str, previous=None)
         if not ray.is_initialized():
             ray.init(address=options.pop("address", None) or None, log_to_driver=False)
         return RayPipelineExecutor(steps, tasks=tasks, workers=workers, logging_dir=logging_dir)
-    from datatrove.executor.slurm import SlurmPipelineExecutor
-
-    return SlurmPipelineExecutor(steps, tasks=tasks, workers=workers, logging_dir=logging_dir, depends=previous,
+    return SlurmExecutor(steps, tasks=tasks, workers=workers, logging_dir=logging_dir, depends=previous,
                                  time=options.pop("time", "4:00:00"), partition=options.pop("partition", None),
                                  job_name=f"mtnlg-{logging_dir.rsplit('/', 1)[-1]}", **options)
+

@@ -99,16 +99,11 @@ def input_files(inputs: list[str], output: str) -> tuple[Path, list[str], list[s
 def _stage_pipelines(cfg: CurateConfig, work: Path, root: Path, files: list[str], shown: list[str],
                      tasks: int) -> dict[str, tuple]:
     """Stage name -> (pipeline steps, number of tasks)."""
-    from datatrove.pipeline.dedup.minhash import (
-        MinhashConfig,
-        MinhashDedupBuckets,
-        MinhashDedupFilter,
-        MinhashDedupSignature,
-    )
+    from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets, MinhashDedupFilter
     from datatrove.utils.hashing import HashConfig
 
     from mtnlg.data.curate import filters
-    from mtnlg.data.curate.cluster import Cluster, OrderKeys, lsh_bands
+    from mtnlg.data.curate.cluster import Cluster, OrderKeys, Signatures, lsh_bands
     from mtnlg.data.curate.records import RecordReader, StagedReader, Words, record_writer, staging_writer
 
     bands, rows = lsh_bands(cfg.threshold, cfg.num_perm)
@@ -126,7 +121,7 @@ def _stage_pipelines(cfg: CurateConfig, work: Path, root: Path, files: list[str]
     write: list = [StagedReader(str(work / "staged"))]
     stages = {}
     if cfg.dedup:
-        prepare.append(MinhashDedupSignature(str(work / "sigs"), mh, language=Words(cfg.ngram)))
+        prepare.append(Signatures(str(work / "sigs"), mh, language=Words(cfg.ngram)))
         stages["2-buckets"] = ([MinhashDedupBuckets(str(work / "sigs"), str(work / "buckets"), config=mh)], bands)
         stages["3-clusters"] = ([Cluster(str(work), tasks, bands, rows, cfg.threshold, shown)], 1)
         write.append(MinhashDedupFilter(str(work / "remove")))
