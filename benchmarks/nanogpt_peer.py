@@ -76,7 +76,7 @@ def nanogpt_step(vocab: int, seq_len: int, layers: int, d: int, heads: int, batc
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95))  # fused only on CUDA in nanoGPT
     data = torch.from_numpy(np.random.default_rng(0).integers(0, vocab, size=(batch, seq_len + 1)))
-    x, y = data[:, :-1], data[:, 1:]
+    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()  # as nanoGPT's get_batch stacks them
 
     def step() -> None:
         loss = model(x, y)
