@@ -104,7 +104,8 @@ def main() -> None:
         "moe_tokens_per_s_relative_to_dense": moe["tokens_per_s"] / dense["tokens_per_s"],
     }
     record = {"benchmark": "moe", "budget_minutes_each": args.minutes, "batch": [BATCH, 256],
-              "threads": args.threads, "models": results, "summary": summary, "run": run_info(load)}
+              "threads": args.threads, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "models": results, "summary": summary, "run": run_info(load)}
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({"models": results, "summary": summary}, indent=2))
 

@@ -17,8 +17,11 @@ Dispatch
     runs them all; otherwise expert e keeps its first ``ceil(cf N k / E)`` and the rest are
     dropped: their share of the output is zero and the residual connection carries the token.
 Experts
-    Stacked weights (E, F, C) and (E, C, F), run as two grouped matmuls over the sorted tokens
-    (``torch._grouped_mm``; a loop over experts where it does not apply), GELU in between:
+    Stacked weights (E, F, C) and (E, C, F), GELU in between. On the CPU the kept assignments are
+    gathered into an (E, W, C) block padded to the busiest expert's W rows and run as two batched
+    matmuls (``bmm``; one thread barrier each instead of one per expert, see ``MoE._padded``), the
+    gathers' backwards gathers too (no scatter-add); elsewhere as two grouped matmuls over the sorted
+    tokens (``torch._grouped_mm``; a loop over experts where it does not apply):
     y_i = sum_{e in topk(i)} g_ie (W2_e gelu(W1_e x_i + b1_e) + b2_e); SwiGLU experts
     (``model.mlp`` swiglu) add a gate matrix: W2_e (silu(Wg_e x_i) * W1_e x_i), biases per ``model.bias``.
 Load balancing
@@ -109,13 +112,56 @@ class GroupedExperts(nn.Module):
         weight, bias = _local(getattr(self, f"{part}_weight")), getattr(self, f"{part}_bias")
         return grouped_linear(x, weight, None if bias is None else _local(bias), counts)
 
+    def _bmm(self, x: torch.Tensor, part: str) -> torch.Tensor:
+        """Padded rows (E, W, in) through every expert's Linear at once: one batched matmul (bias added by it)."""
+        weight, bias = getattr(self, f"{part}_weight"), getattr(self, f"{part}_bias")
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x, weight = x.to(dtype), weight.to(dtype).transpose(1, 2)
+        if bias is None:
+            return torch.bmm(x, weight)
+        return torch.baddbmm(bias.to(dtype).unsqueeze(1), x, weight)
+
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Tokens (M, C) sorted by expert, ``counts`` (E,) of them per expert held here -> (M, C)."""
-        if self.fc_gate_weight is not None:  # SwiGLU: silu(gate x) * up x
-            h = F.silu(self._linear(x, "fc_gate", counts)) * self._linear(x, "fc_in", counts)  # (M, F)
+        """Tokens (M, C) sorted by expert, ``counts`` (E,) of them per expert held here -> (M, C); or tokens padded
+        to (E, W, C), expert e's ``counts[e]`` first in its row block -> (E, W, C) (rows past them are don't-care)."""
+        if x.dim() == 3:
+            linear: Callable[[torch.Tensor, str], torch.Tensor] = self._bmm
         else:
-            h = F.gelu(self._linear(x, "fc_in", counts), approximate=self.approximate)  # (M, F)
-        return self._linear(h, "fc_out", counts)  # (M, C)
+            linear = lambda h, part: self._linear(h, part, counts)  # noqa: E731
+        if self.fc_gate_weight is not None:  # SwiGLU: silu(gate x) * up x
+            h = F.silu(linear(x, "fc_gate")) * linear(x, "fc_in")  # (M, F)
+        else:
+            h = F.gelu(linear(x, "fc_in"), approximate=self.approximate)  # (M, F)
+        return linear(h, "fc_out")  # (M, C)
+
+
+def _pick(x: torch.Tensor, idx: torch.Tensor, zero_row: bool) -> torch.Tensor:
+    """Rows ``idx`` of ``x`` (R, C); with ``zero_row`` the index R picks a row of zeros."""
+    if zero_row:
+        x = torch.cat([x, x.new_zeros(1, x.shape[1])])
+    return x.index_select(0, idx)
+
+
+class _Gather(torch.autograd.Function):
+    """Rows of ``x`` picked by ``idx``; backward picks the gradient's rows by ``back`` (the inverse map, its
+    out-of-range entries zero rows) and sums each run of ``fold`` consecutive ones. Both directions are gathers:
+    autograd's backward of an index is a scatter-add, serial on the CPU and, under load, the layer's costliest
+    memory pass."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, idx: torch.Tensor, back: torch.Tensor, fold: int,
+                zero_rows: tuple[bool, bool]) -> torch.Tensor:
+        ctx.save_for_backward(back)
+        ctx.fold, ctx.zero_row = fold, zero_rows[1]
+        return _pick(x, idx, zero_row=zero_rows[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
+        (back,) = ctx.saved_tensors
+        picked = _pick(grad.contiguous(), back, zero_row=ctx.zero_row)
+        if ctx.fold > 1:
+            picked = picked.view(-1, ctx.fold, grad.shape[1]).sum(1)
+        return picked, None, None, None, None
 
 
 class Router(nn.Module):
@@ -196,23 +242,59 @@ class MoE(nn.Module):
         flat = experts.t().reshape(-1)  # (k N) slot-major: all first choices, then all second ones
         order = flat.argsort(stable=True)  # assignments grouped by expert, in priority order
         counts = torch.bincount(flat, minlength=E)  # (E,) assignments per expert
-        kept = counts
+        position = torch.arange(N * k, device=x.device) - (counts.cumsum(0) - counts)[flat[order]]  # rank in expert
         cap = self.capacity(N)
-        if cap:
-            starts = counts.cumsum(0) - counts
-            position = torch.arange(N * k, device=x.device) - starts[flat[order]]  # rank within its expert
-            order = order[position < cap]
-            kept = counts.clamp(max=cap)
-        token = order % N
-        ys = self.experts(tokens[token], kept)  # (M, C), M = kept assignments
-        weighted = ys * gates.t().reshape(-1)[order].unsqueeze(1).to(ys.dtype)
-        out = ys.new_zeros(N, C).index_add(0, token, weighted).view(B, T, C)
+        if self._padded():
+            out, kept = self._padded_experts(tokens, gates, flat, order, counts, position, cap)
+        else:
+            out, kept = self._sorted_experts(tokens, gates, order, counts, position, cap)
+        out = out.view(B, T, C)
         out = self.dropout(out)
         if self.shared is not None:
             out = out + self.shared(x)
         if self.training:
-            out = self._aux(out, counts, scores, logits, dropped=N * k - order.numel())
+            out = self._aux(out, counts, scores, logits, dropped=N * k - int(kept.sum()))
         return out
+
+    def _padded(self) -> bool:
+        """The padded batched-matmul layout: on the CPU, for experts held whole here. Many small per-expert GEMMs
+        (``_grouped_mm`` is a loop there) each end in a thread barrier, which a loaded machine stretches; one
+        batched matmul has one. Elsewhere (CUDA, expert-parallel or int8 experts) the sorted layout."""
+        weight = self.experts.fc_in_weight if isinstance(self.experts, GroupedExperts) else None
+        return weight is not None and weight.device.type == "cpu" and not hasattr(weight, "to_local")
+
+    def _sorted_experts(self, tokens: torch.Tensor, gates: torch.Tensor, order: torch.Tensor, counts: torch.Tensor,
+                        position: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept assignments as rows sorted by expert through the experts; -> (N, C) output, kept counts (E,)."""
+        kept = counts
+        if cap:
+            order, kept = order[position < cap], counts.clamp(max=cap)
+        token = order % tokens.shape[0]
+        ys = self.experts(tokens[token], kept)  # (M, C), M = kept assignments
+        weighted = ys * gates.t().reshape(-1)[order].unsqueeze(1).to(ys.dtype)
+        return ys.new_zeros(tokens.shape).index_add(0, token, weighted), kept
+
+    def _padded_experts(self, tokens: torch.Tensor, gates: torch.Tensor, flat: torch.Tensor, order: torch.Tensor,
+                        counts: torch.Tensor, position: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's kept assignments in rows [e W, e W + kept_e) of an (E, W, C) block, W the largest kept count
+        (FLOPs on E W rows instead of k N); -> (N, C) output, kept counts (E,)."""
+        (N, C), k, E = tokens.shape, self.cfg.moe_top_k, self.cfg.moe_experts
+        width = int(counts.max()) if not cap else min(cap, int(counts.max()))
+        keep = position < width
+        slot = (flat[order] * width + position)[keep]  # padded row of each kept assignment
+        assignment = order[keep] % N * k + order[keep] // N  # token-major: token i's choices at i k .. i k + k - 1
+        to_slot = torch.full((N * k,), E * width, device=tokens.device)  # assignment -> its row (E W: dropped)
+        to_slot[assignment] = slot
+        from_slot = torch.full((E * width,), N * k, device=tokens.device)  # row -> its assignment (k N: padding)
+        from_slot[slot] = assignment
+        kept = counts.clamp(max=width)
+        dropped, padded = bool(kept.sum() < N * k), bool(kept.sum() < E * width)  # the zero rows needed
+        source = torch.div(from_slot, k, rounding_mode="floor") % N  # padding rows read token 0, never used
+        xin = _Gather.apply(tokens, source, to_slot, k, (False, dropped))
+        ys = self.experts(xin.view(E, width, C), kept).reshape(E * width, C)
+        picked = _Gather.apply(ys, to_slot, from_slot, 1, (dropped, padded)).view(N, k, C)  # dropped ones: 0
+        out = torch.bmm(gates.unsqueeze(1).to(picked.dtype), picked)  # the gated sum as one batched product
+        return out.view(N, C), kept
 
     def _aux(self, out: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, logits: torch.Tensor,
              dropped: int) -> torch.Tensor:

@@ -40,13 +40,16 @@ MUON_BYTES = 4  # ``--optimizer muon``: one fp32 momentum buffer per element of 
 
 
 def muon_parameters(cfg: ModelConfig, layers: float, tp: int) -> float:
-    """Elements of ``layers`` layers' matrices that Muon updates (attention and dense MLP; not the MoE
-    router or the stacked experts, which AdamW updates), split by tp. MoE layers are averaged in."""
+    """Elements of ``layers`` layers' matrices that Muon updates (attention, dense MLP and the stacked expert
+    weights; not the MoE router, which AdamW updates), split by tp. MoE layers are averaged in."""
     C, HD, GD = cfg.hidden, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     attention = C * (HD + 2 * GD) + HD * C
-    mlp = (3 if cfg.mlp == "swiglu" else 2) * C * cfg.ffn_size
-    dense_share = 1.0 - cfg.moe_layers / cfg.n_layers
-    return layers * (attention + dense_share * mlp) / tp
+    matrices = 3 if cfg.mlp == "swiglu" else 2
+    moe_share = cfg.moe_layers / cfg.n_layers
+    mlp = (1.0 - moe_share) * matrices * C * cfg.ffn_size
+    if cfg.moe_experts:
+        mlp += moe_share * cfg.moe_experts * matrices * C * cfg.expert_ffn_size
+    return layers * (attention + mlp) / tp
 
 
 def optimizer_bytes(cfg: ModelConfig, lay: Layout, params: float, layers: float) -> float:

@@ -2,16 +2,19 @@
 
 Muon (Jordan et al. 2024; ``torch.optim.Muon``) replaces each 2-D hidden matrix's update by the
 orthogonalised momentum (a Newton-Schulz quintic), which equalises the update's singular values.
-The standard split keeps AdamW for embeddings, the output layer, norms, biases and the MoE router
-(and, here, the stacked 3-D expert weights), whose geometry is not a linear map between hidden
-states.
+The standard split keeps AdamW for embeddings, the output layer, norms, biases (the experts' stacked
+(E, F) biases too) and the MoE router, whose geometry is not a linear map between hidden states. The
+stacked expert weights (E, out, in) are E matrices: each is orthogonalised on its own, with its own
+(out, in) learning-rate scale, as if it were a dense layer's.
 
 ``MuonAdamW`` is one ``torch.optim.Optimizer`` whose ``param_groups`` and ``state`` are those of an
 inner ``torch.optim.Muon`` and an inner ``torch.optim.AdamW`` (shared, not copied), so the LR
 schedule (which sets ``group["lr"]``), gradient scaling, step hooks and DCP's optimizer state dict
 see one optimizer, and the saved state is each inner optimizer's own (``momentum_buffer``;
 ``step``, ``exp_avg``, ``exp_avg_sq``). Muon's learning rate is AdamW's: ``adjust_lr_fn =
-"match_rms_adamw"`` scales the orthogonal update to AdamW's RMS (Liu et al. 2025, "Muon is scalable").
+"match_rms_adamw"`` scales the orthogonal update to AdamW's RMS (Liu et al. 2025, "Muon is scalable"):
+lr 0.2 sqrt(max(out, in)), computed here (``adjusted_lr``). torch's Muon takes 2-D parameters only, so
+the 3-D expert weights join it as a group added after construction (``add_param_group``).
 
 The step is torch's (``torch.optim.Muon``'s update, op for op, tested equal to it) with two changes:
 the Newton-Schulz iteration runs in fp32 on CPUs (torch's runs in bf16, the GPU's fast type; see
@@ -24,23 +27,37 @@ to one process.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.optim._muon import _adjust_lr
 
-from mtnlg.model.moe import Router
+from mtnlg.model.moe import GroupedExperts, Router
 
 
 def muon_parameter_names(model: nn.Module) -> set[str]:
-    """The parameters Muon updates: 2-D matrices inside the blocks, except the MoE router's."""
-    routers = {f"{name}.{p}" for name, module in model.named_modules() if isinstance(module, Router)
-               for p, _ in module.named_parameters()}
-    return {name for name, p in model.named_parameters()
-            if p.requires_grad and p.dim() == 2 and name.startswith("blocks.") and name not in routers}
+    """The parameters Muon updates: 2-D matrices inside the blocks, except the MoE router's and the experts'
+    stacked biases, and the experts' stacked 3-D weights."""
+    def names(kind: type) -> set[str]:
+        return {f"{name}.{p}" for name, module in model.named_modules() if isinstance(module, kind)
+                for p, _ in module.named_parameters()}
+
+    routers, experts = names(Router), names(GroupedExperts)
+    return {name for name, p in model.named_parameters() if p.requires_grad and name.startswith("blocks.")
+            and name not in routers and (p.dim() == 3 if name in experts else p.dim() == 2)}
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's learning-rate scale for one (out, in) matrix (the last two dimensions)."""
+    rows, cols = shape[-2:]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    return lr
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -48,8 +65,12 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def __init__(self, muon_groups: list[dict[str, Any]], adamw_groups: list[dict[str, Any]], *,
                  lr: float, momentum: float, adamw: dict[str, Any]) -> None:
-        self.muon = torch.optim.Muon(muon_groups or [{"params": []}], lr=lr, momentum=momentum, nesterov=True,
-                                     adjust_lr_fn="match_rms_adamw")
+        flat = [{**g, "params": [p for p in g["params"] if p.dim() == 2]} for g in muon_groups]
+        stacked = [{**g, "params": [p for p in g["params"] if p.dim() == 3]} for g in muon_groups]
+        self.muon = torch.optim.Muon([g for g in flat if g["params"]] or [{"params": []}], lr=lr, momentum=momentum,
+                                     nesterov=True, adjust_lr_fn="match_rms_adamw")
+        for group in (g for g in stacked if g["params"]):
+            self.muon.add_param_group(group)  # torch's 2-D check is in its constructor; the step is ours
         self.adamw = torch.optim.AdamW(adamw_groups or [{"params": []}], lr=lr, **adamw)
         super().__init__([{"params": []}], {"lr": lr})  # a placeholder group, replaced by the inner ones
         self.param_groups = self.muon.param_groups + self.adamw.param_groups
@@ -89,12 +110,13 @@ class MuonAdamW(torch.optim.Optimizer):
                 buf.lerp_(p.grad, 1 - mu)
                 update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
                 whole = update.full_tensor() if isinstance(update, DTensor) else update
-                ortho = orthogonalise(whole, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                      ns_dtype(whole.device))
+                matrices = whole.unbind(0) if whole.dim() == 3 else (whole,)
+                ortho = torch.stack([orthogonalise(m, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                                   ns_dtype(whole.device)) for m in matrices]).view_as(whole)
                 if isinstance(p, DTensor):
                     ortho = distribute_tensor(ortho, p.device_mesh, p.placements, src_data_rank=None)
                 p.mul_(1 - lr * wd)
-                p.add_(ortho.to(p.dtype), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+                p.add_(ortho.to(p.dtype), alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
 
 
 def ns_dtype(device: torch.device) -> torch.dtype:

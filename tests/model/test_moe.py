@@ -78,6 +78,26 @@ def test_capacity_drops_the_assignments_past_it_in_priority_order() -> None:
     assert take_statistics(moe)[""][-3].item() == 12  # dropped assignments counted
 
 
+@pytest.mark.parametrize("changes", [{"moe_capacity_factor": 1.0},
+                                     {"mlp": "swiglu", "bias": False, "moe_z_loss_coef": 1e-3}])
+def test_padded_batched_layout_equals_the_sorted_grouped_layout_forward_and_backward(
+        changes: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU's padded bmm layout (gathers both ways) against the sorted grouped one: output and every gradient."""
+    results = []
+    for padded in (True, False):
+        moe = _moe(**changes).train()
+        monkeypatch.setattr(MoE, "_padded", lambda self, p=padded: p)
+        with torch.no_grad():
+            moe.router.gate.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))
+        x = torch.randn(3, 16, 32, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        out = moe(x)
+        (out.square().sum() + moe.take_aux_loss()).backward()
+        results.append([out, x.grad, *(p.grad for p in moe.parameters())])
+        assert moe.stats[1] > 0 if changes.get("moe_capacity_factor") else moe.stats[1] == 0  # dropped
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_aux_loss_is_its_minimum_for_a_uniform_router_and_larger_when_skewed() -> None:
     moe = _moe(moe_z_loss_coef=0.0).train()
     x = torch.randn(2, 8, 32)

@@ -1,10 +1,11 @@
 """The distributed optimizer (``parallel.zero`` 1 and 2) on gloo ranks against one process and FSDP;
-Muon (``train.optimizer=muon``) under FSDP and tensor parallelism against one process.
+Muon (``train.optimizer=muon``) under FSDP, tensor and pipeline parallelism against one process.
 
 One 4-rank world trains 5 steps of the real ``Trainer`` under each layout (the same config as
 ``test_data_parallel``: its one-process reference is shared), counts the collectives of a step
-under 1 and 4 micro-batches, and checks that a zero=1 checkpoint resumes under zero=3 with the
-saver's optimizer state; the test process then resumes the same checkpoint in one process.
+under 1 and 4 micro-batches, and checks that a zero=1 checkpoint resumes under zero=3, and a Muon
+dp2 x tp2 one under dp2 x pp2, with the saver's optimizer state; the test process then resumes the
+same checkpoints in one process.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ LAYOUTS = {
 }
 # Muon orthogonalises whole matrices: FSDP's row shards and tp's row and column shards are gathered.
 MUON_LAYOUTS = {"muon dp4": {}, "muon dp2 x tp2": dict(tp=2), "muon dp2 x tp2 sequence-parallel":
-                dict(tp=2, sequence_parallel=True)}
+                dict(tp=2, sequence_parallel=True), "muon dp2 x pp2": dict(pp=2)}
 COLLECTIVES = ("all_reduce", "reduce_scatter_single", "all_gather_single")
 
 
@@ -96,13 +97,13 @@ def _overlap() -> int:
     return launched
 
 
-def _zero1_checkpoint(checkpoints: Path) -> dict[str, Any]:
-    """A zero=1 dp2 x tp2 checkpoint after one step, then resumed under zero=3."""
-    saver = world_trainer(_config(zero=1, tp=2), checkpoints / "zero1", 4)
+def _resharded(saver_cfg: Any, loader_cfg: Any, directory: Path) -> dict[str, Any]:
+    """A checkpoint after one step in one layout, then resumed in another."""
+    saver = world_trainer(saver_cfg, directory, 4)
     saver.train_step()
     saver.save()
     saved = full_states(saver)
-    loader = world_trainer(_config(zero=3, tp=2), checkpoints / "zero1", 4)
+    loader = world_trainer(loader_cfg, directory, 4)
     assert loader.resume() is not None
     return {"saved": saved, "loaded": full_states(loader)}
 
@@ -113,6 +114,11 @@ def _muon_config(**parallel: Any) -> Any:
     return cfg
 
 
+# name -> (saving layout, resuming layout, the one-process config resuming it too)
+RESHARDS = {"zero1": (lambda: _config(zero=1, tp=2), lambda: _config(zero=3, tp=2), _config),
+            "muon": (lambda: _muon_config(tp=2), lambda: _muon_config(pp=2), _muon_config)}
+
+
 def _world(checkpoints: str) -> dict[str, Any]:
     root = Path(checkpoints)
     results: dict[str, Any] = {name: _train(_config(**layout), world_dims(_config(**layout), 4))
@@ -121,7 +127,8 @@ def _world(checkpoints: str) -> dict[str, Any]:
                 for name, layout in MUON_LAYOUTS.items()}
     results["collectives"] = _collectives(root)
     results["overlap"] = _overlap()
-    results["checkpoint"] = _zero1_checkpoint(root)
+    results["checkpoint"] = {name: _resharded(save(), load(), root / name)
+                             for name, (save, load, _) in RESHARDS.items()}
     return results
 
 
@@ -181,15 +188,17 @@ def _reference_optimizer_bytes() -> int:
                for k, v in s.items() if k != "step")
 
 
-def test_a_zero1_checkpoint_resumes_under_zero3_and_in_one_process() -> None:
+@pytest.mark.parametrize("kind", list(RESHARDS))
+def test_a_checkpoint_resumes_in_another_layout_and_in_one_process(kind: str) -> None:
+    """zero=1 dp2 x tp2 resumed under zero=3; Muon dp2 x tp2 (momenta of tp-sharded matrices) under dp2 x pp2."""
     results, checkpoints = _results()
     saved: dict[str, torch.Tensor] = {}
     for r in results:
-        saved |= r["checkpoint"]["saved"]
-    for r in results:
-        for name, value in r["checkpoint"]["loaded"].items():
-            assert torch.equal(value, saved[name]), name
-    single = world_trainer(_config(), checkpoints / "zero1", 1)
+        saved |= r["checkpoint"][kind]["saved"]
+    for r in results:  # a pipeline's last stage holds the tied output layer as lm_head: the saved wte
+        for name, value in r["checkpoint"][kind]["loaded"].items():
+            assert torch.equal(value, saved[name if name in saved else name.replace("lm_head.", "wte.")]), name
+    single = world_trainer(RESHARDS[kind][2](), checkpoints / kind, 1)
     assert single.resume() is not None
     loaded = full_states(single)
     assert set(loaded) == {k for k in saved if k in loaded} and len(loaded) == len(saved)

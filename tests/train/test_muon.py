@@ -54,6 +54,25 @@ def test_one_muon_step_is_the_textbook_update(shape: tuple[int, int]) -> None:
     torch.testing.assert_close(weight.detach().double(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_stacked_expert_weights_step_as_separate_matrices() -> None:
+    """A 3-D (E, out, in) expert weight: each expert's matrix takes the 2-D step (its own orthogonalisation and
+    (out, in) learning-rate scale), as E separate parameters would."""
+    torch.manual_seed(0)
+    stacked = torch.nn.Parameter(torch.randn(3, 6, 10))
+    single = [torch.nn.Parameter(m.clone()) for m in stacked.detach()]
+    args = dict(lr=0.05, momentum=0.95, adamw={})
+    both = [MuonAdamW([{"params": [stacked], "weight_decay": 0.1}], [], **args),
+            MuonAdamW([{"params": single, "weight_decay": 0.1}], [], **args)]
+    for _ in range(2):
+        grad = torch.randn(3, 6, 10)
+        stacked.grad = grad.clone()
+        for p, g in zip(single, grad, strict=True):
+            p.grad = g.clone()
+        for optimizer in both:
+            optimizer.step()
+    torch.testing.assert_close(stacked.detach(), torch.stack([p.detach() for p in single]), rtol=0, atol=0)
+
+
 def test_the_bf16_iteration_is_torchs_muon_bit_for_bit() -> None:
     """``orthogonalise`` in bf16 (what a GPU runs) is ``torch.optim.Muon``'s kernel: same update, same bits."""
     torch.manual_seed(0)
@@ -84,7 +103,8 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest() -> None:
     assert muon == muon_parameter_names(model) and not muon & adamw and muon | adamw == set(names.values())
     assert "blocks.0.attn.qkv_proj.weight" in muon and "blocks.0.mlp.fc_gate.weight" in muon
     assert {"wte.weight", "lm_head.weight", "ln_f.weight", "blocks.0.ln_1.weight"} <= adamw
-    assert any("router" in n for n in adamw) and any(n.endswith("fc_in_weight") for n in adamw)  # router, experts
+    assert any("router" in n for n in adamw) and any(n.endswith("experts.fc_in_bias") for n in adamw)
+    assert {"blocks.1.mlp.experts.fc_in_weight", "blocks.1.mlp.experts.fc_out_weight"} <= muon  # per-expert matrices
     assert optimizer.param_groups == optimizer.muon.param_groups + optimizer.adamw.param_groups
 
 
