@@ -2,8 +2,9 @@
 
 Commands that take a configuration accept ``--config FILE.toml``, ``--preset NAME`` and any
 ``--section.field=value`` override (see ``mtnlg.config``), applied in that order. The command
-registry and the flags several commands share are in ``args``; the commands, by purpose, in
-``describe``, ``data``, ``train`` and ``infer``.
+registry and the flags several commands share are in ``args``, how the inference commands load an
+engine in ``engine``; the commands, by purpose, in ``describe``, ``data``, ``curate``, ``train`` and
+``infer`` (``serve_parallel``: every rank's part of ``serve --tp``).
 
 May import: every other package of mtnlg.
 """

@@ -17,8 +17,15 @@ from mtnlg.cli.args import (
     overwrite_arg,
     quiet_arg,
 )
+from mtnlg.cli.engine import (
+    checkpoint_args,
+    cli_tokenizer,
+    context_override,
+    kv_cache_args,
+    load_engine,
+    speculative_args,
+)
 from mtnlg.config import ConfigError
-from mtnlg.config.families import CONTEXT_FIELDS
 from mtnlg.util.fs import write_json
 
 # -- convert ---------------------------------------------------------------------------------------
@@ -60,101 +67,14 @@ def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
 # -- generate, serve, quantize ---------------------------------------------------------------------
 
 
-def _checkpoint_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its latest step)")
-    p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
-                   help="int8: int8 Linear layers, ~3x faster CPU decoding; int4: 4-bit weights in groups of 128 "
-                        "input columns (quantized checkpoints load in their format)")
-    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer to use instead of the checkpoint's "
-                   "(needed for checkpoints that have none, e.g. converted from an HF directory without one)")
-    for name in CONTEXT_FIELDS:  # a trained model run at a longer context (docs/long-sequences.md)
-        field_flag(p, f"model.{name}", "--" + name.replace("_", "-"), fallback="the checkpoint's")
-
-
-def _kv_cache_args(p: argparse.ArgumentParser) -> None:
-    """The KV cache switches of generate and serve (docs/serving.md)."""
-    p.add_argument("--kv-cache", choices=["paged", "contiguous"],
-                   help="paged: blocks from one pool, shared prefixes, admission by free blocks (the default); "
-                        "contiguous: one buffer per batch at its full length (the default with --speculative)")
-    p.add_argument("--kv-cache-bytes", type=int_in(1), metavar="BYTES",
-                   help="size of the paged pool (default: a quarter of the free memory, at most 4 x "
-                        "--max-batch-size full-length sequences)")
-    p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
-                   help="share the cached blocks of prompts that start alike (paged; default on)")
-    p.add_argument("--prefill-chunk", type=int_in(1), metavar="TOKENS",
-                   help="prefill long prompts at most TOKENS per step, between the others' decode steps "
-                        "(paged; default: whole prompts)")
-
-
-def _speculative_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--speculative", choices=["none", "ngram", "draft"], default="none",
-                   help="speculative decoding (lossless): ngram guesses from the prompt and output, draft from a "
-                        "small model (--draft-checkpoint); the model checks the guesses in one forward")
-    p.add_argument("--num-speculative-tokens", type=int_in(1), metavar="K", help="guesses per step (default 4)")
-    p.add_argument("--draft-checkpoint", metavar="DIR", help="draft model for --speculative draft (same tokenizer)")
-
-
-def _kv_cache(args: argparse.Namespace) -> str:
-    """The cache ``--kv-cache`` names, else paged; speculative decoding rolls back rejected guesses
-    in the contiguous cache, the only one it runs on so far."""
-    speculative = getattr(args, "speculative", "none") != "none"
-    if speculative and args.kv_cache == "paged":
-        raise ConfigError("--speculative runs on the contiguous KV cache: drop --kv-cache paged or --speculative")
-    return args.kv_cache or ("contiguous" if speculative else "paged")
-
-
-def _load_engine(checkpoint: object, args: argparse.Namespace, **kwargs: object) -> object:
-    from mtnlg.generate.engine import Engine
-    from mtnlg.generate.speculative import speculation_for
-
-    kv = {"kv_cache": _kv_cache(args), "kv_cache_bytes": args.kv_cache_bytes, "prefix_cache": args.prefix_cache,
-          "prefill_chunk": args.prefill_chunk} if hasattr(args, "kv_cache") else {}
-    engine = Engine.from_checkpoint(checkpoint, quantize=args.quantize, context=_context(args), **kv, **kwargs)
-    engine.tokenizer = _cli_tokenizer(args, engine.tokenizer, engine.vocab_size)
-    if getattr(args, "speculative", "none") != "none" or getattr(args, "draft_checkpoint", None):
-        try:
-            engine.speculation = speculation_for(engine, args.speculative, args.num_speculative_tokens,
-                                                 args.draft_checkpoint)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-    return engine
-
-
-def _context(args: argparse.Namespace) -> dict:
-    """--seq-len, --rope-scaling, ...: the context override given, checked against the checkpoint's config
-    before its weights load."""
-    import copy
-
-    from mtnlg.checkpoint.directory import resolve_verified
-    from mtnlg.checkpoint.model import load_config
-    from mtnlg.model.rope import extend_context
-
-    given = given_fields(args, "model")
-    if given:
-        extend_context(copy.deepcopy(load_config(resolve_verified(args.checkpoint)).model), **given)
-    return given
-
-
-def _cli_tokenizer(args: argparse.Namespace, found: object, vocab_size: int) -> object:
-    """--tokenizer's tokenizer, else the checkpoint's; text in and out needs one, so none is an error."""
-    from mtnlg.checkpoint.convert import load_tokenizer
-
-    if args.tokenizer:
-        return load_tokenizer(args.tokenizer, vocab_size)
-    if found is None:
-        raise ConfigError(f"{args.checkpoint} has no tokenizer (converted from an HF directory without one?): "
-                          "give --tokenizer DIR, or store one with `mtnlg convert ... --tokenizer DIR`")
-    return found
-
-
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    _checkpoint_args(p)
+    checkpoint_args(p)
     p.add_argument("--prompt", help="text to continue; without it, prompts are read from stdin, one per line")
     _sampling_args(p)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens if it is too long")
-    _kv_cache_args(p)
-    _speculative_args(p)
+    kv_cache_args(p)
+    speculative_args(p)
     field_flag(p, "parallel.tp", "--tp", type=int_in(1), use_default=True,
                note="Launch with torchrun --nproc_per_node=TP (needs --prompt).")
 
@@ -183,7 +103,7 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     if not args.tokenizer and not (checkpoint / TOKENIZER_DIR).is_dir():
         raise ConfigError(f"{checkpoint} has no {TOKENIZER_DIR}/ directory: text prompts need a tokenizer: give "
                           "--tokenizer DIR, or store one with `mtnlg convert ... --tokenizer DIR`")
-    engine = _load_engine(checkpoint, args, max_batch_size=1)  # prompts run one at a time
+    engine = load_engine(checkpoint, args, max_batch_size=1)  # prompts run one at a time
     prompts = [args.prompt] if args.prompt is not None else read_prompts(sys.stdin)
     run_prompts(engine, prompts, params, stream=args.stream, truncate=args.truncate)
     if engine.speculation is not None:
@@ -192,7 +112,7 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _chat_args(p: argparse.ArgumentParser) -> None:
-    _checkpoint_args(p)
+    checkpoint_args(p)
     p.add_argument("--system", help="system prompt: instructions the whole conversation starts with")
     _sampling_args(p)
 
@@ -211,7 +131,7 @@ def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> int:
 
     checkpoint = resolve_verified(args.checkpoint)
     params = _sampling_params(args, load_config(checkpoint), overrides)
-    engine = _load_engine(checkpoint, args, max_batch_size=1)
+    engine = load_engine(checkpoint, args, max_batch_size=1)
     chat(engine, params, read_prompts(sys.stdin), system=args.system)
     return 0
 
@@ -226,7 +146,7 @@ def _sampling_params(args: argparse.Namespace, config: object, overrides: list[s
 def _generate_tensor_parallel(args: argparse.Namespace, overrides: list[str]) -> int:
     """``torchrun --nproc_per_node=TP -m mtnlg generate --tp TP``: each rank runs the engine on its
     shard and samples the same tokens (seeded per sequence); rank 0 prints."""
-    from mtnlg.cli.serve_parallel import tensor_parallel_limits
+    from mtnlg.cli.engine import tensor_parallel_limits
     from mtnlg.config import ParallelConfig
     from mtnlg.generate.console import run_prompts
     from mtnlg.generate.engine import Engine
@@ -237,9 +157,9 @@ def _generate_tensor_parallel(args: argparse.Namespace, overrides: list[str]) ->
     if args.prompt is None:
         raise ConfigError("--tp needs --prompt: every rank must generate from the same prompt")
     model, cfg, tokenizer, dims = load_parallel_for_inference(args.checkpoint, ParallelConfig(tp=args.tp),
-                                                              _context(args))
+                                                              context_override(args))
     try:
-        tokenizer = _cli_tokenizer(args, tokenizer, cfg.model.vocab_size)
+        tokenizer = cli_tokenizer(args, tokenizer, cfg.model.vocab_size)
         engine = Engine(model, tokenizer, config=cfg)
         params = _sampling_params(args, cfg, overrides)
         with open(os.devnull, "w") as devnull:
@@ -251,14 +171,14 @@ def _generate_tensor_parallel(args: argparse.Namespace, overrides: list[str]) ->
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
-    _checkpoint_args(p)
+    checkpoint_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
     p.add_argument("--port", type=int_in(1, 65535), default=8000, help="TCP port")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MTNLG_API_KEY; none if unset)")
     p.add_argument("--model-name", help="model id reported by /v1/models (default: the checkpoint's name)")
     p.add_argument("--max-batch-size", type=int_in(1), default=8, help="sequences decoded together at most")
-    _kv_cache_args(p)
-    _speculative_args(p)
+    kv_cache_args(p)
+    speculative_args(p)
     p.add_argument("--max-body-bytes", type=int_in(1), default=1 << 20,
                    help="largest request body accepted, in bytes (default 1 MiB; larger ones get 413)")
     p.add_argument("--max-queued-sequences", type=int_in(1), default=256, metavar="N",
@@ -309,10 +229,10 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
         from mtnlg.cli.serve_parallel import serve_tensor_parallel
 
         return serve_tensor_parallel(args, api_key, listen, lambda engine: server_app(engine, args, api_key),
-                                     lambda found, vocab: _cli_tokenizer(args, found, vocab), _context(args))
+                                     lambda found, vocab: cli_tokenizer(args, found, vocab), context_override(args))
     checkpoint = resolve_verified(args.checkpoint)
     sock = listen(args.host, args.port)  # a port that is taken fails now, not after the model loaded
-    engine = _load_engine(checkpoint, args, max_batch_size=args.max_batch_size)
+    engine = load_engine(checkpoint, args, max_batch_size=args.max_batch_size)
     serve(server_app(engine, args, api_key), args.host, args.port, sock=sock)
     return 0
 
@@ -379,7 +299,7 @@ def cmd_quantize(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
-    _checkpoint_args(p)
+    checkpoint_args(p)
     p.add_argument("--task", required=True, choices=["perplexity", "cloze", "choice"],
                    help="perplexity of documents; cloze: predict a passage's last word; choice: multiple choice")
     p.add_argument("--data", required=True, help="JSONL file (formats: docs/evaluation.md); "
@@ -412,7 +332,7 @@ def cmd_evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
                     args.json_key, args.split, args.split_name)
     data = read_task(spec)  # bad data fails before the model loads
     scorer = Scorer.from_checkpoint(args.checkpoint, args.quantize, args.device, args.batch_size, args.tokenizer,
-                                    progress=not args.quiet, context=_context(args))
+                                    progress=not args.quiet, context=context_override(args))
     results = {"checkpoint": args.checkpoint, **evaluate(scorer, spec, data)}
     if args.out:
         write_json(args.out, results, indent=2)

@@ -19,18 +19,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from mtnlg.config import ConfigError
-
-
-def tensor_parallel_limits(args: argparse.Namespace) -> None:
-    """What ``--tp`` (generate, serve) does not combine with yet: each rank runs the contiguous
-    cache's decoder on its shard, without quantized layouts or speculation."""
-    for given, flag in ((args.quantize != "none", "--quantize"), (args.speculative != "none", "--speculative"),
-                        (args.kv_cache == "paged", "--kv-cache paged")):
-        if given:
-            raise ConfigError(f"{flag} is not available with --tp yet (each rank decodes with the contiguous "
-                              "KV cache): drop one of them")
-
 
 def serve_tensor_parallel(
     args: argparse.Namespace,
@@ -44,6 +32,7 @@ def serve_tensor_parallel(
     socket, the app, the tokenizer and the context override are made as ``mtnlg serve`` makes them
     (``mtnlg.cli.infer``)."""
     from mtnlg.checkpoint.directory import resolve_verified
+    from mtnlg.cli.engine import tensor_parallel_limits
     from mtnlg.config import ParallelConfig
     from mtnlg.generate.engine import Engine
     from mtnlg.generate.load import load_parallel_for_inference

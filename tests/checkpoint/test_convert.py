@@ -124,18 +124,18 @@ def test_a_checkpoint_without_tokenizer_is_refused_by_name_then_works_with_one(t
 def test_serve_takes_a_tokenizer_too(tmp_path, tokenizerless, small_tokenizer):
     """``serve`` loads its engine through the same path; checked without starting a server."""
     from mtnlg.cli import build_parser
-    from mtnlg.cli.infer import _load_engine
+    from mtnlg.cli.engine import load_engine
     from mtnlg.config import ConfigError
 
     hf_dir, tok = tokenizerless
     from_hf(hf_dir, tmp_path / "ckpt")
     args, _ = build_parser().parse_known_args(["serve", "--checkpoint", str(tmp_path / "ckpt"), "--tokenizer",
                                                str(tok)])
-    engine = _load_engine(args.checkpoint, args, max_batch_size=2)
+    engine = load_engine(args.checkpoint, args, max_batch_size=2)
     assert engine.tokenizer.encode("lazy dog") == small_tokenizer.encode("lazy dog")
     args.tokenizer = None
     with pytest.raises(ConfigError, match="has no tokenizer"):
-        _load_engine(args.checkpoint, args, max_batch_size=2)
+        load_engine(args.checkpoint, args, max_batch_size=2)
 
 
 def test_convert_stores_the_given_tokenizer_and_refuses_one_too_big(tmp_path, tokenizerless, small_tokenizer, capsys):
