@@ -1,4 +1,4 @@
-"""Helpers for tests that run `mtnlg train` end to end, in this process or under ``torchrun``."""
+"""Helpers for tests that run `mtnlg train` end to end: in this process, on forked gloo ranks, or under ``torchrun``."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from mtnlg.train.metrics import read_log
+from tests.harness.dist import run_world
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
@@ -54,6 +56,44 @@ def torchrun(args: list[str], nproc: int = 2, timeout: float = 300) -> str:
     proc = start_torchrun(args, nproc)
     out = finish(proc, timeout)
     assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _cli_rank(args: list[str], log_dir: str) -> tuple[int, str]:
+    """``mtnlg ARGS`` on this rank, with what torchrun would have set, and its output (fd 1 and 2)."""
+    import torch.distributed as dist
+
+    from mtnlg.cli import main
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size))
+    log = Path(log_dir) / f"rank{rank}.out"
+    with log.open("w", encoding="utf-8") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            code = main(args)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+    return code, log.read_text(encoding="utf-8")
+
+
+def cli_world(args: list[str], nproc: int = 2, timeout: float = 300.0) -> str:
+    """``mtnlg ARGS`` on ``nproc`` gloo ranks forked from the forkserver, to success; every rank's output.
+
+    The job ``torchrun --nproc_per_node=N -m mtnlg ARGS`` runs, without the launcher and without
+    paying torch's import per rank (seconds each on 2 cores); tests of torchrun's own part (restarts,
+    a dead launcher) launch it for real.
+    """
+    with tempfile.TemporaryDirectory(prefix="mtnlg-cli-") as log_dir:
+        results = run_world(_cli_rank, nproc, args, log_dir, timeout=timeout, daemon=False)
+    out = "\n".join(text for _, text in results)
+    codes = [code for code, _ in results]
+    assert codes == [0] * nproc, f"exit codes {codes}:\n{out[-4000:]}"
     return out
 
 

@@ -18,7 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-_PRELOAD = ["torch", "torch.distributed.tensor.parallel", "mtnlg.model.gpt", "mtnlg.parallel"]
+_PRELOAD = ["torch", "torch.distributed.tensor.parallel", "mtnlg.model.gpt", "mtnlg.parallel", "mtnlg.cli"]
 _CONTEXT: Any = None
 
 
@@ -50,19 +50,22 @@ def _rank_main(rank: int, world_size: int, store_dir: str, fn: Callable[..., Any
     except BaseException:
         torch.save({"error": traceback.format_exc()}, out)
         raise SystemExit(1) from None
-    dist.destroy_process_group()
+    if dist.is_initialized():  # `mtnlg train` tears its own down
+        dist.destroy_process_group()
 
 
-def run_world(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
+def run_world(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0,
+              daemon: bool = True) -> list[Any]:
     """``fn(*args)`` on ``world_size`` gloo ranks; their return values in rank order.
 
     ``fn`` and its arguments must be picklable (a module-level function). Inside, the default
-    process group is initialized; ``torch.distributed.get_rank()`` tells the rank.
+    process group is initialized; ``torch.distributed.get_rank()`` tells the rank. Ranks that
+    start processes of their own (an asynchronous save's writer) must not be daemonic.
     """
     ctx = _context()
     with tempfile.TemporaryDirectory(prefix="mtnlg-world-") as store_dir:
         procs = [
-            ctx.Process(target=_rank_main, args=(r, world_size, store_dir, fn, args), daemon=True)
+            ctx.Process(target=_rank_main, args=(r, world_size, store_dir, fn, args), daemon=daemon)
             for r in range(world_size)
         ]
         for p in procs:
@@ -101,3 +104,4 @@ def _wait(procs: list[Any], timeout: float, grace: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+

@@ -1,9 +1,10 @@
 """A Llama-family model (``--preset llama-tiny``: RoPE, RMSNorm, SwiGLU, grouped-query attention, untied,
-no biases; here with Qwen 3's QK-norm too) under ``torchrun`` tp=2 (with and without sequence
+no biases; here with Qwen 3's QK-norm too) as `mtnlg train` jobs of 2 ranks, tp=2 (with and without sequence
 parallelism), pp=2, dp=2 (FSDP) and cp=2 (ring attention) against one process, and its tp=2 checkpoint
 exported to Hugging Face.
 
-One shared set of runs (each ``torchrun`` launch costs seconds on 2 cores), cut to test size.
+One shared set of runs, cut to test size, each on 2 gloo ranks forked as ``torchrun`` would start
+them (``cli_world``: no torch import per rank).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from mtnlg.checkpoint.convert import to_hf
 from mtnlg.checkpoint.model import load_model
 from mtnlg.cli import main
-from tests.harness.cli import losses, small_run_flags, torchrun
+from tests.harness.cli import cli_world, losses, small_run_flags
 
 RTOL = 1e-5
 STEPS = 4
@@ -31,7 +32,7 @@ def runs(train_data_flags: list[str], tmp_path_factory: pytest.TempPathFactory) 
     root = tmp_path_factory.mktemp("family-runs")
     assert main(["train", *train_data_flags, *TRAIN, "--out", str(root / "single")]) == 0
     for name, flags in LAYOUTS.items():
-        torchrun(["train", *train_data_flags, *TRAIN, *flags, "--out", str(root / name)])
+        cli_world(["train", *train_data_flags, *TRAIN, *flags, "--out", str(root / name)])
     return {name: root / name for name in ("single", *LAYOUTS)}
 
 

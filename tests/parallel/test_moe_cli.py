@@ -1,5 +1,5 @@
 """Mixture of experts end to end: `mtnlg train --preset tiny-moe` in one process and under
-``torchrun --parallel.ep=2`` on the embedded corpus, the ep=2 checkpoint generating in one process,
+a 2-rank ``--parallel.ep=2`` job on the embedded corpus, the ep=2 checkpoint generating in one process,
 int8 generation, `mtnlg convert --upcycle` and `mtnlg info`."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from mtnlg.config import Config, ModelConfig
 from mtnlg.generate.load import load_for_inference
 from mtnlg.generate.quantize import quantize_checkpoint
 from mtnlg.model.gpt import GPT
-from tests.harness.cli import losses, small_run_flags, torchrun
+from tests.harness.cli import cli_world, losses, small_run_flags
 
 # tiny-moe shrunk to seconds: 2 blocks of width 32, the second a MoE block (4 experts, top-2).
 TRAIN = [*small_run_flags(n_layers=2, micro_batch_size=2, eval_iters=1), "--preset", "tiny-moe", "--model.hidden=32",
@@ -30,7 +30,7 @@ def runs(train_data_flags: list[str], tmp_path_factory: pytest.TempPathFactory) 
     root = tmp_path_factory.mktemp("moe-runs")
     args = ["train", *train_data_flags, *TRAIN, "--out"]
     assert main([*args, str(root / "single")]) == 0
-    torchrun([*args, str(root / "ep2"), "--parallel.ep=2"])
+    cli_world([*args, str(root / "ep2"), "--parallel.ep=2"])
     return {"single": root / "single", "ep2": root / "ep2"}
 
 

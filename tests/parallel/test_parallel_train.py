@@ -1,6 +1,7 @@
-"""``torchrun -m mtnlg train`` under pipeline and data parallelism against one process.
+"""`mtnlg train` jobs of 2 ranks under pipeline and data parallelism against one process.
 
-Runs are shared (each ``torchrun`` launch costs seconds on 2 cores): a single-process run of 20
+Runs are shared, each on 2 gloo ranks forked as ``torchrun`` would start them (``cli_world``), but
+the restart test, which is torchrun's own: a single-process run of 20
 steps, two pp=2 runs (1f1b, stopped by ``train.exit_interval=10`` as a cluster job would be;
 interleaved 1f1b with 2 stages per rank), a dp=2 (FSDP) run and a dp=2 zero=1 (distributed optimizer) run
 of 10 steps, checkpointed every 5;
@@ -23,7 +24,7 @@ import torch
 
 from mtnlg.checkpoint.model import load_model
 from mtnlg.cli import main
-from tests.harness.cli import at_step, finish, losses, small_run_flags, start_torchrun, torchrun, valid_losses
+from tests.harness.cli import at_step, cli_world, finish, losses, small_run_flags, start_torchrun, valid_losses
 
 RTOL = 1e-5
 TRAIN = small_run_flags(n_layers=4, micro_batch_size=2, eval_iters=2)
@@ -35,10 +36,10 @@ def runs(train_data_flags: list[str], tmp_path_factory: pytest.TempPathFactory) 
     root = tmp_path_factory.mktemp("pp-runs")
     args = ["train", *train_data_flags, *TRAIN, "--train.steps=10", "--out"]
     assert main([*args, str(root / "single"), "--train.steps=20"]) == 0
-    torchrun([*args, str(root / "pp2"), "--parallel.pp=2", "--train.steps=20", "--train.exit_interval=10"])
-    torchrun([*args, str(root / "pp2-interleaved"), "--parallel.pp=2", *INTERLEAVED])
-    torchrun([*args, str(root / "dp2"), "--train.async_save=true"])  # dp=2; step 5 written by each rank's writer
-    torchrun([*args, str(root / "dp2-zero1"), "--parallel.dp=2", "--parallel.zero=1"])  # the distributed optimizer
+    cli_world([*args, str(root / "pp2"), "--parallel.pp=2", "--train.steps=20", "--train.exit_interval=10"])
+    cli_world([*args, str(root / "pp2-interleaved"), "--parallel.pp=2", *INTERLEAVED])
+    cli_world([*args, str(root / "dp2"), "--train.async_save=true"])  # dp=2; step 5 written by each rank's writer
+    cli_world([*args, str(root / "dp2-zero1"), "--parallel.dp=2", "--parallel.zero=1"])  # the distributed optimizer
     return {name: root / name for name in ("single", "pp2", "pp2-interleaved", "dp2", "dp2-zero1")}
 
 
@@ -78,7 +79,7 @@ def test_pp2_resumes_its_checkpoint_bitwise(runs: dict[str, Path], train_data_fl
     reduction order, equal only to float rounding (by chance bitwise on AVX2, not on AVX-512).
     """
     again = at_step(runs["pp2"], tmp_path / "pp2-again")
-    out = torchrun(["train", *train_data_flags, "--resume", "--parallel.pp=2", "--train.exit_interval=5",
+    out = cli_world(["train", *train_data_flags, "--resume", "--parallel.pp=2", "--train.exit_interval=5",
                     "--out", str(again)])
     assert f"resuming from {again / 'step_00000005'}" in out and "resume: parallel." not in out
     assert json.loads((again / "step_00000010" / "layout.json").read_text(encoding="utf-8"))["pp"] == 2
@@ -96,7 +97,7 @@ def test_the_pp2_job_continued_under_another_layout_equals_the_straight_run(
     rest = at_step(runs["pp2"], tmp_path / "rest", step=10)
     resume = ["train", *train_data_flags, "--resume", "--out", str(rest), "--parallel.pp=1"]
     if layout == "dp2":
-        torchrun([*resume, "--parallel.dp=2"])
+        cli_world([*resume, "--parallel.dp=2"])
     else:
         assert main(resume) == 0
     got, want = losses(rest), losses(runs["single"])

@@ -1,6 +1,6 @@
-"""``torchrun -m mtnlg train --parallel.tp=2`` against one process: loss trace, resharded resume.
+"""`mtnlg train --parallel.tp=2` on 2 ranks against one process: loss trace, resharded resume.
 
-Each ``torchrun`` launch costs seconds of torch import on 2 cores, so the runs are shared:
+The runs are shared (the 2-rank jobs run on gloo ranks forked as ``torchrun`` would start them):
 one single-process and one tp=2 run of 10 steps (checkpoints at 5 and 10), then each layout
 resumes the other's step-5 checkpoint for two steps.
 """
@@ -14,7 +14,7 @@ import torch
 
 from mtnlg.checkpoint.model import load_model
 from mtnlg.cli import main
-from tests.harness.cli import at_step, losses, small_run_flags, torchrun, valid_losses
+from tests.harness.cli import at_step, cli_world, losses, small_run_flags, valid_losses
 
 RTOL = 1e-4
 TRAIN = small_run_flags(n_layers=2, micro_batch_size=4, eval_iters=1)
@@ -24,7 +24,7 @@ TRAIN = small_run_flags(n_layers=2, micro_batch_size=4, eval_iters=1)
 def runs(train_data_flags: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tp-runs")
     assert main(["train", *train_data_flags, *TRAIN, "--train.steps=10", "--out", str(root / "single")]) == 0
-    torchrun(["train", *train_data_flags, *TRAIN, "--train.steps=10", "--parallel.tp=2", "--out", str(root / "tp2")])
+    cli_world(["train", *train_data_flags, *TRAIN, "--train.steps=10", "--parallel.tp=2", "--out", str(root / "tp2")])
     return {"single": root / "single", "tp2": root / "tp2"}
 
 
@@ -54,7 +54,7 @@ def test_checkpoints_reshard_between_one_process_and_tp2(
     """
     into_tp = at_step(runs["single"], tmp_path / "into_tp")
     resume = ["train", *train_data_flags, *TRAIN, "--train.steps=7", "--resume", "--out"]
-    out = torchrun([*resume, str(into_tp), "--parallel.tp=2"])
+    out = cli_world([*resume, str(into_tp), "--parallel.tp=2"])
     assert f"resuming from {into_tp / 'step_00000005'}" in out
     into_single = at_step(runs["tp2"], tmp_path / "into_single")
     assert main([*resume, str(into_single)]) == 0
@@ -64,11 +64,11 @@ def test_checkpoints_reshard_between_one_process_and_tp2(
 
 
 def test_tp2_generate_command_prints_the_single_process_text(runs: dict[str, Path], capsys) -> None:
-    """``torchrun ... generate --tp 2`` on a tp-trained checkpoint: the same seeded sample, printed once."""
+    """``generate --tp 2`` on 2 ranks on a tp-trained checkpoint: the same seeded sample, printed once."""
     args = ["generate", "--checkpoint", str(runs["tp2"]), "--prompt", "The", "--temperature", "1",
             "--seed", "7", "--max-new-tokens", "24"]  # fmt: skip
     assert main(args) == 0
     single = capsys.readouterr().out
     assert len(set(single.strip())) > 5  # a real continuation, not only newlines
-    out = torchrun([*args, "--tp", "2"])
+    out = cli_world([*args, "--tp", "2"])
     assert out.count(single) == 1, (single, out)
