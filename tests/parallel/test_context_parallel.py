@@ -88,6 +88,40 @@ def _step_error(cfg: ModelConfig, cp: int, cp_group: Any, cp_rank: int, dp: int,
     return max(errors)
 
 
+def _tp_step_error(cfg: ModelConfig, dims: Any, sequence_parallel: bool) -> float:
+    """One step of a GPT under cp=2 x tp=2 (``parallelize``, the trainer's ``shard_batch`` and cp averaging)
+    against one process: max error over the loss and every gradient, gathered over tp."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from mtnlg.model.gpt import GPT
+    from mtnlg.parallel.context import average_gradients, shard_batch
+    from mtnlg.parallel.parallelize import parallelize
+    from mtnlg.parallel.utils import loss_context
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len + 1))
+    ref = GPT(cfg).train()
+    layout = Config(model=cfg, parallel=ParallelConfig(cp=2, tp=2, sequence_parallel=sequence_parallel))
+    model = parallelize(copy.deepcopy(ref), dims, layout)
+    ref_loss = ref(tokens[:, :-1], targets=tokens[:, 1:])
+    ref_loss.backward()
+    inputs, targets, extra, share = shard_batch(tokens[:, :-1], tokens[:, 1:], {}, dims.cp, dims.cp_rank)
+    with loss_context(dims):
+        loss = model(inputs, targets, **extra) * share
+        loss.backward()
+    average_gradients(model, dims.cp_group, dims.cp)
+    loss = loss.full_tensor() if isinstance(loss, DTensor) else loss
+    dist.all_reduce(mean := loss.detach().clone(), group=dims.cp_group)
+    errors = [(mean / dims.cp - ref_loss).abs().item()]
+    for p, r in zip(model.parameters(), ref.parameters(), strict=True):
+        grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        errors.append((grad - r.grad).abs().max().item())
+    return max(errors)
+
+
 def _packed_step_error(cfg: ModelConfig, cp: int, cp_group: Any, cp_rank: int) -> float:
     """Packed fine-tuning samples (document ids, prompt targets ignored) on cp ranks through ``shard_batch``
     against one process: max error over the loss and every gradient."""
@@ -139,10 +173,15 @@ def _saved_over_planned(cp: int, cp_group: Any, recompute: str) -> float:
 def _world() -> dict[str, float]:
     import torch.distributed as dist
 
+    from mtnlg.parallel.dims import init_distributed
+
     rank = dist.get_rank()
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # cp=2 groups (all ranks create every group)
     cp2, cp2_rank = pairs[rank // 2], rank % 2
+    cp_tp = init_distributed(ParallelConfig(cp=2, tp=2))  # the mesh: cp ranks {0, 2} and {1, 3}, tp {0, 1}, {2, 3}
     return {
+        "llama cp=2 x tp=2": _tp_step_error(LLAMA_CFG, cp_tp, sequence_parallel=False),
+        "gpt cp=2 x tp=2 sequence parallel": _tp_step_error(GPT_CFG, cp_tp, sequence_parallel=True),
         "attention cp=4": _attention_error(4, dist.group.WORLD, rank),
         "attention cp=2": _attention_error(2, cp2, cp2_rank),
         "documents attention cp=4": _attention_error(4, dist.group.WORLD, rank, documents=True),
@@ -166,7 +205,8 @@ def errors() -> list[dict[str, float]]:
 
 @pytest.mark.parametrize("case", ["attention cp=4", "attention cp=2", "documents attention cp=4",
                                   "documents attention cp=2", "llama packed samples cp=4", "gpt packed samples cp=2",
-                                  "gpt cp=2 x dp=2", "llama cp=2 x dp=2", "moe cp=4", "llama cp=4 selective"])
+                                  "gpt cp=2 x dp=2", "llama cp=2 x dp=2", "moe cp=4", "llama cp=4 selective",
+                                  "llama cp=2 x tp=2", "gpt cp=2 x tp=2 sequence parallel"])
 def test_context_parallel_equals_one_process(errors: list[dict[str, float]], case: str) -> None:
     """Ring attention's output and gradients, and a training step's loss and every gradient, within 1e-5 of
     full attention / the whole sequence in one process (fp32, causal; with packed documents' masks)."""
