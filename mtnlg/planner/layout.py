@@ -14,8 +14,9 @@ from mtnlg.config import ConfigError, ModelConfig
 from mtnlg.config.schedules import SCHEDULES, bubble_slots, busiest_rank_layers, check_stages_per_rank
 
 RECOMPUTE = ("none", "selective", "full")
-# The levels --recompute auto tries (mtnlg train runs all three as model.recompute).
-RUNNABLE_RECOMPUTE = ("none", "full")
+# The levels --recompute auto and --search try, least recomputation first: mtnlg train runs all three
+# (model.recompute; selective is the attention core under torch.utils.checkpoint, mtnlg.model.gpt).
+RUNNABLE_RECOMPUTE = RECOMPUTE
 PRECISIONS = ("bf16", "fp16", "fp32")
 
 
