@@ -216,6 +216,9 @@ class MoE(nn.Module):
         # Context parallelism (mtnlg.parallel.context): sums a forward's per-expert counts over the ranks holding
         # the rest of the same sequences, so the balance loss's assignment fractions are the whole sequences'.
         self.sequence_counts: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # ... and, with a capacity, how many of this rank's assignments each expert keeps: the whole micro-batch's
+        # capacity, filled in the whole sequences' priority order: (experts (B, T, k), E, capacity) -> (E,).
+        self.sequence_kept: Callable[[torch.Tensor, int, Callable[[int], int]], torch.Tensor] | None = None
         E = cfg.moe_experts
         # Statistics of the training forwards since the last optimizer step (not saved: they restart each step).
         self.register_buffer("tokens_per_expert", torch.zeros(E), persistent=False)
@@ -243,11 +246,11 @@ class MoE(nn.Module):
         order = flat.argsort(stable=True)  # assignments grouped by expert, in priority order
         counts = torch.bincount(flat, minlength=E)  # (E,) assignments per expert
         position = torch.arange(N * k, device=x.device) - (counts.cumsum(0) - counts)[flat[order]]  # rank in expert
-        cap = self.capacity(N)
+        kept = self._kept(experts.view(B, T, k), counts)
         if self._padded():
-            out, kept = self._padded_experts(tokens, gates, flat, order, counts, position, cap)
+            out = self._padded_experts(tokens, gates, flat, order, kept, position)
         else:
-            out, kept = self._sorted_experts(tokens, gates, order, counts, position, cap)
+            out = self._sorted_experts(tokens, gates, flat, order, kept, position)
         out = out.view(B, T, C)
         out = self.dropout(out)
         if self.shared is not None:
@@ -256,6 +259,15 @@ class MoE(nn.Module):
             out = self._aux(out, counts, scores, logits, dropped=N * k - int(kept.sum()))
         return out
 
+    def _kept(self, experts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """(E,) assignments each expert keeps, its first ones in priority order: all of them when dropless, else
+        at most the capacity (under cp: this rank's part of the whole micro-batch's, ``sequence_kept``)."""
+        if not self.cfg.moe_capacity_factor:
+            return counts
+        if self.sequence_kept is not None:
+            return self.sequence_kept(experts, counts.numel(), self.capacity)
+        return counts.clamp(max=self.capacity(experts.shape[0] * experts.shape[1]))
+
     def _padded(self) -> bool:
         """The padded batched-matmul layout: on the CPU, for experts held whole here. Many small per-expert GEMMs
         (``_grouped_mm`` is a loop there) each end in a thread barrier, which a loaded machine stretches; one
@@ -263,38 +275,36 @@ class MoE(nn.Module):
         weight = self.experts.fc_in_weight if isinstance(self.experts, GroupedExperts) else None
         return weight is not None and weight.device.type == "cpu" and not hasattr(weight, "to_local")
 
-    def _sorted_experts(self, tokens: torch.Tensor, gates: torch.Tensor, order: torch.Tensor, counts: torch.Tensor,
-                        position: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kept assignments as rows sorted by expert through the experts; -> (N, C) output, kept counts (E,)."""
-        kept = counts
-        if cap:
-            order, kept = order[position < cap], counts.clamp(max=cap)
+    def _sorted_experts(self, tokens: torch.Tensor, gates: torch.Tensor, flat: torch.Tensor, order: torch.Tensor,
+                        kept: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """The kept assignments (``kept`` (E,) per expert) as rows sorted by expert through the experts -> (N, C)."""
+        if self.cfg.moe_capacity_factor:
+            order = order[position < kept[flat[order]]]
         token = order % tokens.shape[0]
         ys = self.experts(tokens[token], kept)  # (M, C), M = kept assignments
         weighted = ys * gates.t().reshape(-1)[order].unsqueeze(1).to(ys.dtype)
-        return ys.new_zeros(tokens.shape).index_add(0, token, weighted), kept
+        return ys.new_zeros(tokens.shape).index_add(0, token, weighted)
 
     def _padded_experts(self, tokens: torch.Tensor, gates: torch.Tensor, flat: torch.Tensor, order: torch.Tensor,
-                        counts: torch.Tensor, position: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert e's kept assignments in rows [e W, e W + kept_e) of an (E, W, C) block, W the largest kept count
-        (FLOPs on E W rows instead of k N); -> (N, C) output, kept counts (E,)."""
+                        kept: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Expert e's kept assignments (``kept`` (E,) per expert) in rows [e W, e W + kept_e) of an (E, W, C) block,
+        W the largest kept count (FLOPs on E W rows instead of k N) -> (N, C)."""
         (N, C), k, E = tokens.shape, self.cfg.moe_top_k, self.cfg.moe_experts
-        width = int(counts.max()) if not cap else min(cap, int(counts.max()))
-        keep = position < width
+        width = int(kept.max())
+        keep = position < kept[flat[order]]
         slot = (flat[order] * width + position)[keep]  # padded row of each kept assignment
         assignment = order[keep] % N * k + order[keep] // N  # token-major: token i's choices at i k .. i k + k - 1
         to_slot = torch.full((N * k,), E * width, device=tokens.device)  # assignment -> its row (E W: dropped)
         to_slot[assignment] = slot
         from_slot = torch.full((E * width,), N * k, device=tokens.device)  # row -> its assignment (k N: padding)
         from_slot[slot] = assignment
-        kept = counts.clamp(max=width)
         dropped, padded = bool(kept.sum() < N * k), bool(kept.sum() < E * width)  # the zero rows needed
         source = torch.div(from_slot, k, rounding_mode="floor") % N  # padding rows read token 0, never used
         xin = _Gather.apply(tokens, source, to_slot, k, (False, dropped))
         ys = self.experts(xin.view(E, width, C), kept).reshape(E * width, C)
         picked = _Gather.apply(ys, to_slot, from_slot, 1, (dropped, padded)).view(N, k, C)  # dropped ones: 0
         out = torch.bmm(gates.unsqueeze(1).to(picked.dtype), picked)  # the gated sum as one batched product
-        return out.view(N, C), kept
+        return out.view(N, C)
 
     def _aux(self, out: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, logits: torch.Tensor,
              dropped: int) -> torch.Tensor:

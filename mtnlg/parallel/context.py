@@ -14,7 +14,10 @@ softmax. The backward runs the ring again: each block's key/value gradient trave
 and arrives home after the last step. Packed documents (fine-tuning's ``document_ids``): each block's
 ids travel with it and mask keys of other documents; ``shard_batch`` weighs each rank's loss by its
 share of the counted targets. ZeRO-1/2 reduce over cp in ``zero.py``; MoE layers sum their expert
-counts over cp (``MoE.sequence_counts``); a pipeline gets the positions as a forward argument.
+counts over cp (``MoE.sequence_counts``) and fill a capacity in the whole micro-batch's priority order
+(``MoE.sequence_kept``); expert parallelism needs nothing more (its all-to-all moves each rank's own tokens,
+and the experts' gradients are averaged over cp like every other); a pipeline gets the positions as a
+forward argument.
 
 ``torch.distributed.tensor.experimental.context_parallel`` is not used: in torch 2.13 it dispatches
 only the CUDA attention kernels (on CPU: "aten._scaled_dot_product_flash_attention_for_cpu does not
@@ -88,6 +91,8 @@ def _ring_step(group: dist.ProcessGroup, *tensors: torch.Tensor) -> tuple[list[t
     nxt, prev = dist.get_global_rank(group, (me + 1) % size), dist.get_global_rank(group, (me - 1) % size)
     tensors = tuple(t.contiguous() for t in tensors)
     recv = [torch.empty_like(t) for t in tensors]
+    if tensors[0].is_meta:  # a dry run's forward (shapes only): nothing to send, and no backend for meta
+        return recv, []
     ops = [dist.P2POp(dist.isend, t, nxt, group) for t in tensors]
     ops += [dist.P2POp(dist.irecv, r, prev, group) for r in recv]
     return recv, dist.batch_isend_irecv(ops)
@@ -150,6 +155,17 @@ class RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), held[2].to(k.dtype), held[3].to(v.dtype), None, None
 
 
+def ring_transfers(tokens: int, heads: int, head_dim: int, cp: int, act_bytes: int, recomputed: bool
+                   ) -> tuple[int, int]:
+    """(ring steps, bytes this rank sends) of one attention layer's forward and backward over ``tokens`` local
+    tokens (micro-batch x seq_len / cp) of ``heads`` query heads (the blocks are expanded to them): forward
+    cp - 1 steps of k and v at ``act_bytes`` an element (twice when the core is ``recomputed``), backward cp
+    steps of k, v and their fp32 gradients. Document ids (packed samples, 8 bytes a token) are left out."""
+    block, forwards = tokens * heads * head_dim, 2 if recomputed else 1
+    steps = forwards * (cp - 1) + cp
+    return steps, block * (forwards * (cp - 1) * 2 * act_bytes + cp * 2 * (act_bytes + 4))
+
+
 def ring_core(group: dist.ProcessGroup) -> Callable[..., torch.Tensor]:
     """An attention core for ``CausalSelfAttention.core``: SDPA's signature, computed by ``RingAttention``.
     Its ``attn_mask`` is None (causal) or the rank's document ids (``GPT.document_mask`` passes them on)."""
@@ -178,8 +194,33 @@ def _summed(counts: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return counts
 
 
+def _kept(experts: torch.Tensor, n_experts: int, capacity: Callable[[int], int], group: dist.ProcessGroup
+          ) -> torch.Tensor:
+    """``MoE.sequence_kept`` under cp: how many of this rank's assignments each expert keeps when the whole
+    micro-batch's capacity is filled in one process's priority order (slot-major, then sample and global
+    position). ``experts`` (B, T, k) are this rank's choices; every rank's are gathered (B T k ids each)."""
+    B, T, k = experts.shape
+    cp, me, E = dist.get_world_size(group), dist.get_rank(group), n_experts
+    gathered = [torch.empty_like(experts) for _ in range(cp)]
+    dist.all_gather(gathered, experts.contiguous(), group=group)
+    whole = torch.stack(gathered)  # (cp, B, T, k)
+    token = torch.stack([global_positions(T * cp, cp, r, experts.device) for r in range(cp)])  # (cp, T)
+    token = token.view(cp, 1, T, 1) + torch.arange(B, device=experts.device).view(1, B, 1, 1) * (T * cp)
+    slot = torch.arange(k, device=experts.device).view(1, 1, 1, k)
+    priority = (whole * k + slot) * (B * T * cp) + token  # by expert, then slot, then the token's global index
+    order = priority.flatten().argsort()
+    flat = whole.flatten()[order]
+    counts = torch.bincount(flat, minlength=E)
+    rank_in_expert = torch.arange(flat.numel(), device=flat.device) - (counts.cumsum(0) - counts)[flat]
+    keep = torch.empty_like(rank_in_expert, dtype=torch.bool)
+    keep[order] = rank_in_expert < capacity(B * T * cp)
+    mine = keep.view(cp, -1)[me]
+    return torch.bincount(experts.flatten()[mine], minlength=E)
+
+
 def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup) -> nn.Module:
-    """Make every attention layer of ``model`` ring attention over ``group`` (in place; returns it)."""
+    """Make every attention layer of ``model`` ring attention over ``group`` (in place; returns it), and every
+    MoE layer's balance loss and capacity those of the whole sequences."""
     core = ring_core(group)
     model.document_mask = _document_ids  # type: ignore[assignment]
     for module in model.modules():
@@ -187,18 +228,8 @@ def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup) -> nn.Mod
             module.core = core
         if isinstance(module, MoE):
             module.sequence_counts = partial(_summed, group=group)
+            module.sequence_kept = partial(_kept, group=group)
     return model
-
-
-def check_layout(cfg: Any, dims: Any) -> None:
-    """The layouts context parallelism composes with today (a ``Config`` and its ``ParallelDims``)."""
-    check_context_parallel(dims.cp, cfg.model.seq_len, cfg.model.dropout)
-    if dims.ep > 1:
-        raise ConfigError("parallel.cp > 1 with parallel.ep > 1 is not supported yet: use parallel.ep=1 (the "
-                          "experts replicated, or sharded over dp by parallel.zero=3)")
-    if cfg.model.moe_experts and cfg.model.moe_capacity_factor:
-        raise ConfigError(f"model.moe_capacity_factor={cfg.model.moe_capacity_factor:g} with parallel.cp > 1: an "
-                          "expert's capacity would count one rank's tokens; use 0 (dropless)")
 
 
 def shard_batch(inputs: torch.Tensor, targets: torch.Tensor, extra: dict, cp: int, rank: int

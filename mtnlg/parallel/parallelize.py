@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from mtnlg.config import Config, ConfigError
 from mtnlg.model.gpt import GPT
-from mtnlg.parallel.context import apply_context_parallel, check_layout
+from mtnlg.parallel.context import apply_context_parallel, check_context_parallel
 from mtnlg.parallel.data import apply_data_parallel
 from mtnlg.parallel.dims import ParallelDims
 from mtnlg.parallel.expert import apply_expert_parallel, check_expert_parallel
@@ -65,7 +65,7 @@ def parallelize(
     if dims.cp > 1:
         if inference:
             raise ConfigError("generation runs in one process or on tensor-parallel ranks: not with parallel.cp")
-        check_layout(cfg, dims)
+        check_context_parallel(dims.cp, cfg.model.seq_len, cfg.model.dropout)
         apply_context_parallel(model, dims.cp_group)
     if dims.tp_enabled:
         apply_tensor_parallel(

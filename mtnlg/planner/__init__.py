@@ -117,8 +117,8 @@ def plan(cfg: ModelConfig, layout: Layout, gpu: GpuSpec, *, tokens: float = 0.0,
 
 
 def plan_auto(cfg: ModelConfig, layout: Layout, gpu: GpuSpec, **kwargs: object) -> Plan:
-    """``plan`` with the least recomputation ``mtnlg train`` has that fits (none, then full); the last
-    one tried if none fits."""
+    """``plan`` with the least recomputation ``mtnlg train`` has that fits (none, selective, then full); the
+    last one tried if none fits."""
     result = None
     for level in RUNNABLE_RECOMPUTE:
         result = plan(cfg, dataclasses.replace(layout, recompute=level), gpu, **kwargs)  # type: ignore[arg-type]

@@ -14,8 +14,9 @@ from mtnlg.config import ConfigError, ModelConfig
 from mtnlg.config.schedules import SCHEDULES, bubble_slots, busiest_rank_layers, check_stages_per_rank
 
 RECOMPUTE = ("none", "selective", "full")
-# The levels --recompute auto tries (mtnlg train runs all three as model.recompute).
-RUNNABLE_RECOMPUTE = ("none", "full")
+# The levels --recompute auto and --search try, least recomputation first: mtnlg train runs all three
+# (model.recompute; selective is the attention core under torch.utils.checkpoint, mtnlg.model.gpt).
+RUNNABLE_RECOMPUTE = RECOMPUTE
 PRECISIONS = ("bf16", "fp16", "fp32")
 
 
@@ -109,10 +110,9 @@ def check_model(cfg: ModelConfig, lay: Layout) -> None:
         raise ConfigError(f"plan: --tp {lay.tp} does not divide model.n_heads={cfg.n_heads}")
     if cfg.kv_heads % lay.tp:
         raise ConfigError(f"plan: --tp {lay.tp} does not divide model.n_kv_heads={cfg.kv_heads}")
-    if lay.cp > 1 and (cfg.seq_len % (2 * lay.cp) or cfg.dropout > 0 or cfg.moe_capacity_factor):
-        raise ConfigError(f"plan: --cp {lay.cp} needs model.seq_len % {2 * lay.cp} == 0 (got {cfg.seq_len}), "
-                          f"model.dropout=0 (got {cfg.dropout}) and model.moe_capacity_factor=0 "
-                          f"(got {cfg.moe_capacity_factor})")
+    if lay.cp > 1 and (cfg.seq_len % (2 * lay.cp) or cfg.dropout > 0):
+        raise ConfigError(f"plan: --cp {lay.cp} needs model.seq_len % {2 * lay.cp} == 0 (got {cfg.seq_len}) and "
+                          f"model.dropout=0 (got {cfg.dropout})")
     if cfg.n_layers < lay.pp * lay.virtual_stages:
         raise ConfigError(f"plan: {lay.pp * lay.virtual_stages} pipeline stages for model.n_layers="
                           f"{cfg.n_layers}: every stage needs a layer")

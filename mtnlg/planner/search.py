@@ -42,7 +42,7 @@ def _choices(cfg: ModelConfig, gpu: GpuSpec, gpus: int, fixed: dict[str, object]
         "sequence_parallel": [False, True],
         "cp": [c for c in (1, 2, 4, 8, 16) if c == 1 or (gpus % c == 0 and cfg.seq_len % (2 * c) == 0
                                                         and cfg.seq_len // (2 * c) >= MIN_CP_CHUNK
-                                                        and cfg.dropout == 0 and not cfg.moe_capacity_factor)],
+                                                        and cfg.dropout == 0)],
     }
     for key, value in fixed.items():
         if value is not None and key in choices:

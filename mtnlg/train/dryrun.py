@@ -31,6 +31,8 @@ from torch.distributed.tensor import DTensor
 from mtnlg.config import Config, ConfigError
 from mtnlg.config.schedules import layer_split, stage_ids
 from mtnlg.model.gpt import GPT
+from mtnlg.model.moe import MoE
+from mtnlg.parallel.context import global_positions, ring_transfers
 from mtnlg.parallel.dims import ParallelDims
 from mtnlg.parallel.pipeline import microbatches
 from mtnlg.parallel.utils import loss_context
@@ -146,13 +148,16 @@ def _activation_bytes(cfg: Config, dims: ParallelDims, model: GPT, splits: list[
             saved[id(base)] = (base, _local(base).numel() * _local(base).element_size())
         return x
 
+    t //= dims.cp  # the rank's chunks of each sequence, at their global positions
+    forward = {"position_ids": global_positions(cfg.model.seq_len, dims.cp, dims.cp_rank, "meta").unsqueeze(0)
+               } if dims.cp > 1 else {}
     ids = torch.zeros(b, t, dtype=torch.long, device="meta")
     local_t = t // dims.tp if cfg.parallel.sequence_parallel and dims.tp > 1 else t  # a stage's input, split under sp
     with loss_context(dims), torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         for layers, stage in zip(splits, stages, strict=True):
             view = model.view(layers, embeddings=stage == 0, head=stage == last) if dims.pp > 1 else model
             x = ids if stage == 0 else torch.empty(b, local_t, cfg.model.hidden, device="meta", requires_grad=True)
-            view(x, ids if stage == last else None)
+            view(x, ids if stage == last else None, **forward)
     return sum(n for _, n in saved.values())
 
 
@@ -178,16 +183,48 @@ def _collectives(cfg: Config, dims: ParallelDims, model: nn.Module, optimizer: t
         add("reduce_scatter", "dp_shard", len(units), sum(units), "once per step")
         if dims.dp_replicate > 1:
             add("all_reduce", "dp_replicate", len(units), sum(units) / dims.dp_shard, "once per step")
+    tokens = cfg.train.micro_batch_size * cfg.model.seq_len // dims.cp  # of a micro-batch, on this rank
     if dims.tp > 1:  # Megatron's f and g: per block 2 forward + 2 backward, each of a (b, s, h) activation
-        act = cfg.train.micro_batch_size * cfg.model.seq_len * cfg.model.hidden * 2  # bf16/fp16 activations
+        act = tokens * cfg.model.hidden * 2  # bf16/fp16 activations
         op = "all_gather+reduce_scatter" if cfg.parallel.sequence_parallel else "all_reduce"
         add(op, "tp", 4 * layers * m, 4 * layers * m * act, "per block, per micro-batch")
+    if dims.cp > 1:
+        out += _context_parallel(cfg, dims, model, optimizer, layers, m)
     if dims.pp > 1:  # the fp32 residual stream (split by sequence under sp), out and its gradient back, per boundary
-        act = cfg.train.micro_batch_size * cfg.model.seq_len * cfg.model.hidden * FP32
+        act = tokens * cfg.model.hidden * FP32
         act /= dims.tp if cfg.parallel.sequence_parallel else 1
         last = dims.pp * cfg.parallel.pp_stages_per_rank - 1
         hops = sum(2 * ((s > 0) + (s < last)) for s in stages)
         add("send/recv", "pp", hops * m, hops * m * act, "per stage boundary, per micro-batch")
+    return out
+
+
+def _context_parallel(cfg: Config, dims: ParallelDims, model: nn.Module, optimizer: torch.optim.Optimizer,
+                      layers: int, m: int) -> list[dict[str, Any]]:
+    """The collectives over the cp ranks in a step of ``m`` micro-batches through ``layers`` layers.
+
+    Ring attention's transfers (``ring_transfers``), the gradients' all-reduce, and the MoE layers' expert
+    counts (and, with a capacity, their choices)."""
+    mc, cp = cfg.model, dims.cp
+    steps, ring = ring_transfers(cfg.train.micro_batch_size * mc.seq_len // cp, mc.n_heads // dims.tp, mc.head_dim,
+                                 cp, FP32 if cfg.train.precision == "fp32" else 2, mc.recompute != "none")
+    if isinstance(optimizer, ZeroAdamW):  # each bucket after its dp reduction: zero=1 whole, zero=2 the owned rows
+        kind = "all_reduce" if optimizer.stage == 1 else "all_gather"
+        sizes = [b for op, b in optimizer.collectives() if op == kind]
+    else:  # average_gradients: every local gradient
+        sizes = [_bytes(iter([p])) for p in model.parameters()]
+    out = [{"op": "send/recv", "group": "cp", "count": steps * layers * m, "bytes": ring * layers * m,
+            "when": "ring attention, per attention layer, per micro-batch"},
+           {"op": "all_reduce", "group": "cp", "count": len(sizes), "bytes": int(sum(sizes)),
+            "when": "once per step (gradients)"}]
+    moe = sum(isinstance(x, MoE) for x in model.modules()) * m
+    if moe:  # per MoE layer and micro-batch: the expert counts (int64) summed; with a capacity, the choices gathered
+        out.append({"op": "all_reduce", "group": "cp", "count": moe, "bytes": moe * mc.moe_experts * 8,
+                    "when": "per MoE layer, per micro-batch (expert counts)"})
+        if mc.moe_capacity_factor:
+            ids = cfg.train.micro_batch_size * mc.seq_len // cp * mc.moe_top_k * 8
+            out.append({"op": "all_gather", "group": "cp", "count": moe, "bytes": moe * ids,
+                        "when": "per MoE layer, per micro-batch (expert choices, for the capacity)"})
     return out
 
 

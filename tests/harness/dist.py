@@ -18,7 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-_PRELOAD = ["torch", "torch.distributed.tensor.parallel", "mtnlg.model.gpt", "mtnlg.parallel", "mtnlg.cli"]
+_PRELOAD = ["torch", "torch.distributed.tensor.parallel", "mtnlg.model.gpt", "mtnlg.parallel.parallelize", "mtnlg.cli"]
 _CONTEXT: Any = None
 
 

@@ -98,12 +98,12 @@ def _reference(routing: str) -> dict[str, Any]:
     return _train(_config(routing), ParallelDims(dp=1, pp=1, tp=1, world_size=1))
 
 
-@pytest.mark.parametrize(("world_size", "layout"), [(w, n) for w, layouts in LAYOUTS.items() for n in layouts])
-def test_expert_parallel_steps_match_one_process(world_size: int, layout: str) -> None:
-    routing = LAYOUTS[world_size][layout][0]
+def assert_trained_as_one_process(ranks: list[dict[str, Any]], routing: str) -> None:
+    """Every rank's ``_train`` result (experts placed, losses, first gradients, final weights, expert biases) is
+    one process's within 1e-5, and the ranks together hold every weight."""
     ref = _reference(routing)
     seen = set()
-    for rank, got in enumerate(r[layout] for r in _results(world_size)):
+    for rank, got in enumerate(ranks):
         assert got["placed"], rank  # every expert weight is a DTensor
         assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5), rank
         for kind in ("grads", "final", "bias"):
@@ -116,6 +116,11 @@ def test_expert_parallel_steps_match_one_process(world_size: int, layout: str) -
     if routing == "capacity":
         assert ref["log"]["moe_dropped"] > 0  # the capacity really dropped tokens
         assert any(b.abs().sum() > 0 for b in ref["bias"].values())  # and the bias moved
+
+
+@pytest.mark.parametrize(("world_size", "layout"), [(w, n) for w, layouts in LAYOUTS.items() for n in layouts])
+def test_expert_parallel_steps_match_one_process(world_size: int, layout: str) -> None:
+    assert_trained_as_one_process([r[layout] for r in _results(world_size)], LAYOUTS[world_size][layout][0])
 
 
 def test_a_one_process_checkpoint_resumes_under_ep2_with_its_states() -> None:

@@ -85,6 +85,24 @@ def test_every_layout_the_search_ranks_builds_as_printed(capsys) -> None:
             assert built[name] == pytest.approx(planned[name], rel=0.01), (p["train_command"], name)
 
 
+def test_a_context_parallel_dry_run_lists_the_ring_and_holds_a_ranks_tokens(capsys) -> None:
+    """cp=2 x tp=2 x dp=2 (ZeRO-1) of tiny: the ring's send/recv (as ``ring_transfers``, which the cp test counts
+    against the real ring) and the gradients' all-reduce over cp; tp traffic and activations of seq_len / 2 tokens."""
+    from mtnlg.parallel.context import ring_transfers
+
+    tiny = ["--preset", "tiny", "--train.global_batch_size=4", "--train.micro_batch_size=1", "--parallel.tp=2",
+            "--parallel.zero=1"]
+    one, two = _dry_run(capsys, tiny, 4, 0), _dry_run(capsys, [*tiny, "--parallel.cp=2"], 8, 5)
+    by_group = {(c["op"], c["group"]): c["bytes"] for c in one["collectives"]}
+    ring, grads = (c for c in two["collectives"] if c["group"] == "cp")
+    steps, nbytes = ring_transfers(256 // 2, 4 // 2, 64, 2, 4, recomputed=False)  # tiny: 4 heads of 64, fp32
+    per_step = 4 * 2  # 4 layers x 2 micro-batches (global 4 / micro 1 / dp 2)
+    assert (ring["op"], ring["count"], ring["bytes"]) == ("send/recv", steps * per_step, nbytes * per_step)
+    assert (grads["op"], grads["bytes"]) == ("all_reduce", by_group["all_reduce", "dp"])  # ZeRO-1: each whole bucket
+    assert next(c for c in two["collectives"] if c["group"] == "tp")["bytes"] == by_group["all_reduce", "tp"] / 2
+    assert two["activation_bytes"] < one["activation_bytes"] / 2  # s / 2 tokens, and the ring keeps no scores
+
+
 def test_a_dry_run_names_a_rank_outside_the_world(capsys) -> None:
     assert main(["train", "--preset", "tiny", "--dry-run", "--world-size", "2", "--rank", "2"]) != 0
     assert "--rank 2 is not a rank of --world-size 2" in capsys.readouterr().err
