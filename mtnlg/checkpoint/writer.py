@@ -204,8 +204,8 @@ def _detach() -> None:
 # How the background write is done (``AsyncWriter.kind``): "process", the state staged in shared
 # memory and written by a process of this rank's own (mtnlg.checkpoint.writer); "thread", DCP's
 # writer thread in the training process; "dcp-process", DCP's AsyncCheckpointerType.PROCESS (needs a
-# process group). benchmarks/checkpoint.py measures the three side by side; "process" is the one
-# whose stall meets the target.
+# process group). benchmarks/checkpoint.py measures the three side by side (figures in
+# docs/fault-tolerance.md: on a shared 2-vCPU machine none meets the 20% target).
 ASYNC_KINDS = ("process", "thread", "dcp-process")
 SHARED_MEMORY = Path("/dev/shm")  # where torch's shared memory lives (shm_open) on Linux
 
