@@ -5,13 +5,14 @@ sequence of T tokens, in a gloo world of one process (DCP's process-based writer
 group; every variant runs in the same world). Per round, in turn:
 
 * sync: ``Trainer.save`` with no background writer: the time it blocks is the stall;
-* for each asynchronous writer (``mtnlg.checkpoint.training.ASYNC_KINDS``: "process", the state
+* for each asynchronous writer (``mtnlg.checkpoint.writer.ASYNC_KINDS``: "process", the state
   staged in shared memory and written by mtnlg's writer process; "thread", DCP's writer thread in
   the training process; "dcp-process", DCP's ``AsyncCheckpointerType.PROCESS``): ``--steps``
   steps without a save (their median is one step's time), then ``Trainer.save`` (it returns once
-  the state is copied to CPU memory), then steps until the background write has committed. The
-  stall is the save call plus the time those steps took beyond as many plain steps, plus any wait
-  for a write that outlasts them.
+  the state is copied to CPU memory), then steps until the background write has committed, then
+  ``--steps`` plain steps again. The stall is the save call plus the time the steps during the
+  write took beyond as many plain steps (the median of those before and after), plus any wait for
+  a write that outlasts them.
 
 Each writer saves once before the rounds (its process starts, its staging memory is allocated).
 The order of the writers turns from round to round. The target is an asynchronous stall of at most
@@ -38,7 +39,7 @@ import torch.distributed as dist
 from run_info import run_info
 from torch.distributed.elastic.utils.distributed import get_free_port
 
-from mtnlg.checkpoint.training import ASYNC_KINDS, AsyncWriter
+from mtnlg.checkpoint.writer import ASYNC_KINDS, AsyncWriter
 from mtnlg.config import Config, TrainConfig
 from mtnlg.config.presets import get_preset
 from mtnlg.train.build import build_model
@@ -77,8 +78,10 @@ def timed_steps(trainer: Trainer, n: int) -> list[float]:
 
 
 def async_round(trainer: Trainer, steps: int) -> dict:
-    """Plain steps, the save call, then steps until the write has committed (at most 20), then any wait left."""
-    step_s = statistics.median(timed_steps(trainer, steps))
+    """Plain steps, the save call, steps until the write has committed (at most 20), any wait left,
+    and plain steps again: a plain step's time is the median of those before and after the write,
+    so that a change of the machine's load during the round counts less."""
+    before = timed_steps(trainer, steps)
     start = time.perf_counter()
     trainer.save(weights=False)
     call_s = time.perf_counter() - start
@@ -88,6 +91,7 @@ def async_round(trainer: Trainer, steps: int) -> dict:
     start = time.perf_counter()
     trainer.wait_for_save()
     wait_s = time.perf_counter() - start
+    step_s = statistics.median(before + timed_steps(trainer, steps))
     slowdown = sum(during) - len(during) * step_s
     return {"step_s": step_s, "save_call_s": call_s, "steps_during_write": len(during), "step_slowdown_s": slowdown,
             "final_wait_s": wait_s, "stall_s": call_s + max(slowdown, 0.0) + wait_s}
@@ -114,7 +118,9 @@ def summary(rounds: list[dict]) -> dict:
     for kind in ASYNC_KINDS:
         stall = statistics.median(r[kind]["stall_s"] for r in rounds)
         call = statistics.median(r[kind]["save_call_s"] for r in rounds)
+        fractions = [r[kind]["stall_s"] / r["sync_save_s"] for r in rounds]  # each round against its own sync save
         out[kind] = {"median_stall_s": stall, "stall_fraction_of_sync": stall / sync,
+                     "round_stall_fractions": fractions, "median_round_stall_fraction": statistics.median(fractions),
                      "median_save_call_s": call, "save_call_fraction_of_sync": call / sync}
     return out
 
@@ -122,7 +128,7 @@ def summary(rounds: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3, help="plain steps before each save")
+    parser.add_argument("--steps", type=int, default=3, help="plain steps before and after each write")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--out", help="run directory (default: a temporary one); its disk is what is measured")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "checkpoint.json")

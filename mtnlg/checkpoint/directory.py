@@ -247,15 +247,25 @@ def _hash_share(directory: Path, names: list[str], local: bool = False, group: A
     return {name: digest for part in parts for name, digest in part.items()}
 
 
-def write_checksums(directory: Path, local: bool = False, group: Any = None) -> None:
+def write_checksums(directory: Path, local: bool = False, group: Any = None,
+                    known: dict[str, str] | None = None) -> None:
     """Hash every file into ``checksums.json``, the one manifest writer of every checkpoint.
 
     Collective (see ``_hash_share``; rank 0 writes the file) unless ``local``: a directory that
     one process writes alone (an inference checkpoint, an export, a conversion). ``group``: the
     process group of the collective (an asynchronous save's own, beside the training's).
+    ``known``: digests this rank has already (by name under ``directory``: the files a checkpoint
+    writer process hashed as it wrote them), not read again; every rank passes a dict or none does.
     """
     collective = not local and rank_info.distributed()
-    sums = _hash_share(directory, _files(directory), local=not collective, group=group)
+    names = _files(directory)
+    if known is not None and collective:
+        parts: list[dict[str, str]] = [{} for _ in range(rank_info.world_size())]
+        dist.all_gather_object(parts, known, group=group)
+        known = {name: digest for part in parts for name, digest in part.items()}
+    known = {name: digest for name, digest in (known or {}).items() if name in names}
+    sums = {**_hash_share(directory, [n for n in names if n not in known], local=not collective, group=group),
+            **known}
     if not collective or rank_info.is_main():
         write_json(directory / CHECKSUM_FILE, sums, sort_keys=True)
     if collective:

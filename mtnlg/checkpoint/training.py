@@ -9,12 +9,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
-import multiprocessing
 import random
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 from mtnlg.checkpoint.directory import (
     LATEST_FILE,
@@ -41,7 +39,7 @@ from mtnlg.checkpoint.directory import (
     write_checksums,
 )
 from mtnlg.checkpoint.model import dcp_call, load_config, save_consolidated_weights, write_model_files
-from mtnlg.checkpoint.writer import ProcessFileWriter, WriterProcess
+from mtnlg.checkpoint.writer import AsyncWriter
 from mtnlg.config import Config, ModelConfig, runtime_fields
 from mtnlg.data.tokenizer import Tokenizer
 from mtnlg.model.gpt import GPT
@@ -147,6 +145,7 @@ def save_training_checkpoint_async(
     trainer_state = copy.deepcopy(trainer_state)  # this step's counters, whatever the caller does next
     with _cleanup_on_failure(run_dir, step, staging):
         model_state, optim_state = get_state_dict(model, optimizer, options=_STATE_OPTIONS)
+        writer.check_space({"model": model_state, "optim": optim_state}, step)
         written = dcp.async_save({"model": model_state, "optim": optim_state},
                                  checkpoint_id=staging / TRAIN_STATE_DIR, process_group=writer.group,
                                  async_stager=writer.stager, no_dist=not rank_info.distributed(),
@@ -156,63 +155,10 @@ def save_training_checkpoint_async(
         with _cleanup_on_failure(run_dir, step, staging):
             written.result()
             _agree(lambda: _write_files(staging, cfg, tokenizer, trainer_state, rng, None), writer.group)
-            _commit(run_dir, target, staging, keep_last, writer.group)
+            _commit(run_dir, target, staging, keep_last, writer.group, writer.digests(staging))
         return target
 
     return writer.executor.submit(finish)
-
-
-# How the background write is done (``AsyncWriter.kind``): "process", the state staged in shared
-# memory and written by a process of this rank's own (mtnlg.checkpoint.writer); "thread", DCP's
-# writer thread in the training process; "dcp-process", DCP's AsyncCheckpointerType.PROCESS (needs a
-# process group). benchmarks/checkpoint.py measures the three side by side; "process" is the one
-# whose stall meets the target.
-ASYNC_KINDS = ("process", "thread", "dcp-process")
-
-
-@dataclass
-class AsyncWriter:
-    """What asynchronous saves share: one background thread (so at most one commit runs at a
-    time), DCP's stager (pinned CPU memory on CUDA; shared memory for a writer process), a gloo
-    group of every rank for the background collectives (None in one process) and, for ``kind``
-    "process", the writer process. Built on every rank together; ``close`` at the end."""
-
-    group: Any
-    stager: Any
-    executor: ThreadPoolExecutor
-    kind: str = "process"
-    process: WriterProcess | None = None
-
-    @classmethod
-    def create(cls, pinned: bool, kind: str = "process") -> AsyncWriter:
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-        if kind not in ASYNC_KINDS:
-            raise ValueError(f"unknown asynchronous writer {kind!r}: one of {', '.join(ASYNC_KINDS)}")
-        if kind == "dcp-process" and not rank_info.distributed():
-            raise ValueError("DCP's process-based asynchronous save needs a process group")
-        if kind == "process" and multiprocessing.current_process().daemon:  # it may not start processes
-            warnings.warn("a daemonic process cannot start a checkpoint writer process: DCP's writer thread "
-                          "writes in the background instead", stacklevel=2)
-            kind = "thread"
-        group = dist.new_group(backend="gloo") if rank_info.distributed() else None
-        stager = DefaultStager(StagingOptions(pinned, kind != "thread", False, False))
-        process = WriterProcess() if kind == "process" else None
-        return cls(group, stager, ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer"), kind, process)
-
-    def save_options(self, path: Path) -> dict[str, Any]:
-        """The arguments of ``dcp.async_save`` that choose the writer."""
-        if self.process is not None:
-            return {"storage_writer": ProcessFileWriter(path, self.process)}
-        if self.kind == "dcp-process":
-            return {"async_checkpointer_type": AsyncCheckpointerType.PROCESS}
-        return {}
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=True)
-        self.stager.close()
-        if self.process is not None:
-            self.process.close()
 
 
 def _begin(run_dir: Path, step: int) -> tuple[Path, Path]:
@@ -256,9 +202,11 @@ def _agree(write: Callable[[], None], group: Any = None) -> None:
         raise failure
 
 
-def _commit(run_dir: Path, target: Path, staging: Path, keep_last: int, group: Any = None) -> None:
-    """Checksums (collective), then rank 0 renames the step into place, names it in ``latest`` and prunes."""
-    write_checksums(staging, group=group)
+def _commit(run_dir: Path, target: Path, staging: Path, keep_last: int, group: Any = None,
+            known: dict[str, str] | None = None) -> None:
+    """Checksums (collective; ``known``: the digests a writer process computed), then rank 0 renames
+    the step into place, names it in ``latest`` and prunes."""
+    write_checksums(staging, group=group, known=known)
     if rank_info.is_main():
         commit_dir(staging, target)
         point_latest(run_dir, target)

@@ -41,6 +41,7 @@ from mtnlg.checkpoint.training import (
     save_training_checkpoint,
     save_training_checkpoint_async,
 )
+from mtnlg.checkpoint.writer import SharedMemoryError
 from mtnlg.config import Config
 from mtnlg.data.batch import split_batch
 from mtnlg.data.gpt_dataset import Dataset, SampleLoader
@@ -281,8 +282,13 @@ class Trainer:
         self.wait_for_save()
         self.last_saved_step = self.state.step
         if self.writer is not None and not weights:
-            self.pending = save_training_checkpoint_async(*args, self.writer)
-            return self.out / step_dir_name(self.state.step)
+            try:
+                self.pending = save_training_checkpoint_async(*args, self.writer)
+                return self.out / step_dir_name(self.state.step)
+            except SharedMemoryError as exc:  # on every rank: the steps so far are saved, synchronously
+                if self.is_main:
+                    print(f"warning: {exc}; this run saves synchronously", file=sys.stderr)
+                self._close_writer()
         return save_training_checkpoint(*args, weights)
 
     def wait_for_save(self) -> None:

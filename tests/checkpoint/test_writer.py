@@ -1,8 +1,10 @@
-"""The checkpoint writer process: DCP's files written by another process from shared memory, its
-failures raised in the training process, and its death reported instead of waited for."""
+"""The checkpoint writer process: DCP's files written by another process from shared memory (in a
+session of its own, at a lower priority, hashing what it wrote), its failures raised in the
+training process, and its death reported instead of waited for."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-from mtnlg.checkpoint.writer import ProcessFileWriter, WriterProcess, WriterProcessError
+from mtnlg.checkpoint.writer import NICENESS, ProcessFileWriter, WriterProcess, WriterProcessError
+from mtnlg.util.fs import sha256
 
 
 class _MissingDirectory(ProcessFileWriter):
@@ -31,6 +34,15 @@ def test_the_writer_process_writes_what_dcp_loads_and_reports_its_failures(tmp_p
     writer = WriterProcess()
     try:
         dcp.save(staged, storage_writer=ProcessFileWriter(tmp_path / "a", writer), no_dist=True)
+        # its own session (so its own CPU share where the kernel groups by session), nicer than training
+        assert os.getsid(writer.process.pid) == writer.process.pid != os.getsid(0)
+        stat = Path(f"/proc/{writer.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        assert int(stat[16]) == os.nice(0) + NICENESS  # field 19 of proc(5): the nice value
+        autogroup = Path(f"/proc/{writer.process.pid}/autogroup")  # where the kernel has autogroups
+        assert not autogroup.is_file() or autogroup.read_text().endswith(f" nice {NICENESS}\n")
+        # the digests of what it wrote, for checksums.json, as read back here
+        assert writer.take_digests(tmp_path) == {"a/__0_0.distcp": sha256(tmp_path / "a" / "__0_0.distcp")}
+        assert writer.take_digests(tmp_path) == {}  # taken once
         loaded = {"model": {"w": torch.zeros(64, 32), "b": torch.zeros(7, dtype=torch.long)},
                   "optim": {"step": 0, "lr": 0.0, "exp_avg": torch.zeros(5)}}
         dcp.load(loaded, checkpoint_id=tmp_path / "a", no_dist=True)

@@ -8,6 +8,7 @@ import dataclasses
 import errno
 import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from mtnlg.checkpoint import training as checkpoint_training
+from mtnlg.checkpoint import writer as checkpoint_writer
 from mtnlg.checkpoint.directory import write_checksums
 from mtnlg.checkpoint.training import NoSpaceError, find_resume_point
 from mtnlg.checkpoint.writer import WriterProcess
@@ -51,13 +53,13 @@ def _steps_when_committed(trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> 
     asynchronous save that blocked training would never commit) and records the trainer's step then."""
     commit, seen = checkpoint_training._commit, {}
 
-    def slow_commit(run_dir, target, staging, keep_last, group=None):  # noqa: ANN001, ANN202
+    def slow_commit(run_dir, target, *args):  # noqa: ANN001, ANN002, ANN202
         saved = int(target.name.split("_")[1])
         deadline = time.monotonic() + 30
         while trainer.state.step <= saved and time.monotonic() < deadline and trainer.state.step < 6:
             time.sleep(0.01)
         seen[target.name] = trainer.state.step
-        commit(run_dir, target, staging, keep_last, group)
+        commit(run_dir, target, *args)
 
     monkeypatch.setattr(checkpoint_training, "_commit", slow_commit)
     return seen
@@ -127,6 +129,40 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_last_step(
     monkeypatch.undo()
     point = find_resume_point(tmp_path)
     assert point is not None and point.step_dir.name == "step_00000002"
+
+
+class _NotStarted:
+    """A writer process that is never asked to write (the save falls back before), so none is started."""
+
+    def close(self) -> None:
+        pass
+
+
+def test_too_small_a_dev_shm_says_what_it_needs_and_the_run_saves_synchronously(
+    tmp_path: Path, small_model_config, monkeypatch, capsys
+) -> None:
+    """/dev/shm with 1 MiB free (Docker's default is 64 MB) and two ranks on the node: the first
+    asynchronous save says in one line what they need and how to get it; the run saves on, synchronously."""
+    disk_usage = shutil.disk_usage
+
+    def shm_1_mib(path):  # noqa: ANN001, ANN202
+        usage = disk_usage(path)
+        return usage._replace(free=1 << 20) if Path(path) == checkpoint_writer.SHARED_MEMORY else usage
+
+    monkeypatch.setattr(checkpoint_writer, "WriterProcess", _NotStarted)
+    monkeypatch.setattr(shutil, "disk_usage", shm_1_mib)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    trainer = make_trainer(make_config(small_model_config, tmp_path, steps=3, eval_interval=0, save_interval=2,
+                                      async_save=True))
+    trainer.fit()
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "/dev/shm" in line]
+    need = re.fullmatch(r"warning: cannot stage step 2's checkpoint in /dev/shm for train.async_save: it needs "
+                        r"([\d.]+) MiB \(2 ranks of a node\), 1.0 MiB is free: enlarge it \(docker run "
+                        r"--shm-size=2g\) or set train.async_save=false; this run saves synchronously", line)
+    assert need and float(need.group(1)) > 1, line
+    assert trainer.writer is None
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000003"]
+    assert not list(tmp_path.glob(".step_*"))
 
 
 def test_resume_skips_a_step_without_train_state_or_trainer_file(tmp_path: Path, small_model_config) -> None:
