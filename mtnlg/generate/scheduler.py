@@ -115,6 +115,7 @@ class SeqBlocks:
     blocks: list[int] = field(default_factory=list)
     hashes: list[int] = field(default_factory=list)  # chained hash of each full block registered
     cached: int = 0
+    epoch: int = 0  # counts the times positions were forgotten: a copy of the keys (the decode frame) is stale
 
     def match(self, pool: BlockPool, tokens: list[int], limit: int) -> int:
         """Take the cached blocks that continue this table's full blocks along ``tokens`` (covering at
@@ -159,6 +160,7 @@ class SeqBlocks:
         bs = pool.block_size
         if length >= self.cached:
             return
+        self.epoch += 1
         keep = math.ceil(length / bs)
         for block in self.blocks[keep:]:
             pool.release(block)
@@ -182,6 +184,7 @@ class SeqBlocks:
         for block in reversed(self.blocks):
             pool.release(block)
         self.blocks, self.hashes, self.cached = [], [], 0
+        self.epoch += 1
 
 
 @dataclass
