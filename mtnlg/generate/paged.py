@@ -107,6 +107,7 @@ class PagedDecoder:
                 for event in failed:
                     events.append(event)
                     sched.finish(by_row[event.index][0])
+        sched.age(done)
         t1 = time.perf_counter()
         ready, _ = sched.decodable()
         if not prefilled and not ready and sched.running:  # every block is held by prefills that cannot go on
