@@ -3,11 +3,13 @@
 ``add`` only queues requests (admission is by free blocks, see ``mtnlg.generate.scheduler``);
 each ``step`` admits what fits, runs this step's prefill work (one forward per sequence chunk,
 continuing from the blocks it already has: cached prefix blocks are never recomputed), then one
-decode forward over every sequence that has finished its prefill. Decoding rows of different
-lengths share a left-padded frame: each row's keys are gathered from its blocks into the last
-slots, the slots before them read the scratch block and are masked, and ``position_ids`` give
-each row its own positions, so a row decodes as it would alone. Sampling, events and failure
-isolation are the contiguous decoder's (``mtnlg.generate.decoder``).
+decode forward over every sequence that has finished its prefill. Rows of different lengths
+share a left-padded frame: each row's keys fill its last slots, the slots before them are zeros
+and masked, and ``position_ids`` give each row its own positions, so a row decodes as it would
+alone. A prefill forward gathers its rows' blocks into that frame; decode steps keep theirs from
+step to step (``DecodeFrame``: a row's blocks are gathered once, when it joins the decoding rows,
+and each step appends its new keys), so a decode step costs what it does with a contiguous cache.
+Sampling, events and failure isolation are the contiguous decoder's (``mtnlg.generate.decoder``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from mtnlg.generate.decoder import Engine, _choose, _failed, _guarded, _isolated
 from mtnlg.generate.sampling import draw_uniforms
 from mtnlg.generate.scheduler import BlockPool, Scheduler, Seq
 from mtnlg.generate.sequence import Request, Row, TokenEvent
-from mtnlg.model.paged_cache import PagedKVCache
+from mtnlg.model.paged_cache import DecodeFrame, PagedKVCache
 
 _SETTINGS = ("temperature", "top_k", "top_p", "repetition_penalty")
 
@@ -44,6 +46,8 @@ class PagedDecoder:
         self.engine, self.pool = engine, pool
         self.scheduler: Scheduler[_Live] = Scheduler(pool, engine.max_batch_size, prefill_chunk)
         self.cache = PagedKVCache(pool.storage)
+        self.frame = DecodeFrame(pool.storage, engine.max_batch_size)
+        self.frame_rows: list[tuple[Seq[_Live], int]] = []  # the frame's rows: (sequence, its table's epoch)
         self.added = 0
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_tokens": 0}
 
@@ -103,6 +107,7 @@ class PagedDecoder:
                 for event in failed:
                     events.append(event)
                     sched.finish(by_row[event.index][0])
+        sched.age(done)
         t1 = time.perf_counter()
         ready, _ = sched.decodable()
         if not prefilled and not ready and sched.running:  # every block is held by prefills that cannot go on
@@ -120,17 +125,15 @@ class PagedDecoder:
         The frame of S = width + T positions (T = max ns) right-aligns each row: left padding, its
         cached keys, padding for the new tokens it has fewer than T of (their keys masked, written to
         the scratch block), its new tokens."""
-        device, pool, bs = self.engine.device, self.pool, self.pool.block_size
+        device, pool = self.engine.device, self.pool
         starts = [s.table.cached for s in seqs]
         width, T = max(starts), max(ns)
-        offsets = torch.arange(bs, device=device)
         read = torch.zeros(len(seqs), width + T, dtype=torch.long, device=device)  # padding reads slot 0
         keep = torch.zeros(len(seqs), width + T, dtype=torch.bool, device=device)
         fed = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
         positions = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
         for i, (seq, start, n) in enumerate(zip(seqs, starts, ns, strict=True)):
-            slots = (torch.tensor(seq.table.blocks, dtype=torch.long, device=device).unsqueeze(1) * bs + offsets)
-            slots = slots.flatten()[: start + n]
+            slots = self._slots(seq, start + n)
             read[i, width - start : width], read[i, width + T - n :] = slots[:start], slots[start:]
             keep[i, width - start : width], keep[i, width + T - n :] = True, True
             fed[i, T - n :] = torch.tensor(seq.tokens[start : start + n], device=device)
@@ -148,8 +151,10 @@ class PagedDecoder:
         """One decode forward over ``ready``; sample, and retire the rows that finished."""
         engine = self.engine
         try:
-            logits = self._forward(ready, [1] * len(ready))
+            ready, logits = self._decode_forward(ready)
         except Exception as exc:  # not any one row's fault: every row ends with the error
+            self.frame.clear()
+            self.frame_rows = []
             for seq in ready:
                 self.scheduler.finish(seq)
             return [_failed(s.item.row, exc) for s in ready]
@@ -174,6 +179,64 @@ class PagedDecoder:
                 self.scheduler.finish(by_index[event.index])
         self.stats["decode_tokens"] += len(events)
         return events
+
+    def _decode_forward(self, ready: list[Seq[_Live]]) -> tuple[list[Seq[_Live]], torch.Tensor]:
+        """One decode forward over ``ready`` through the decode frame; returns them in the frame's row
+        order and the logits of their next tokens, (B, V)."""
+        rows, frame, device, bs = self._arrange(ready), self.frame, self.engine.device, self.pool.block_size
+        write = [s.table.blocks[s.table.cached // bs] * bs + s.table.cached % bs for s in rows]
+        self.cache.plan_decode(torch.tensor(write, dtype=torch.long, device=device), frame)
+        kwargs: dict = {"kv_cache": self.cache,
+                        "position_ids": torch.tensor([[s.table.cached] for s in rows], device=device)}
+        if any(frame.pads):
+            pads = torch.tensor(frame.pads, device=device).unsqueeze(1)
+            kwargs["attention_mask"] = torch.arange(frame.width + 1, device=device).unsqueeze(0) >= pads
+        logits = self.engine.model(torch.tensor([[s.tokens[-1]] for s in rows], device=device), **kwargs)
+        for seq in rows:
+            seq.table.commit(self.pool, seq.tokens, 1)
+        frame.advance()
+        return rows, logits[:, -1, : self.engine.vocab_size].float()
+
+    def _arrange(self, ready: list[Seq[_Live]]) -> list[Seq[_Live]]:
+        """Plan the decode frame's rows for ``ready`` and return them in row order: rows whose keys are
+        still those of their blocks stay (the last ones moving into the places of rows that left),
+        the others are gathered from their blocks into new last rows, and padding columns every row
+        has are dropped. A joining row longer than the frame starts it over."""
+        frame, wanted = self.frame, {id(s) for s in ready}
+        valid = [r for r, (s, epoch) in enumerate(self.frame_rows) if id(s) in wanted and s.table.epoch == epoch
+                 and s.table.cached == frame.width - frame.pads[r]]
+        held = {id(self.frame_rows[r][0]) for r in valid}
+        joining = [s for s in ready if id(s) not in held]
+        if any(s.table.cached > frame.width for s in joining):
+            valid, joining = [], list(ready)
+        if not valid:
+            frame.clear()
+            self.frame_rows = []
+        K = len(valid)
+        moves = list(zip([r for r in valid if r >= K], [r for r in range(K) if r not in set(valid)], strict=True))
+        rows, pads = self.frame_rows[:], frame.pads[:]
+        for src, dst in moves:
+            rows[dst], pads[dst] = rows[src], pads[src]
+        rows, pads = rows[:K], pads[:K]
+        width = max([frame.width] + [s.table.cached for s in joining])
+        trim = min(pads + [width - s.table.cached for s in joining]) if K else 0
+        width -= trim
+        join = None
+        if joining:
+            join = torch.zeros(len(joining), width, dtype=torch.long, device=self.engine.device)  # padding: slot 0
+            for i, seq in enumerate(joining):
+                if seq.table.cached:
+                    join[i, width - seq.table.cached :] = self._slots(seq, seq.table.cached)
+        frame.rows, frame.pads = K + len(joining), [p - trim for p in pads] + [width - s.table.cached for s in joining]
+        frame.plan(moves, trim, join, width)
+        self.frame_rows = rows + [(s, s.table.epoch) for s in joining]
+        return [s for s, _ in self.frame_rows]
+
+    def _slots(self, seq: Seq[_Live], end: int) -> torch.Tensor:
+        """The pool slots of positions [0, end) of ``seq``, (end,)."""
+        bs = self.pool.block_size
+        blocks = torch.tensor(seq.table.blocks, dtype=torch.long, device=self.engine.device)
+        return (blocks.unsqueeze(1) * bs + torch.arange(bs, device=blocks.device)).flatten()[:end]
 
     def cancel(self, indices: set[int]) -> list[TokenEvent]:
         """Retire the sequences with these event indices (e.g. their client left)."""

@@ -9,7 +9,9 @@ a new block is needed and it is the oldest. ``SeqBlocks`` is one sequence's bloc
 ``Scheduler`` holds the sequences of a decoder: waiting ones are admitted while free blocks
 cover their prompts (the row count only caps the decode batch), then prefilled (in chunks of at
 most ``prefill_chunk`` tokens per step, shortest remaining prompt first, so one long prompt does
-not stall the others' decoding) and decoded. Cached blocks are looked up just before a sequence's
+not stall the others' decoding; a prompt that got no prefill tokens in ``max_prefill_wait`` steps
+goes first, the oldest such first, so a stream of short prompts cannot starve a long one) and
+decoded. Cached blocks are looked up just before a sequence's
 prefill, and a sequence whose next block an earlier one is prefilling waits for it: sixteen
 clients arriving together with one system prompt prefill it once. When a decode step finds no free block the most
 recently admitted sequence is preempted: its blocks are released (full ones stay cached) and it
@@ -106,6 +108,7 @@ class BlockPool:
 
 
 ROOT = 0  # the parent hash of a sequence's first block
+MAX_PREFILL_WAIT = 16  # steps a prompt may get no prefill tokens before it goes first
 
 
 @dataclass
@@ -115,6 +118,7 @@ class SeqBlocks:
     blocks: list[int] = field(default_factory=list)
     hashes: list[int] = field(default_factory=list)  # chained hash of each full block registered
     cached: int = 0
+    epoch: int = 0  # counts the times positions were forgotten: a copy of the keys (the decode frame) is stale
 
     def match(self, pool: BlockPool, tokens: list[int], limit: int) -> int:
         """Take the cached blocks that continue this table's full blocks along ``tokens`` (covering at
@@ -159,6 +163,7 @@ class SeqBlocks:
         bs = pool.block_size
         if length >= self.cached:
             return
+        self.epoch += 1
         keep = math.ceil(length / bs)
         for block in self.blocks[keep:]:
             pool.release(block)
@@ -182,6 +187,7 @@ class SeqBlocks:
         for block in reversed(self.blocks):
             pool.release(block)
         self.blocks, self.hashes, self.cached = [], [], 0
+        self.epoch += 1
 
 
 @dataclass
@@ -192,6 +198,7 @@ class Seq(Generic[T]):
     tokens: list[int]
     order: int  # admission order: the latest admitted is preempted first
     table: SeqBlocks = field(default_factory=SeqBlocks)
+    starved: int = 0  # steps in which its prompt was not fully prefilled and got no prefill tokens
 
     @property
     def to_prefill(self) -> int:
@@ -202,8 +209,10 @@ class Seq(Generic[T]):
 class Scheduler(Generic[T]):
     """Waiting and running sequences over one ``BlockPool``."""
 
-    def __init__(self, pool: BlockPool, max_rows: int, prefill_chunk: int | None = None) -> None:
+    def __init__(self, pool: BlockPool, max_rows: int, prefill_chunk: int | None = None,
+                 max_prefill_wait: int = MAX_PREFILL_WAIT) -> None:
         self.pool, self.max_rows, self.prefill_chunk = pool, max_rows, prefill_chunk
+        self.max_prefill_wait = max_prefill_wait
         self.waiting: deque[Seq[T]] = deque()
         self.running: list[Seq[T]] = []
         self._order = 0
@@ -246,12 +255,16 @@ class Scheduler(Generic[T]):
 
     def next_prefill(self, budget: int, done: set[int]) -> tuple[Seq[T], int] | None:
         """The next prefill work of this step: (sequence, tokens to prefill now, at most ``budget``),
-        its blocks held; None when there is none. Shortest remaining prompt first; cached blocks are
-        taken just before (so one prefilled earlier in this step counts), and a sequence whose next
-        block an earlier one is prefilling waits for it (a shared prompt is prefilled once).
-        ``done`` holds the ids of sequences given work this step already."""
-        waiting = sorted((s for s in self.running if s.to_prefill > 0 and id(s) not in done),
-                         key=lambda s: (s.to_prefill, s.order))
+        its blocks held; None when there is none. Shortest remaining prompt first, but those starved
+        for ``max_prefill_wait`` steps (``age``) before all, oldest first; cached blocks are taken
+        just before (so one prefilled earlier in this step counts), and a sequence whose next block
+        an earlier one is prefilling waits for it (a shared prompt is prefilled once). ``done``
+        holds the ids of sequences given work this step already."""
+        def rank(s: Seq[T]) -> tuple[bool, int, int]:
+            aged = s.starved >= self.max_prefill_wait
+            return not aged, s.order if aged else s.to_prefill, s.order
+
+        waiting = sorted((s for s in self.running if s.to_prefill > 0 and id(s) not in done), key=rank)
         for seq in waiting:
             if self._follows(seq):
                 continue
@@ -264,6 +277,12 @@ class Scheduler(Generic[T]):
                 return None  # the pool is full: decoding frees or preempts blocks first
             return seq, n
         return None
+
+    def age(self, done: set[int]) -> None:
+        """End a step's prefills: each sequence still to prefill that ``done`` (given work) lacks starved once more."""
+        for seq in self.running:
+            if seq.to_prefill > 0 and id(seq) not in done:
+                seq.starved += 1
 
     def _follows(self, seq: Seq[T]) -> bool:
         """Whether an earlier-admitted sequence is prefilling the very block ``seq`` would prefill next."""

@@ -13,6 +13,10 @@ row writes this step's keys to and reads all its keys from, in a left-padded fra
 ``update`` scatters the new keys into their slots and returns the gathered (B, G, S, D) views,
 which SDPA attends over. The pools are allocated on the first write, their head count and dtype
 taken from the keys, so a tensor-parallel rank stores only its own heads.
+
+Decode steps do not gather: ``DecodeFrame`` keeps the decoding rows' keys in that padded layout
+from one step to the next (``plan_decode``), so a step copies only its new keys, and rows are
+gathered from their blocks only when they join the batch.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import math
 import torch
 from torch import nn
 
+FRAME_HEADROOM = 64  # columns a decode frame is allocated beyond what it needs, so that it grows rarely
 DEFAULT_FREE_FRACTION = 0.25  # of the free memory, the pool's default size
 MAX_POOL_SEQUENCES = 4  # the default pool holds at most this many times max_batch_size full-length sequences
 
@@ -59,6 +64,75 @@ class BlockStorage:
         return sum(p.numel() * p.element_size() for p in (*self.keys, *self.values) if p is not None)
 
 
+class DecodeFrame:
+    """The decoding rows' keys and values, left-padded into one (rows, G, columns, D) tensor per layer.
+
+    Gathering every row's blocks into a padded view at each step copies the whole batch's cache per
+    token (as much time as a small model's own arithmetic); the frame keeps the view instead: a
+    step writes its new keys into column ``width`` (and into their blocks) and attends over the
+    first ``rows`` rows and ``width + 1`` columns. Row ``r`` is right-aligned: its keys end at
+    column ``width``, the ``pads[r]`` columns before them are zeros (masked, and 0 x a finite value
+    is 0). Between steps the caller rearranges rows with ``plan`` (rows leave: the last ones move
+    into their places; rows join: their blocks are gathered into new last rows); the tensor work of
+    a plan is done layer by layer in ``step``, from the keys already in the pools. The cost: a second
+    copy of the decoding rows' keys (rows x the longest one, plus ``FRAME_HEADROOM``) beside their blocks.
+    """
+
+    def __init__(self, storage: BlockStorage, max_rows: int) -> None:
+        self.storage, self.max_rows = storage, max_rows  # rows allocated at once (the decode batch's cap)
+        self.keys: list[torch.Tensor | None] = [None] * len(storage.keys)
+        self.values: list[torch.Tensor | None] = [None] * len(storage.keys)
+        self.rows, self.width = 0, 0  # rows in use (the first ones); columns of cached keys
+        self.pads: list[int] = []  # per row, the padding columns before its keys
+        self._plan: tuple = ((), 0, 0, None)
+
+    def clear(self) -> None:
+        """Forget every row (the tensors stay for the next rows)."""
+        self.rows, self.width, self.pads = 0, 0, []
+        self._plan = ((), 0, 0, None)
+
+    def plan(self, moves: list[tuple[int, int]], trim: int, join: torch.Tensor | None, width: int) -> None:
+        """Rearrange the rows before the next step: copy row ``src`` to row ``dst`` for each of
+        ``moves`` (the rows left are the first ``rows - len(moves)`` ...), drop ``trim`` columns from the
+        left, set the width to ``width`` and append rows read from the slots ``join`` (n, width) (slot 0,
+        the scratch block, for their padding). The caller has set ``rows`` and ``pads`` to the result."""
+        self._plan = (tuple(moves), trim, width, join)
+        self.width = width
+
+    def step(self, layer: int, pools: tuple[torch.Tensor, torch.Tensor], new: tuple[torch.Tensor, torch.Tensor]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Carry out the plan on layer ``layer``, write its new keys and values (rows, G, 1, D) at column
+        ``width`` and return every row's (rows, G, width + 1, D)."""
+        moves, trim, width, join = self._plan
+        kept = self.rows - (0 if join is None else join.shape[0])
+        out = []
+        for frames, pool, x in zip((self.keys, self.values), pools, new, strict=True):
+            frame = frames[layer]
+            for src, dst in moves:
+                frame[dst] = frame[src]
+            if trim:
+                frame = frame[:, :, trim:]
+            if frame is None or frame.shape[0] < self.rows or frame.shape[2] < width + 1:
+                grown = pool.new_empty(max(self.rows, self.max_rows), pool.shape[1],
+                                       width + 1 + FRAME_HEADROOM, pool.shape[2])
+                if frame is not None and kept:
+                    grown[:kept, :, :width] = frame[:kept, :, :width]
+                frame = grown
+            if join is not None:
+                n, G, D = join.shape[0], pool.shape[1], pool.shape[2]
+                frame[kept : self.rows, :, :width] = pool.index_select(0, join.reshape(-1)).view(n, width, G, D
+                                                                                                 ).transpose(1, 2)
+            frame[: self.rows, :, width] = x[:, :, 0]
+            frames[layer] = frame
+            out.append(frame[: self.rows, :, : width + 1])
+        return out[0], out[1]
+
+    def advance(self) -> None:
+        """The step's keys are in: one more column of every row."""
+        self.width += 1
+        self._plan = ((), 0, self.width, None)
+
+
 class PagedKVCache:
     """The cache of one forward pass over a ``BlockStorage``: the model's ``KVCache`` protocol."""
 
@@ -67,6 +141,7 @@ class PagedKVCache:
         self.length = 0  # cached positions of the padded frame (the first new token's position in it)
         self._write: torch.Tensor | None = None  # (B * T,) slots of the new tokens
         self._read: torch.Tensor | None = None  # (B * S,) slots of every key, S = length + T
+        self._frame: DecodeFrame | None = None  # a decode step's: every key is read from it
 
     def plan(self, write: torch.Tensor, read: torch.Tensor) -> None:
         """Set the slots of the next forward: ``write`` (B, T) for its new tokens, ``read`` (B, S)
@@ -76,11 +151,17 @@ class PagedKVCache:
             raise ValueError(f"read slots {tuple(read.shape)} do not cover write slots {tuple(write.shape)}")
         self.length = read.shape[1] - T
         self._write, self._read, self._shape = write.reshape(-1), read.reshape(-1), (B, read.shape[1])
+        self._frame = None
+
+    def plan_decode(self, write: torch.Tensor, frame: DecodeFrame) -> None:
+        """Set the slots of a decode step over ``frame`` (planned): ``write`` (rows,), one new key per row."""
+        self.length = frame.width
+        self._write, self._read, self._shape, self._frame = write, None, (frame.rows, frame.width + 1), frame
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's ``k, v`` (B, G, T, D) in their slots and return every key and value of the
         frame, (B, G, S, D)."""
-        if self._write is None or self._read is None:
+        if self._write is None or (self._read is None and self._frame is None):
             raise ValueError("PagedKVCache.plan must be called before each forward")
         B, G, T, D = k.shape
         keys, values = self.storage.pools(layer, k)
@@ -88,6 +169,9 @@ class PagedKVCache:
             raise ValueError(f"planned {self._write.numel()} new positions, the forward brought {B * T}")
         keys.index_copy_(0, self._write, k.transpose(1, 2).reshape(B * T, G, D))
         values.index_copy_(0, self._write, v.transpose(1, 2).reshape(B * T, G, D))
+        if self._frame is not None:
+            return self._frame.step(layer, (keys, values), (k, v))
+        assert self._read is not None
         S = self._shape[1]
         gathered_k = keys.index_select(0, self._read).view(B, S, G, D).transpose(1, 2)
         gathered_v = values.index_select(0, self._read).view(B, S, G, D).transpose(1, 2)
@@ -96,7 +180,7 @@ class PagedKVCache:
     def advance(self, n_tokens: int) -> None:
         """The model's call after its last layer; the block tables (the caller's) record what was written."""
         self.length += n_tokens
-        self._write = self._read = None
+        self._write = self._read = self._frame = None
 
 
 def block_bytes(model: nn.Module, block_size: int) -> int:

@@ -1,4 +1,5 @@
-"""The block (paged) KV cache against the contiguous one: the same tokens with each feature on and off."""
+"""The block (paged) KV cache against the contiguous one: the same tokens with each feature on and off; the
+scheduler's prefill order."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 from mtnlg.config import ModelConfig
 from mtnlg.generate.engine import Completion, Engine, Request, SamplingParams
 from mtnlg.generate.paged import PagedDecoder
+from mtnlg.generate.scheduler import BlockPool, Scheduler
 from mtnlg.model.gpt import GPT
-from mtnlg.model.paged_cache import block_bytes
+from mtnlg.model.paged_cache import BlockStorage, block_bytes
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eod=True)
 SAMPLED = SamplingParams(max_new_tokens=8, temperature=0.8, top_k=20, seed=3, ignore_eod=True,
@@ -130,3 +132,29 @@ def test_a_request_that_cannot_be_sampled_fails_alone(model: GPT) -> None:
     assert results[1].finish_reason == "error" and "overflow" in results[1].error.lower()
     assert [results[0].tokens, results[2].tokens] == [c.tokens for c in Engine(model, None).generate(
         [r.prompt for r in good], GREEDY)]
+
+
+@pytest.mark.parametrize("max_wait", [3, 10**9], ids=["aging", "no-aging"])
+def test_a_long_prompt_is_not_starved_by_a_stream_of_short_ones(max_wait: int) -> None:
+    pool = BlockPool(BlockStorage(1, 64, 4), prefix_cache=False)
+    sched: Scheduler[str] = Scheduler(pool, max_rows=8, prefill_chunk=8, max_prefill_wait=max_wait)
+    sched.add("long", list(range(41)))  # 40 positions to prefill: 5 steps of the whole budget
+    first_work, prefilled_at = None, None
+    for step in range(12):
+        sched.add(f"short{step}", [100 + step] * 9)  # 8 to prefill: the whole budget, and shorter
+        sched.admit()
+        done, budget = set(), 8
+        while budget and (work := sched.next_prefill(budget, done)) is not None:
+            seq, n = work
+            seq.table.commit(pool, seq.tokens, n)
+            budget -= n
+            if seq.item == "long":
+                first_work = step if first_work is None else first_work
+                prefilled_at = step if seq.to_prefill == 0 else None
+        sched.age(done)
+        for seq in [s for s in sched.running if s.to_prefill == 0]:  # prefilled: decodes once and leaves
+            sched.finish(seq)
+    if max_wait == 3:  # starved in steps 0-2, then first (before the newer short prompts) until prefilled
+        assert (first_work, prefilled_at) == (3, 7)
+    else:
+        assert first_work is None  # shortest first alone: never a token for the long prompt
