@@ -13,7 +13,7 @@ from mtnlg.generate.engine import Completion, Engine, Request, SamplingParams
 from mtnlg.generate.paged import PagedDecoder
 from mtnlg.generate.scheduler import BlockPool, Scheduler
 from mtnlg.model.gpt import GPT
-from mtnlg.model.paged_cache import BlockStorage, block_bytes
+from mtnlg.model.paged_cache import BlockStorage, DecodeFrame, block_bytes
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eod=True)
 SAMPLED = SamplingParams(max_new_tokens=8, temperature=0.8, top_k=20, seed=3, ignore_eod=True,
@@ -67,6 +67,18 @@ def test_paged_decoding_equals_the_contiguous_cache(model: GPT, options: dict, s
     stats = paged.kv_stats()
     assert stats["blocks_in_use"] == 0  # every finished sequence gave its blocks back
     assert (stats["prefix_hit_rate"] > 0.2) == options.get("prefix_cache", True)
+
+
+def test_decode_steps_gather_each_row_once(model: GPT, monkeypatch: pytest.MonkeyPatch) -> None:
+    gathered = []
+    plan = DecodeFrame.plan
+    monkeypatch.setattr(DecodeFrame, "plan", lambda self, moves, trim, join, width: (
+        gathered.append(0 if join is None else join.shape[0]), plan(self, moves, trim, join, width))[1])
+    engine = Engine(model, None, max_batch_size=4, kv_cache="paged", block_size=4)
+    prompts = mixed_prompts()[:4]
+    got = [c.tokens for c in engine.generate(prompts, GREEDY)]
+    assert got == [c.tokens for c in Engine(model, None, max_batch_size=4).generate(prompts, GREEDY)]
+    assert len(gathered) == GREEDY.max_new_tokens and sum(gathered) == 4  # joined once, then appended to
 
 
 def test_an_exhausted_pool_preempts_and_every_sequence_finishes(model: GPT) -> None:
