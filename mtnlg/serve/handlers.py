@@ -26,6 +26,7 @@ from mtnlg.data.chat_template import ChatTemplate
 from mtnlg.generate.engine import Completion, Engine, SamplingParams, TokenEvent
 from mtnlg.generate.engine import Request as EngineRequest
 from mtnlg.serve.batcher import Batcher, BatchObserver, Job, QueueFull
+from mtnlg.serve.middleware import within
 from mtnlg.serve.protocol import ChatCompletionRequest, CompletionRequest, MegatronRequest, _SamplingBody
 
 MAX_SEQUENCES = 64  # prompts x n in one request
@@ -149,10 +150,10 @@ class ServerState:
                         return
                     await asyncio.sleep(left)
                     break
-                if (await asyncio.wait_for(request.receive(), left))["type"] == "http.disconnect":
+                if (await within(request.receive(), left))["type"] == "http.disconnect":
                     reason = GONE
                     break
-        except TimeoutError:
+        except asyncio.TimeoutError:
             pass
         job.stopped.set()
         job.events.put_nowait(reason)

@@ -107,6 +107,17 @@ def test_int8_linear_is_close_to_fp32() -> None:
     assert error < 0.03
 
 
+@pytest.mark.parametrize("kind", [Int8Linear, Int4Linear])
+def test_a_state_dict_load_repacks_the_weights(kind: type) -> None:
+    """The kernel's packed form is built on first use: a later load must not keep the old one."""
+    torch.manual_seed(0)
+    first, second = kind.from_linear(nn.Linear(128, 64)), kind.from_linear(nn.Linear(128, 64))
+    x = torch.randn(2, 128)
+    first(x)  # packed from the first weights
+    first.load_state_dict(second.state_dict())
+    torch.testing.assert_close(first(x), second(x))
+
+
 @pytest.mark.parametrize("onednn", [False, pytest.param(True, marks=pytest.mark.skipif(
     not onednn_linear_available(), reason="this torch build has no oneDNN Linear"))])
 @pytest.mark.parametrize("bias", [True, False])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -44,6 +45,33 @@ def running(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(15)
         sock.close()
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (for a server started as a command)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(proc: subprocess.Popen, base: str, timeout: float) -> None:
+    """Wait until the server that ``proc`` started answers ``GET base/health`` with 200; fail with its
+    output if it exits first, or after ``timeout`` seconds (a loaded 2-core machine took 88 s to
+    start ``mtnlg serve``)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout is not None else ""
+            pytest.fail(f"{' '.join(map(str, proc.args))} exited with {proc.returncode}:\n"
+                        f"{out.decode(errors='replace') if isinstance(out, bytes) else out}")
+        assert time.monotonic() < deadline, f"{' '.join(map(str, proc.args))} did not come up in {timeout:g} s"
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
 
 
 def with_chat_markers(tokenizer: Tokenizer) -> Tokenizer:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from mtnlg.config import Config, ModelConfig
 from mtnlg.generate.engine import Engine, SamplingParams
 from mtnlg.model.gpt import GPT
 from mtnlg.serve.app import create_app
-from tests.harness.serving import AUTH, KEY, running
+from tests.harness.serving import AUTH, KEY, free_port, running, wait_healthy
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -162,25 +161,14 @@ def test_mtnlg_serve_command(tmp_path: Path, small_tokenizer) -> None:
     cfg = Config(model=ModelConfig(vocab_size=small_tokenizer.vocab_size, seq_len=32, n_layers=1, hidden=32,
                                    n_heads=2, padded_vocab_multiple=64))
     ckpt = save_model(tmp_path / "ckpt", GPT(cfg.model), cfg, small_tokenizer)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     env = {**os.environ, "MTNLG_API_KEY": "k2"}
     cmd = [sys.executable, "-m", "mtnlg", "serve", "--checkpoint", str(ckpt), "--port", str(port), "--quantize", "int8",
            "--kv-cache-bytes", "65536", "--prefill-chunk", "4", "--no-prefix-cache"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180  # a loaded 2-core machine took 88 s to start it
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "mtnlg serve did not come up"
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_healthy(proc, base, timeout=180)
         body = {"prompt": "The", "max_tokens": 3}
         assert httpx.post(f"{base}/v1/completions", json=body).status_code == 401
         r = httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": "Bearer k2"}, timeout=30)

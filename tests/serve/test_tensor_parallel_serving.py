@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from mtnlg.config import Config, ModelConfig
 from mtnlg.generate.engine import Engine, SamplingParams
 from mtnlg.model.gpt import GPT
 from tests.harness.cli import finish, rank_pid, start_torchrun
-from tests.harness.serving import KEY
+from tests.harness.serving import KEY, free_port, wait_healthy
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -30,35 +28,17 @@ httpx = pytest.importorskip("httpx")
 PROMPTS = ["The quick", "Pack my box with five", "lazy"]  # different lengths: padded rows in one batch
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(proc, base: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.monotonic() < deadline, "torchrun ... mtnlg serve --tp 2 did not come up"
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.3)
-
-
 def test_tp2_server_answers_like_one_process_and_ends_when_a_rank_dies(tmp_path: Path, small_tokenizer) -> None:
     cfg = Config(model=ModelConfig(vocab_size=small_tokenizer.vocab_size, seq_len=64, n_layers=2, hidden=64,
                                    n_heads=4, padded_vocab_multiple=64, init_std=0.3))
     torch.manual_seed(0)
     ckpt = save_model(tmp_path / "tiny", GPT(cfg.model), cfg, small_tokenizer)
-    port = _free_port()
+    port = free_port()
     proc = start_torchrun(["serve", "--checkpoint", str(ckpt), "--tp", "2", "--port", str(port), "--api-key", KEY,
                            "--rank-timeout", "30"])
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_healthy(proc, base, timeout=120)
+        wait_healthy(proc, base, timeout=120)
         client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=180)
 
         def ask(prompt: str) -> str:

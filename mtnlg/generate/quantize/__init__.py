@@ -5,9 +5,9 @@ formats trade bytes per weight against accuracy, each kernel chosen by measureme
 are in the modules). ``fp32``: the same weights laid out once for the CPU's GEMM kernel (the
 default). ``int8``: fbgemm's dynamic int8 linear, one scale per output row (1 byte per weight,
 ~1.5-2 % error per layer). ``int4``: weight-only 4-bit in groups of 128 input columns with a
-scale and offset each (asymmetric), torch's int4 CPU kernel (~0.56 byte per weight). ``experts``
-holds a MoE layer's quantized experts; ``store`` converts a model and writes and reads quantized
-checkpoints. All are CPU formats: on a GPU, run the plain model (bf16).
+scale and offset each (asymmetric), torch's int4 CPU kernel (~0.56 byte per weight); both pack
+their weights for the kernel on first use (``packed``). ``experts`` holds a MoE layer's quantized
+experts; ``store`` converts a model and writes and reads quantized checkpoints. All are CPU formats: on a GPU, run the plain model (bf16).
 
 May import: ``mtnlg.util``, ``mtnlg.config``, ``mtnlg.model``, ``mtnlg.data``, ``mtnlg.checkpoint``.
 """

@@ -37,6 +37,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mtnlg.generate.quantize.packed import LazyPackedLinear
+
 GROUP_SIZES = (256, 128, 64, 32)  # what the kernel takes
 DEFAULT_GROUP_SIZE = 128
 KERNEL_ROWS = 16  # the kernel packs output rows in blocks of 16
@@ -94,11 +96,12 @@ def int4_kernel_available() -> bool:
         return False
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(LazyPackedLinear):
     """y = x W^T + b with W in 4-bit groups (see the module's docstring); a drop-in for nn.Linear.
 
     ``weight_int4``, ``weight_scale``, ``weight_offset`` and ``bias`` are buffers (saved in the state
-    dict); the kernel's packed form is rebuilt from them on first use and after every state-dict load.
+    dict); the kernel's packed form (``LazyPackedLinear``) is rebuilt from them on first use and after
+    every state-dict load.
     """
 
     def __init__(self, weight_int4: torch.Tensor, weight_scale: torch.Tensor, weight_offset: torch.Tensor,
@@ -113,7 +116,6 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight_scale", weight_scale.float())
         self.register_buffer("weight_offset", weight_offset.float())
         self.register_buffer("bias", None if bias is None else bias.detach().float())
-        self._packed: tuple[torch.Tensor, ...] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE) -> Int4Linear:
@@ -131,20 +133,15 @@ class Int4Linear(nn.Module):
         scales_and_offsets = torch.stack([self.weight_scale, self.weight_offset], dim=-1)  # (out, in/g, 2)
         return packed, scales_and_offsets.transpose(0, 1).contiguous().bfloat16()
 
-    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
-        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[arg-type]
-        self._packed = None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is None:
-            self._packed = self._pack()
         x2 = x.reshape(-1, self.in_features)
-        if len(self._packed) == 1:
-            w = self._packed[0]
+        packed = self.packed
+        if len(packed) == 1:
+            w = packed[0]
             y = x2.float() @ w if self.bias is None else torch.addmm(self.bias, x2.float(), w)
         else:
-            packed, scales = self._packed
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.bfloat16(), packed, self.group_size, scales).float()
+            weights, scales = packed
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.bfloat16(), weights, self.group_size, scales).float()
             if self.bias is not None:
                 y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)

@@ -22,6 +22,8 @@ import warnings
 import torch
 from torch import nn
 
+from mtnlg.generate.quantize.packed import LazyPackedLinear
+
 
 def check_backend(device: torch.device | str) -> None:
     if torch.device(device).type != "cpu":
@@ -40,11 +42,12 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scale.unsqueeze(1)).clamp(-127, 127).to(torch.int8), scale
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(LazyPackedLinear):
     """y = x W^T + b with W stored as int8 rows and fp32 row scales; activations quantized per call.
 
     ``weight_int8``, ``weight_scale`` and ``bias`` are buffers (saved in the state dict); the
-    kernel's packed form is rebuilt from them on first use and after every state-dict load.
+    kernel's packed form (``LazyPackedLinear``) is rebuilt from them on first use and after every
+    state-dict load.
     """
 
     def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -56,7 +59,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", weight_int8)
         self.register_buffer("weight_scale", weight_scale.float())
         self.register_buffer("bias", None if bias is None else bias.detach().float())
-        self._packed: torch.Tensor | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -72,14 +74,8 @@ class Int8Linear(nn.Module):
             )
             return torch.ops.quantized.linear_prepack(qweight, self.bias)
 
-    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
-        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[arg-type]
-        self._packed = None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is None:
-            self._packed = self._pack()
-        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float(), self._packed, True)
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float(), self.packed, True)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
