@@ -7,7 +7,8 @@ default). ``int8``: fbgemm's dynamic int8 linear, one scale per output row (1 by
 ~1.5-2 % error per layer). ``int4``: weight-only 4-bit in groups of 128 input columns with a
 scale and offset each (asymmetric), torch's int4 CPU kernel (~0.56 byte per weight); both pack
 their weights for the kernel on first use (``packed``). ``experts`` holds a MoE layer's quantized
-experts; ``store`` converts a model and writes and reads quantized checkpoints. All are CPU formats: on a GPU, run the plain model (bf16).
+experts; ``store`` converts a model and writes and reads quantized checkpoints. All are CPU
+formats: on a GPU, run the plain model (bf16).
 
 May import: ``mtnlg.util``, ``mtnlg.config``, ``mtnlg.model``, ``mtnlg.data``, ``mtnlg.checkpoint``.
 """
