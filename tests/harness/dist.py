@@ -104,4 +104,3 @@ def _wait(procs: list[Any], timeout: float, grace: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
-
